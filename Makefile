@@ -1,0 +1,41 @@
+# lstainnorm: every target sets itself up on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+# torch/torchvision pinned to the wheels that lie on the build machines' disk (no multi-GB download).
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?=
+
+.PHONY: help install test demo bench bench-layers bench-speed bench-accuracy bench-synth bench-slide clean
+
+help:
+	@echo "make demo   - install, then train none/template/learnable/lstainnorm on synthetic multi-centre data"
+	@echo "make test   - install, then run the whole test suite"
+	@echo "make bench  - install, then run the benchmarks (tables for BENCHMARKS.md)"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH_PINS)
+	$(PIP) install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(VENV)/bin/lstainnorm demo --out demo_out
+
+bench: bench-layers
+
+bench-layers: $(STAMP)
+	$(PY) benchmarks/bench_layers.py
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache demo_out bench_out

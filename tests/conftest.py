@@ -1,0 +1,47 @@
+"""Shared fixtures: small deterministic images, the optional real data in ../shared/data."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+warnings.filterwarnings("ignore", message=".*torch.jit.script.*")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("LSTAINNORM_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def he_like(b: int = 2, h: int = 32, w: int = 32, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
+    """Pink/purple H&E-like colours with texture, values well inside (0, 1)."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.tensor([0.80, 0.55, 0.75]).view(1, 3, 1, 1)
+    purple = torch.tensor([0.45, 0.30, 0.60]).view(1, 3, 1, 1)
+    mix = torch.rand(b, 1, h, w, generator=g)
+    noise = 0.05 * torch.rand(b, 3, h, w, generator=g)
+    x = base * (1 - mix) + purple * mix + noise
+    return x.clamp(0.02, 0.98).to(dtype)
+
+
+@pytest.fixture
+def he_batch() -> torch.Tensor:
+    return he_like()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data not available: {SHARED_DATA} is missing (the ../shared folder beside the repo)")
+    return SHARED_DATA
+
+
+def load_rgb(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))

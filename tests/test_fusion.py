@@ -1,0 +1,196 @@
+import pytest
+import torch
+from conftest import he_like
+
+from lstainnorm import LStainNorm, StainNorm, Template, create_norm, with_stain_norm
+from lstainnorm.fusion import attend
+from lstainnorm.reference import ReferenceSA3
+
+
+def _perturbed(norm, seed=0, scale=0.05):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in norm.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return norm
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 64, 48), (1, 3, 16, 16), (3, 3, 8, 40)])
+def test_matches_literal_transcription(shape):
+    """For H, W multiples of 8 the layer computes exactly method.md section 2."""
+    ours = _perturbed(LStainNorm())
+    ref = ReferenceSA3()
+    ref.load_state_dict(ours.state_dict())
+    x = he_like(shape[0], shape[2], shape[3], seed=1)
+    assert torch.allclose(ours(x), ref(x), atol=1e-5)
+
+
+def test_matches_transcription_with_reference_templates():
+    ours = _perturbed(LStainNorm(templates="reference"), seed=2)
+    ref = ReferenceSA3(templates="reference")
+    ref.load_state_dict(ours.state_dict())
+    x = he_like(2, 32, 24, seed=3)
+    assert torch.allclose(ours(x), ref(x), atol=1e-4)
+
+
+@pytest.mark.parametrize("hw", [(1, 1), (1, 9), (7, 5), (13, 8), (9, 17), (33, 31)])
+def test_any_size(hw):
+    x = he_like(1, *hw)
+    out = LStainNorm()(x)
+    assert out.shape == (1, 3, *hw)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("hw", [(20, 20), (9, 30), (3, 5)])
+def test_pooling_is_ceil_mode_max_pool(hw):
+    """For H, W that are not multiples of 8, the attention pools like a ceil-mode max-pool."""
+    att = _perturbed(LStainNorm(), seed=4).attention
+    x = he_like(2, *hw, seed=5)
+    convs = torch.cat([att.query(x), att.key(x), att.value(x)], dim=1)
+    expected = torch.nn.functional.max_pool2d(convs, 8, ceil_mode=True) if min(hw) >= 8 else convs.amax(dim=(2, 3), keepdim=True).expand(-1, -1, -(-hw[0] // 8), -(-hw[1] // 8))
+    assert torch.allclose(att.pooled(x), expected, atol=1e-6)
+    assert att(x).shape == x.shape
+
+
+@pytest.mark.parametrize("spaces", [("lab",), ("hsv", "rgb"), ("lab", "hsv", "rgb", "hed")])
+def test_subsets_and_hed(spaces):
+    norm = LStainNorm(spaces=spaces)
+    assert tuple(norm.branches) == spaces
+    assert norm.a.shape == (len(spaces),)
+    out = norm(he_like(2, 16, 16))
+    assert out.shape == (2, 3, 16, 16) and torch.isfinite(out).all()
+
+
+def test_bad_spaces():
+    with pytest.raises(ValueError, match="must not repeat"):
+        LStainNorm(spaces=("lab", "lab"))
+    with pytest.raises(ValueError, match="at least one"):
+        LStainNorm(spaces=())
+
+
+def test_float64_and_batch_one():
+    x = he_like(1, 16, 16).double()
+    out = LStainNorm()(x)
+    assert out.dtype == torch.float64 and out.shape == (1, 3, 16, 16)
+
+
+def test_autocast_keeps_float32():
+    x = he_like(2, 16, 16)
+    norm = LStainNorm()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = norm(x)
+    assert out.dtype == torch.float32
+    assert torch.allclose(out, norm(x))
+
+
+def test_gradcheck_float64_all_parameters():
+    norm = _perturbed(LStainNorm(), seed=6, scale=0.02)
+    x = he_like(1, 8, 8, seed=7).double().requires_grad_()
+    names = [n for n, _ in norm.named_parameters()]
+    params = tuple(p.detach().double().requires_grad_() for _, p in norm.named_parameters())
+
+    def f(x, *ps):
+        return torch.func.functional_call(norm, dict(zip(names, ps)), (x,))
+
+    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-4, rtol=1e-3)
+
+
+def test_every_parameter_gets_a_gradient():
+    norm = LStainNorm()
+    norm(he_like(2, 16, 16)).square().mean().backward()
+    for name, p in norm.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, f"{name} gets no gradient"
+
+
+def test_fusion_maps_reconstruct_output():
+    norm = _perturbed(LStainNorm(), seed=8)
+    x = he_like(2, 24, 16, seed=9)
+    maps = norm.fusion_maps(x)
+    branches = norm.branch_images(x)
+    assert set(maps) == {"lab", "hsv", "rgb"}
+    total = sum(maps.values())
+    assert torch.allclose(total, torch.ones_like(total), atol=1e-5)
+    recon = sum(maps[s] * branches[s] for s in maps)
+    assert torch.allclose(recon, norm(x), atol=1e-5)
+
+
+def test_template_reports_learned_values_and_fusion_weights():
+    norm = LStainNorm()
+    with torch.no_grad():
+        norm.branches["rgb"].dmu.fill_(0.01)
+        norm.a[1] = 2.0
+    t = norm.template()
+    assert isinstance(t, Template)
+    rgb = t.natural()["rgb"]
+    default_rgb = StainNorm("rgb").mu0
+    assert rgb["mu"][0] == pytest.approx((default_rgb[0].item() + 0.01) * 255, rel=1e-5)
+    assert t.fusion["hsv"]["a"] == pytest.approx(2.0)
+    assert t.fusion["lab"]["b"] == pytest.approx(1.0)
+
+
+def test_templates_argument_forms(tmp_path):
+    t = Template({"lab": ([60.0, 20.0, -10.0], [10.0, 6.0, 5.0])})
+    assert LStainNorm(templates=t).branches["lab"].mu0.tolist() == pytest.approx([60.0, 20.0, -10.0])
+    assert LStainNorm(templates={"hsv": ([4.0, 0.5, 0.6], [0.3, 0.1, 0.1])}).branches["hsv"].mu0[0] == pytest.approx(4.0)
+    path = t.save(tmp_path / "t.yaml")
+    assert LStainNorm(templates=path).branches["lab"].sigma0.tolist() == pytest.approx([10.0, 6.0, 5.0])
+    assert LStainNorm(templates="reference").branches["lab"].mu0[0] == pytest.approx(19.5645)
+    with pytest.raises(TypeError, match="templates must be"):
+        LStainNorm(templates=3)
+
+
+def test_attend_blocks_equal_full_softmax():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(3, 300, generator=g), torch.randn(3, 300, generator=g), torch.randn(3, 3, 300, generator=g)
+    full = torch.bmm(v, torch.softmax(q.unsqueeze(2) * k.unsqueeze(1), dim=-1))
+    for block in (300 * 300 * 3, 300 * 7, 1):
+        assert torch.allclose(attend(q, k, v, block=block), full, atol=1e-5)
+
+
+def test_state_dict_round_trip(tmp_path):
+    a = _perturbed(LStainNorm(spaces=("lab", "hed")), seed=10)
+    torch.save(a.state_dict(), tmp_path / "n.pt")
+    b = LStainNorm(spaces=("lab", "hed"))
+    b.load_state_dict(torch.load(tmp_path / "n.pt"))
+    x = he_like()
+    assert torch.equal(a(x), b(x))
+
+
+def test_with_stain_norm_returns_output_and_image():
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    model = with_stain_norm(net, LStainNorm())
+    x = he_like(2, 16, 16)
+    y = model(x)
+    y2, z = model(x, return_normalized=True)
+    assert y.shape == (2, 4) and torch.equal(y, y2)
+    assert torch.equal(z, model.norm(x))
+    by_name = with_stain_norm(net, "learnable", space="hsv")
+    assert isinstance(by_name.norm, StainNorm) and by_name.norm.space.name == "hsv"
+    with pytest.raises(TypeError):
+        with_stain_norm(net, LStainNorm(), space="lab")
+    assert isinstance(create_norm("sa3"), LStainNorm)
+
+
+def test_large_batch_chunking_is_exact():
+    norm = _perturbed(LStainNorm(), seed=11)
+    x = he_like(12, 224, 224, seed=12)  # > one CPU chunk
+    whole = norm(x)
+    single = torch.cat([norm(x[i : i + 1]) for i in range(12)])
+    assert torch.allclose(whole, single, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cuda_matches_cpu():
+    norm = _perturbed(LStainNorm(), seed=13)
+    x = he_like(2, 40, 24)
+    assert torch.allclose(norm.cuda()(x.cuda()).cpu(), norm.cpu()(x), atol=1e-4)
+
+
+@pytest.mark.parametrize("hw", [(1, 1), (5, 3), (28, 28), (7, 30)])
+def test_upsample_equals_interpolate(hw):
+    from lstainnorm.fusion import _upsample
+
+    a = torch.randn(2, 3, *hw, generator=torch.Generator().manual_seed(0))
+    ref = torch.nn.functional.interpolate(a, scale_factor=8, mode="bilinear", align_corners=False)
+    assert torch.allclose(_upsample(a, 8), ref, atol=1e-6)
