@@ -32,10 +32,13 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/lstainnorm demo --out demo_out
 
-bench: bench-layers
+bench: bench-layers bench-synthetic
 
 bench-layers: $(STAMP)
 	$(PY) benchmarks/bench_layers.py
+
+bench-synthetic: $(STAMP)
+	$(PY) benchmarks/bench_synthetic.py
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache demo_out bench_out

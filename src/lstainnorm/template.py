@@ -14,8 +14,6 @@ into a training config as it is::
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -161,16 +159,10 @@ class Template:
             "# mean (mu0_*) and std (sigma0_*), in internal units: Lab L*a*b*; HSV hue in radians,\n"
             "# S and V 0-1; RGB 0-1; HED optical density. Usable as a training config fragment.\n"
         )
+        from .data.io import atomic_write_bytes
+
         text = header + yaml.safe_dump(self.to_config(), sort_keys=False, default_flow_style=None)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".yaml", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as fh:
-                fh.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write_bytes(path, text.encode())
 
     @classmethod
     def load(cls, path: str | Path) -> "Template":
@@ -337,13 +329,15 @@ def estimate_template(
                 batch = batch.float() / 255.0
             groups = [batch.float()]
         else:
-            imgs = [_to_float_image(im, f"batch {bi} image {j}") for j, im in enumerate(batch)]
+            imgs = [_to_float_image(im, f"batch {bi} image {j}") for j, im in enumerate(batch) if im is not None]
             # Same-size images go through together; others one by one.
             groups = []
             by_size: dict[tuple, list[Tensor]] = {}
             for im in imgs:
                 by_size.setdefault(tuple(im.shape), []).append(im)
             groups = [torch.stack(v) for v in by_size.values()]
+            if not groups:
+                continue
         for x in groups:
             if max_images is not None and n >= max_images:
                 break

@@ -1,0 +1,1 @@
+"""Data: the synthetic multi-centre benchmark and loaders for real tile and segmentation folders."""

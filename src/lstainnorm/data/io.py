@@ -1,0 +1,205 @@
+"""Reading and writing images: every format a tile folder holds, decoded to RGB uint8; atomic writes."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ImageReadError",
+    "read_rgb",
+    "read_mask",
+    "to_uint8_rgb",
+    "write_image",
+    "atomic_write_bytes",
+    "is_image_file",
+]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+class ImageReadError(ValueError):
+    """An image file could not be read or decoded; the message names the file."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"cannot read image {self.path}: {reason}")
+
+
+def is_image_file(path: str | Path) -> bool:
+    p = Path(path)
+    return p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+
+
+def to_uint8_rgb(arr: np.ndarray, where: str = "image") -> np.ndarray:
+    """Any image array (greyscale, RGB, RGBA, 16-bit, float) to RGB uint8 of shape (H, W, 3).
+
+    RGBA is composited on white (transparent slide background is glass, not black);
+    16-bit is scaled by 1/257; float arrays must lie in [0, 1].
+    """
+    a = np.asarray(arr)
+    if a.ndim == 3 and a.shape[0] in (1, 3, 4) and a.shape[-1] not in (1, 3, 4):
+        a = np.moveaxis(a, 0, -1)  # channels-first TIFF pages
+    if a.ndim == 2:
+        a = a[..., None]
+    if a.ndim != 3 or a.shape[-1] not in (1, 2, 3, 4):
+        raise ValueError(f"{where}: unsupported image shape {a.shape}")
+    if a.dtype == np.uint8:
+        f = a.astype(np.float32) / 255.0
+    elif a.dtype == np.uint16:
+        f = a.astype(np.float32) / 65535.0
+    elif a.dtype == bool:
+        f = a.astype(np.float32)
+    elif np.issubdtype(a.dtype, np.integer):  # e.g. PIL mode "I": 8- or 16-bit data in int32
+        scale = 65535.0 if a.max() > 255 else 255.0
+        f = np.clip(a.astype(np.float32) / scale, 0.0, 1.0)
+    elif np.issubdtype(a.dtype, np.floating):
+        if not np.isfinite(a).all():
+            raise ValueError(f"{where}: contains NaN or Inf")
+        if a.min() < 0 or a.max() > 1.0 + 1e-6:
+            raise ValueError(f"{where}: float image values must lie in [0, 1], observed [{a.min():.4g}, {a.max():.4g}]")
+        f = a.astype(np.float32)
+    else:
+        raise ValueError(f"{where}: unsupported dtype {a.dtype}")
+    c = f.shape[-1]
+    if c in (2, 4):  # grey+alpha or RGBA: composite on white
+        alpha = f[..., -1:]
+        f = f[..., :-1] * alpha + (1.0 - alpha)
+        c -= 1
+    if c == 1:
+        f = np.repeat(f, 3, axis=-1)
+    return (np.clip(f, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def _read_array(path: Path) -> np.ndarray:
+    if path.suffix.lower() in (".tif", ".tiff"):
+        import tifffile
+
+        with tifffile.TiffFile(path) as tf:
+            page = tf.pages[0]
+            if getattr(page, "photometric", None) is not None and page.photometric.name == "PALETTE":
+                from PIL import Image
+
+                with Image.open(path) as im:
+                    return np.asarray(im.convert("RGB"))
+            return page.asarray()
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()
+        if im.mode == "P":
+            im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+        elif im.mode in ("I;16", "I;16B", "I;16L"):
+            return np.asarray(im, dtype=np.uint16)
+        elif im.mode == "I":
+            return np.asarray(im, dtype=np.int32)
+        elif im.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+            im = im.convert("RGB")
+        elif im.mode == "1":
+            im = im.convert("L")
+        return np.asarray(im)
+
+
+def read_rgb(path: str | Path) -> np.ndarray:
+    """Read an image file as RGB uint8 (H, W, 3); raises :class:`ImageReadError` naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ImageReadError(p, "no such file")
+    try:
+        arr = _read_array(p)
+    except Exception as err:  # PIL/tifffile raise many types for corrupt files
+        raise ImageReadError(p, f"{type(err).__name__}: {err}") from err
+    try:
+        return to_uint8_rgb(arr, where=str(p))
+    except ValueError as err:
+        raise ImageReadError(p, str(err)) from err
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """Read a mask: a binary (0/255 or 0/1) or instance label map (integers), as int64 (H, W).
+
+    Raises :class:`ImageReadError` for unreadable files, colour masks whose channels differ,
+    and non-integer values.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ImageReadError(p, "no such file")
+    try:
+        arr = _read_array(p)
+    except Exception as err:
+        raise ImageReadError(p, f"{type(err).__name__}: {err}") from err
+    a = np.asarray(arr)
+    if a.ndim == 3:
+        if a.shape[-1] == 4:
+            a = a[..., :3]
+        if not (a == a[..., :1]).all():
+            raise ImageReadError(p, "mask has colour channels that differ; expected a single-channel label map")
+        a = a[..., 0]
+    if a.ndim != 2:
+        raise ImageReadError(p, f"mask must be 2-D, got shape {a.shape}")
+    if np.issubdtype(a.dtype, np.floating):
+        if not np.isfinite(a).all() or not np.array_equal(a, np.round(a)):
+            raise ImageReadError(p, "mask has non-integer labels; expected 0/1, 0/255 or integer instance labels")
+    if a.dtype == bool:
+        a = a.astype(np.uint8)
+    if (a < 0).any():
+        raise ImageReadError(p, "mask has negative labels")
+    return a.astype(np.int64)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` via a temporary file in the same folder and a rename.
+
+    An interrupted write leaves either the old file or none, never a truncated one; the file
+    gets the usual permissions (0666 minus the umask), not mkstemp's 0600.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_image(path: str | Path, arr: np.ndarray, quality: int = 95) -> Path:
+    """Write an image atomically; format from the suffix (PNG, JPEG, TIFF; 16-bit PNG/TIFF kept)."""
+    import io
+
+    path = Path(path)
+    a = np.asarray(arr)
+    suffix = path.suffix.lower()
+    if suffix in (".tif", ".tiff"):
+        import tifffile
+
+        buf = io.BytesIO()
+        tifffile.imwrite(buf, a, photometric="rgb" if a.ndim == 3 else "minisblack", compression="zlib")
+        return atomic_write_bytes(path, buf.getvalue())
+    from PIL import Image
+
+    buf = io.BytesIO()
+    if a.dtype == np.uint16 and a.ndim == 2:
+        im = Image.fromarray(a) if suffix == ".png" else Image.fromarray(a.astype(np.int32))
+    else:
+        im = Image.fromarray(a)
+    fmt = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP"}.get(suffix)
+    if fmt is None:
+        raise ValueError(f"unsupported output format {suffix!r} for {path}")
+    im.save(buf, format=fmt, **({"quality": quality} if fmt == "JPEG" else {}))
+    return atomic_write_bytes(path, buf.getvalue())

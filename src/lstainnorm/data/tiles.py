@@ -1,0 +1,319 @@
+"""Tile datasets for classification: ImageFolder trees, manifests, and robust decoding.
+
+A tree like the reference's::
+
+    root/ADI/xxx.png
+    root/TUM/yyy.tif
+    ...
+
+Corrupt or unreadable files are skipped with a warning that names them (and counted:
+the collate function puts their paths in ``batch["skipped"]``); with ``strict=True``
+they are an error.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from .io import ImageReadError, is_image_file, read_rgb
+
+__all__ = [
+    "TileRecord",
+    "TileFolder",
+    "scan_image_folder",
+    "read_manifest",
+    "stratified_split",
+    "collate_tiles",
+    "save_class_map",
+    "load_class_map",
+    "check_same_classes",
+    "find_images",
+    "ImageFiles",
+]
+
+
+@dataclass(frozen=True)
+class TileRecord:
+    path: str
+    label: int
+    centre: str = ""
+
+
+def scan_image_folder(root: str | Path, classes: Sequence[str] | None = None) -> tuple[list[TileRecord], list[str]]:
+    """List ``root/CLASS/**/*.{png,jpg,jpeg,tif,tiff,bmp}``; classes sorted by name.
+
+    Raises:
+        FileNotFoundError: ``root`` does not exist.
+        ValueError: no class folders, an empty class folder, or (with ``classes``) a class
+            folder set that differs from ``classes``.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"tile folder not found: {root}")
+    found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not found:
+        loose = [p.name for p in root.iterdir() if is_image_file(p)][:3]
+        hint = f" (it holds images such as {loose}: put them in one folder per class)" if loose else ""
+        raise ValueError(f"{root} has no class folders; expected root/CLASS/image.png{hint}")
+    if classes is not None:
+        check_same_classes(list(classes), found, f"{root}")
+        found = list(classes)
+    records = []
+    for idx, name in enumerate(found):
+        files = sorted(p for p in (root / name).rglob("*") if p.is_file() and is_image_file(p))
+        if not files:
+            raise ValueError(f"class folder {root / name} holds no images ({', '.join(e for e in ('.png', '.jpg', '.tif', '.bmp'))} ...)")
+        records += [TileRecord(str(p), idx) for p in files]
+    return records, found
+
+
+def check_same_classes(expected: Sequence[str], found: Sequence[str], where: str) -> None:
+    """Raise a ValueError that lists the difference when two class sets differ."""
+    if list(expected) != list(found):
+        missing = sorted(set(expected) - set(found))
+        extra = sorted(set(found) - set(expected))
+        raise ValueError(
+            f"class folders of {where} differ from the training classes: "
+            f"missing {missing or 'none'}, unexpected {extra or 'none'} (training classes: {list(expected)})"
+        )
+
+
+def read_manifest(path: str | Path) -> list[dict[str, str]]:
+    """Read a manifest CSV (columns ``path, class`` and optionally ``centre, split``).
+
+    Relative paths are resolved against the manifest's folder.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest not found: {path}")
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        raise ValueError(f"manifest {path} has no rows")
+    for col in ("path", "class"):
+        if col not in rows[0]:
+            raise ValueError(f"manifest {path} lacks a '{col}' column (columns: {list(rows[0])})")
+    for r in rows:
+        p = Path(r["path"])
+        r["path"] = str(p if p.is_absolute() else (path.parent / p))
+    return rows
+
+
+def stratified_split(labels: Sequence[int], fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Seeded stratified split of indices: about ``fraction`` of each class goes to the second list.
+
+    Every class with at least 2 items keeps at least one item on each side.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"validation fraction must be in (0, 1), got {fraction}")
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    first, second = [], []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        k = int(round(len(idx) * fraction))
+        if len(idx) >= 2:
+            k = min(max(k, 1), len(idx) - 1)
+        else:
+            k = 0
+        second += idx[:k].tolist()
+        first += idx[k:].tolist()
+    return sorted(first), sorted(second)
+
+
+class TileFolder(Dataset):
+    """Classification tiles from an ImageFolder tree or a manifest.
+
+    Items are dicts: ``image`` (float tensor (3, H, W) in [0, 1]), ``label``, ``centre``,
+    ``path``, ``index``. A file that cannot be decoded gives an item with ``image=None``
+    and a warning naming it (``strict=True`` raises instead); :func:`collate_tiles` drops
+    such items and lists them in ``batch["skipped"]``.
+
+    Args:
+        root: class-folder tree (ignored when ``records`` is given).
+        classes: expected class names, in index order (e.g. the training set's); a tree with
+            other class folders is an error.
+        transform: callable on the float image tensor (e.g. resizing, augmentation).
+        strict: raise on unreadable files instead of skipping them.
+        manifest: optional CSV with ``path`` and ``centre`` columns that adds centres to a tree.
+        records: explicit records (used by :meth:`from_manifest` and :meth:`subset`).
+    """
+
+    def __init__(
+        self,
+        root: str | Path | None = None,
+        classes: Sequence[str] | None = None,
+        transform: Callable[[Tensor], Tensor] | None = None,
+        strict: bool = False,
+        manifest: str | Path | None = None,
+        records: Sequence[TileRecord] | None = None,
+    ) -> None:
+        if records is None:
+            if root is None:
+                raise ValueError("TileFolder needs a root folder or records")
+            records, classes = scan_image_folder(root, classes)
+            if manifest is not None:
+                centres = {str(Path(r["path"]).resolve()): r.get("centre", "") for r in read_manifest(manifest)}
+                records = [TileRecord(r.path, r.label, centres.get(str(Path(r.path).resolve()), "")) for r in records]
+        elif classes is None:
+            raise ValueError("classes are required with explicit records")
+        self.root = None if root is None else Path(root)
+        self.records = list(records)
+        self.classes = list(classes)
+        self.transform = transform
+        self.strict = strict
+
+    @classmethod
+    def from_manifest(
+        cls,
+        manifest: str | Path,
+        split: str | None = None,
+        centres: Sequence[str] | None = None,
+        classes: Sequence[str] | None = None,
+        **kwargs,
+    ) -> "TileFolder":
+        """Tiles listed in a manifest CSV, optionally filtered by ``split`` and ``centres``."""
+        rows = read_manifest(manifest)
+        if split is not None:
+            if "split" not in rows[0]:
+                raise ValueError(f"manifest {manifest} has no 'split' column to select {split!r}")
+            rows = [r for r in rows if r["split"] == split]
+        if centres is not None:
+            want = {str(c) for c in centres}
+            have = {r.get("centre", "") for r in rows}
+            unknown = want - have
+            if unknown:
+                raise ValueError(f"centres {sorted(unknown)} not in manifest {manifest} (has {sorted(have)})")
+            rows = [r for r in rows if r.get("centre", "") in want]
+        if not rows:
+            raise ValueError(f"manifest {manifest} has no rows for split={split!r}, centres={centres!r}")
+        names = sorted({r["class"] for r in rows}) if classes is None else list(classes)
+        unknown = {r["class"] for r in rows} - set(names)
+        if unknown:
+            raise ValueError(f"manifest {manifest} has classes {sorted(unknown)} not in {names}")
+        index = {c: i for i, c in enumerate(names)}
+        recs = [TileRecord(r["path"], index[r["class"]], r.get("centre", "")) for r in rows]
+        return cls(records=recs, classes=names, **kwargs)
+
+    def subset(self, indices: Sequence[int], transform: Callable | None = None) -> "TileFolder":
+        """A TileFolder over some of this one's records (same classes)."""
+        return TileFolder(
+            records=[self.records[i] for i in indices],
+            classes=self.classes,
+            transform=self.transform if transform is None else transform,
+            strict=self.strict,
+        )
+
+    @property
+    def labels(self) -> list[int]:
+        return [r.label for r in self.records]
+
+    @property
+    def centres(self) -> list[str]:
+        return [r.centre for r in self.records]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        rec = self.records[i]
+        item = {"label": rec.label, "centre": rec.centre, "path": rec.path, "index": i, "image": None}
+        try:
+            arr = read_rgb(rec.path)
+        except ImageReadError as err:
+            if self.strict:
+                raise
+            warnings.warn(f"skipping unreadable tile: {err}", stacklevel=2)
+            return item
+        img = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float().div_(255.0)
+        if self.transform is not None:
+            img = self.transform(img)
+        item["image"] = img
+        return item
+
+
+def collate_tiles(items: list[dict]) -> dict:
+    """Stack the readable items of a batch; list the unreadable ones in ``skipped``."""
+    good = [it for it in items if it["image"] is not None]
+    batch = {
+        "skipped": [it["path"] for it in items if it["image"] is None],
+        "label": torch.tensor([it["label"] for it in good], dtype=torch.long),
+        "centre": [it["centre"] for it in good],
+        "path": [it["path"] for it in good],
+        "index": torch.tensor([it["index"] for it in good], dtype=torch.long),
+    }
+    if good:
+        shapes = {tuple(it["image"].shape) for it in good}
+        if len(shapes) > 1:
+            raise ValueError(
+                f"tiles in one batch have different sizes {sorted(shapes)[:4]}; set data.image_size to resize them"
+            )
+        batch["image"] = torch.stack([it["image"] for it in good])
+    else:
+        batch["image"] = torch.empty(0, 3, 1, 1)
+    return batch
+
+
+def save_class_map(path: str | Path, classes: Sequence[str]) -> Path:
+    from .io import atomic_write_bytes
+
+    data = {"classes": list(classes), "class_to_index": {c: i for i, c in enumerate(classes)}}
+    return atomic_write_bytes(path, json.dumps(data, indent=2).encode())
+
+
+def load_class_map(path: str | Path) -> list[str]:
+    return list(json.loads(Path(path).read_text())["classes"])
+
+
+def find_images(root: str | Path) -> list[Path]:
+    """All image files under ``root`` (recursively, sorted), or ``[root]`` for a single file."""
+    root = Path(root)
+    if root.is_file():
+        if not is_image_file(root):
+            raise ValueError(f"{root} is not an image file ({', '.join(('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp'))})")
+        return [root]
+    if not root.is_dir():
+        raise FileNotFoundError(f"not found: {root}")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and is_image_file(p))
+    if not files:
+        raise ValueError(f"no images found under {root}")
+    return files
+
+
+class ImageFiles(Dataset):
+    """Every image under a folder (flat or class tree), as float tensors (3, H, W) in [0, 1].
+
+    Unreadable files give ``None`` (with a warning naming them) and are listed in
+    :attr:`skipped`; ``size`` resizes to a square.
+    """
+
+    def __init__(self, root: str | Path, size: int | None = None) -> None:
+        self.files = find_images(root)
+        self.size = size
+        self.skipped: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        try:
+            arr = read_rgb(self.files[i])
+        except ImageReadError as err:
+            warnings.warn(f"skipping unreadable image: {err}", stacklevel=2)
+            self.skipped.append(str(self.files[i]))
+            return None
+        img = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float().div_(255.0)
+        if self.size is not None and tuple(img.shape[-2:]) != (self.size, self.size):
+            img = torch.nn.functional.interpolate(img[None], size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)[0].clamp(0, 1)
+        return img
