@@ -108,7 +108,117 @@ def _template_run(a: argparse.Namespace) -> int:
     return 0
 
 
-_RUNNERS = {"synth": _synth_run, "template": _template_run}
+# --- train ------------------------------------------------------------------------------------------
+@command(
+    "train",
+    "train a normalisation layer with a classifier (or segmenter) from a YAML config",
+    """
+    lstainnorm train configs/classify.yaml
+    lstainnorm train configs/classify.yaml norm.mode=learnable norm.space=hsv trainer.max_epochs=20
+    lstainnorm train configs/reference-config-SA1.yaml          # the reference's config file, unchanged
+    lstainnorm train configs/classify.yaml trainer.devices=2 trainer.strategy=ddp
+    lstainnorm train --resume runs/20261125_101500_demo          # continue an interrupted run
+    lstainnorm train --print-schema                              # every key with its default
+    """,
+)
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", type=Path, help="YAML config (ours or the reference's flat config)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_epochs=5")
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue RUN_DIR from checkpoints/last.ckpt with its saved config")
+    p.add_argument("--print-schema", action="store_true", help="print every config key with its default and exit")
+
+
+def _train_run(a: argparse.Namespace) -> int:
+    from .config import load_config, schema_help
+
+    if a.print_schema:
+        print(schema_help())
+        return 0
+    overrides = list(a.overrides)
+    if a.resume is not None:
+        cfg_path = a.resume / "config.yaml"
+        if a.config is not None and "=" in str(a.config):
+            overrides.insert(0, str(a.config))
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"cannot resume {a.resume}: no config.yaml in it")
+        cfg, notes = load_config(cfg_path, overrides)
+    else:
+        if a.config is None:
+            raise ValueError("give a config file (or --resume RUN_DIR); see lstainnorm train --help")
+        cfg, notes = load_config(a.config, overrides)
+    for n in notes:
+        print(n)
+    from .tasks.train import train
+
+    train(cfg, notes, resume=a.resume)
+    return 0
+
+
+# --- evaluate ---------------------------------------------------------------------------------------
+@command(
+    "evaluate",
+    "evaluate a trained run on a tile folder or a manifest",
+    """
+    lstainnorm evaluate runs/20261125_101500_demo --data data/other_hospital
+    lstainnorm evaluate runs/.../checkpoints/best.ckpt --data synth/manifest.csv --split test --centres B C
+    """,
+)
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", type=Path, help="run directory (uses checkpoints/best.ckpt) or a checkpoint file")
+    p.add_argument("--data", type=Path, required=True, help="class-folder tree, manifest CSV, or (segmentation) a folder with images/ and masks/")
+    p.add_argument("--split", help="with a manifest: the split to evaluate (train/val/test)")
+    p.add_argument("--centres", nargs="+", help="with a manifest: only these centres")
+    p.add_argument("-o", "--output", type=Path, help="result JSON (default RUN_DIR/eval_<data>.json)")
+    p.add_argument("--batch-size", type=int)
+
+
+def _evaluate_run(a: argparse.Namespace) -> int:
+    from .tasks.evaluate import evaluate
+
+    res = evaluate(a.run, a.data, split=a.split, centres=a.centres, out=a.output, batch_size=a.batch_size)
+    ov = res.get("overall", {})
+    keys = [k for k in ("acc", "bal_acc", "f1", "auroc", "dice", "iou", "aji", "pq") if k in ov]
+    print("overall: " + "  ".join(f"{k} {ov[k]:.4f}" for k in keys if ov[k] is not None) + f"  (n={ov.get('n')})")
+    for c, v in res.get("per_centre", {}).items():
+        print(f"  centre {c}: " + "  ".join(f"{k} {v[k]:.4f}" for k in keys if v.get(k) is not None) + f"  (n={v.get('n')})")
+    print(f"skipped files: {len(res.get('skipped_files', []))}" + "".join(f"\n  {p}" for p in res.get("skipped_files", [])))
+    print(f"written: {res['output']}")
+    return 0
+
+
+# --- demo -------------------------------------------------------------------------------------------
+@command(
+    "demo",
+    "the main job: synthetic multi-centre set, train on one centre, test on all, per method",
+    """
+    lstainnorm demo --out demo_out
+    lstainnorm demo --out demo_out --methods none lstainnorm --epochs 4
+    lstainnorm demo --out demo_out --set model.backbone=test_resnet --set trainer.progress=false
+    """,
+)
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (data, runs, results.md)")
+    p.add_argument("--methods", nargs="+", default=None, help="norm modes to compare (default: none template learnable lstainnorm)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per method (default from configs/demo.yaml)")
+    p.add_argument("--per-class", type=int, default=None, help="synthetic tiles per class and centre")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override for every method, repeatable (e.g. --set trainer.progress=false)")
+
+
+def _demo_run(a: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(a.out, methods=a.methods, epochs=a.epochs, per_class=a.per_class, seed=a.seed, overrides=a.overrides)
+    return 0
+
+
+_RUNNERS = {
+    "synth": _synth_run,
+    "template": _template_run,
+    "train": _train_run,
+    "evaluate": _evaluate_run,
+    "demo": _demo_run,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

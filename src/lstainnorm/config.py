@@ -1,0 +1,381 @@
+"""Run configuration: a documented schema with defaults (OmegaConf structured config).
+
+Load a YAML file with :func:`load_config`, apply ``key=value`` overrides, and get a
+validated config. Unknown or misspelt keys, wrong types and invalid choices are errors
+that name the key and list the valid choices. The reference implementation's flat
+config files (``train_root``, ``prenorm``, ``SA3``, ``mu0_lab``, ...) are recognised and
+mapped onto this schema (:func:`map_reference_config`).
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+__all__ = [
+    "Config",
+    "DataConfig",
+    "NormConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "TrainerConfig",
+    "SegmentationConfig",
+    "ConfigError",
+    "load_config",
+    "make_config",
+    "map_reference_config",
+    "REFERENCE_KEYS",
+    "NORM_MODES",
+]
+
+NORM_MODES = ("none", "template", "learnable", "lstainnorm", "reinhard", "macenko", "vahadane")
+AUGMENT_MODES = ("none", "randstainna", "hed-jitter")
+TASKS = ("classification", "segmentation")
+
+
+class ConfigError(ValueError):
+    """A config value or key is invalid; the message names the key and the valid choices."""
+
+
+@dataclass
+class DataConfig:
+    """Where the tiles come from.
+
+    Either folders (``train``/``val``/``test``: ImageFolder trees ``root/CLASS/*.png``), or a
+    ``manifest`` CSV (``path, class, centre, split``) with centre selections. Without a
+    validation set, ``val_fraction`` of the training tiles (stratified, seeded) is held out.
+    """
+
+    train: Optional[str] = None
+    val: Optional[str] = None
+    test: Optional[str] = None
+    manifest: Optional[str] = None
+    train_centres: Optional[list[str]] = None
+    val_centres: Optional[list[str]] = None
+    test_centres: Optional[list[str]] = None
+    val_fraction: float = 0.2
+    image_size: Optional[int] = None
+    batch_size: int = 64
+    eval_batch_size: Optional[int] = None
+    num_workers: int = 0
+    strict: bool = False
+    hflip: bool = True
+    vflip: bool = True
+    augment: str = "none"
+    augment_strength: float = 1.0
+
+
+@dataclass
+class NormConfig:
+    """The normalisation layer in front of the network.
+
+    ``mode``: none | template | learnable | lstainnorm | reinhard | macenko | vahadane.
+    ``templates``: null (each space's default), ``auto`` (estimated on the training split
+    before training), ``reference`` (the reference implementation's numbers), or the path
+    of a template YAML; ``template_values`` gives numbers directly (``mu0_lab: [...]``,
+    ``sigma0_lab: [...]``, ...), and ``mu0``/``sigma0`` the template of a single-space
+    layer. ``lr`` is relative: each branch's learning rate is ``lr`` times its
+    template's mean std, so one value suits Lab (units ~10) and RGB (units ~0.1) alike.
+    """
+
+    mode: str = "lstainnorm"
+    space: str = "lab"
+    spaces: list[str] = field(default_factory=lambda: ["lab", "hsv", "rgb"])
+    templates: Optional[str] = None
+    template_values: Optional[dict[str, list[float]]] = None
+    mu0: Optional[list[float]] = None
+    sigma0: Optional[list[float]] = None
+    tissue_stats: bool = False
+    lr: float = 5e-3
+    weight_decay: float = 0.0
+    schedule: str = "step"
+    step_size: int = 2
+    gamma: float = 0.9
+    compile: bool = False
+    target: Optional[str] = None
+
+
+@dataclass
+class ModelConfig:
+    """The task network: a timm backbone (classification) or an smp U-Net encoder (segmentation)."""
+
+    backbone: str = "resnet18"
+    pretrained: bool = False
+    weights: Optional[str] = None
+    drop_rate: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    """AdamW for the network; cosine annealing as the reference (lr 5e-4 to 5e-6, T_max 10)."""
+
+    lr: float = 5e-4
+    weight_decay: float = 1e-5
+    scheduler: str = "cosine"
+    T_max: int = 10
+    min_lr: float = 5e-6
+
+
+@dataclass
+class TrainerConfig:
+    """Lightning Trainer settings (``devices=2 strategy=ddp`` for multi-GPU or multi-process)."""
+
+    max_epochs: int = 100
+    patience: int = 8
+    monitor: str = "val/acc"
+    accelerator: str = "auto"
+    devices: Any = 1
+    strategy: str = "auto"
+    num_nodes: int = 1
+    precision: str = "32-true"
+    deterministic: bool = False
+    log_every_n_steps: int = 10
+    limit_train_batches: Optional[float] = None
+    limit_val_batches: Optional[float] = None
+    progress: bool = True
+    threads: Optional[int] = None
+
+
+@dataclass
+class SegmentationConfig:
+    """Nuclei segmentation (``task: segmentation``): data layout, crops, sliding window, post-processing."""
+
+    root: Optional[str] = None
+    images: str = "images"
+    masks: str = "masks_instance"
+    split_file: Optional[str] = None
+    split_column: Optional[str] = None
+    test_values: list[str] = field(default_factory=list)
+    val_values: list[str] = field(default_factory=list)
+    crop: int = 256
+    samples_per_image: int = 8
+    window: int = 256
+    overlap: float = 0.25
+    threshold: float = 0.5
+    watershed: bool = True
+    min_size: int = 10
+
+
+@dataclass
+class Config:
+    """A training run. See each section's docstring; ``lstainnorm train --help`` prints them all."""
+
+    task: str = "classification"
+    seed: int = 42
+    output_path: str = "runs"
+    postfix: str = "run"
+    data: DataConfig = field(default_factory=DataConfig)
+    norm: NormConfig = field(default_factory=NormConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
+
+
+# --- the reference implementation's flat keys ----------------------------------------------------
+REFERENCE_KEYS = (
+    "seed", "device", "train_root", "test_root", "output_path", "postfix", "model", "pretrained",
+    "prenorm", "temnorm", "SA3", "num_workers", "batch_size", "learning_rate", "weight_decay",
+    "min_learning_rate", "T_max", "gamma", "epochs", "patience", "scheduler", "scheduler_norm",
+    "mu0", "sigma0", "mu0_hsv", "sigma0_hsv", "mu0_lab", "sigma0_lab", "mu0_rgb", "sigma0_rgb",
+)
+_REFERENCE_ONLY = {"device", "train_root", "test_root", "prenorm", "temnorm", "SA3", "learning_rate",
+                   "min_learning_rate", "epochs", "scheduler_norm"}
+
+
+def is_reference_config(raw: dict) -> bool:
+    return any(k in raw for k in _REFERENCE_ONLY) and not any(
+        isinstance(raw.get(s), dict) for s in ("data", "norm", "optim", "trainer")
+    )
+
+
+def map_reference_config(raw: dict) -> tuple[dict, list[str]]:
+    """Map a reference ``config-*.yaml`` onto the schema. Returns (config dict, notes)."""
+    unknown = [k for k in raw if k not in REFERENCE_KEYS]
+    if unknown:
+        raise ConfigError(_unknown_message(unknown[0], list(REFERENCE_KEYS), "reference config"))
+    out: dict = {"data": {}, "norm": {}, "model": {}, "optim": {}, "trainer": {}}
+    notes = []
+    simple = {
+        "seed": ("seed",), "output_path": ("output_path",), "postfix": ("postfix",),
+        "model": ("model", "backbone"), "pretrained": ("model", "pretrained"),
+        "num_workers": ("data", "num_workers"), "batch_size": ("data", "batch_size"),
+        "learning_rate": ("optim", "lr"), "weight_decay": ("optim", "weight_decay"),
+        "min_learning_rate": ("optim", "min_lr"), "T_max": ("optim", "T_max"),
+        "gamma": ("norm", "gamma"), "epochs": ("trainer", "max_epochs"), "patience": ("trainer", "patience"),
+        "train_root": ("data", "train"), "test_root": ("data", "test"),
+    }
+    for key, path in simple.items():
+        if key in raw and raw[key] is not None:
+            d = out
+            for p in path[:-1]:
+                d = d.setdefault(p, {})
+            d[path[-1]] = raw[key]
+    if "device" in raw:
+        dev = str(raw["device"]).lower()
+        # "cuda" becomes "auto": the GPU when there is one, else the CPU (with Lightning's notice).
+        out["trainer"]["accelerator"] = "cpu" if dev == "cpu" else "auto"
+    sched = raw.get("scheduler")
+    if sched is not None:
+        s = str(sched).lower()
+        out["optim"]["scheduler"] = "cosine" if "cos" in s else "none" if s in ("none", "false", "0") else "cosine"
+    sn = raw.get("scheduler_norm")
+    if sn is not None:
+        s = str(sn).lower()
+        out["norm"]["schedule"] = "step" if "step" in s or s in ("true", "1") else "none" if s in ("none", "false", "0") else "step"
+    flags = [k for k in ("SA3", "prenorm", "temnorm") if raw.get(k)]
+    if len(flags) > 1:
+        raise ConfigError(f"reference config sets {flags} together; choose one of SA3, prenorm, temnorm")
+    mode = {"SA3": "lstainnorm", "prenorm": "learnable", "temnorm": "template"}.get(flags[0] if flags else "", "none")
+    out["norm"]["mode"] = mode
+    if mode in ("learnable", "template"):
+        out["norm"]["space"] = "lab"
+        mu = raw.get("mu0_lab", raw.get("mu0"))
+        sd = raw.get("sigma0_lab", raw.get("sigma0"))
+        if mu is not None:
+            out["norm"]["mu0"] = list(mu)
+        if sd is not None:
+            out["norm"]["sigma0"] = list(sd)
+    elif mode == "lstainnorm":
+        tpl = {k: list(raw[k]) for k in ("mu0_lab", "sigma0_lab", "mu0_hsv", "sigma0_hsv", "mu0_rgb", "sigma0_rgb") if raw.get(k) is not None}
+        if tpl:
+            out["norm"]["template_values"] = tpl
+    notes.append(
+        f"reference config detected: mapped {len([k for k in raw if k in REFERENCE_KEYS])} keys onto the "
+        f"lstainnorm schema (norm.mode={mode}); the best checkpoint is chosen on a validation split carved "
+        "from train_root, not on test_root"
+    )
+    return out, notes
+
+
+# --- loading and validation --------------------------------------------------------------------------
+def _unknown_message(key: str, valid: Sequence[str], where: str) -> str:
+    close = difflib.get_close_matches(key.split(".")[-1], list(valid), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"unknown key '{key}' in {where}{hint} (valid keys: {sorted(valid)})"
+
+
+def _section_keys(cfg: DictConfig, dotted: str) -> tuple[str, list[str]]:
+    parts = dotted.split(".")
+    node: Any = cfg
+    where = "config"
+    for p in parts[:-1]:
+        if isinstance(node, DictConfig) and p in node and isinstance(node[p], DictConfig):
+            node = node[p]
+            where = p if where == "config" else f"{where}.{p}"
+        else:
+            break
+    return where, list(node.keys()) if isinstance(node, DictConfig) else []
+
+
+def _check_choices(cfg: DictConfig) -> None:
+    from .color import list_spaces
+
+    def choose(key: str, value: Any, choices: Sequence[str]) -> None:
+        if value not in choices:
+            raise ConfigError(f"{key}: invalid value {value!r}; choose one of {list(choices)}")
+
+    choose("task", cfg.task, TASKS)
+    choose("norm.mode", cfg.norm.mode, NORM_MODES)
+    choose("norm.space", cfg.norm.space, list_spaces())
+    for s in cfg.norm.spaces:
+        choose("norm.spaces", s, list_spaces())
+    choose("norm.schedule", cfg.norm.schedule, ("step", "cosine", "none"))
+    choose("optim.scheduler", cfg.optim.scheduler, ("cosine", "none"))
+    choose("data.augment", cfg.data.augment, AUGMENT_MODES)
+    if not 0.0 < cfg.data.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
+    for key in ("data.batch_size", "trainer.max_epochs", "optim.T_max", "norm.step_size"):
+        sec, name = key.split(".")
+        if cfg[sec][name] < 1:
+            raise ConfigError(f"{key} must be at least 1, got {cfg[sec][name]}")
+    for key in ("optim.lr", "norm.lr"):
+        sec, name = key.split(".")
+        if not cfg[sec][name] >= 0:
+            raise ConfigError(f"{key} must be >= 0, got {cfg[sec][name]}")
+    if cfg.norm.mu0 is not None and len(cfg.norm.mu0) != 3:
+        raise ConfigError(f"norm.mu0 must have 3 values, got {list(cfg.norm.mu0)}")
+    if cfg.norm.sigma0 is not None and len(cfg.norm.sigma0) != 3:
+        raise ConfigError(f"norm.sigma0 must have 3 values, got {list(cfg.norm.sigma0)}")
+
+
+def make_config(raw: dict | None = None, overrides: Sequence[str] = ()) -> tuple[DictConfig, list[str]]:
+    """Build a validated config from a dict (a loaded YAML) and ``key=value`` overrides.
+
+    Returns ``(config, notes)``; notes say, for example, that a reference config was mapped.
+    """
+    raw = dict(raw or {})
+    notes: list[str] = []
+    if is_reference_config(raw):
+        raw, notes = map_reference_config(raw)
+    schema = OmegaConf.structured(Config)
+    try:
+        cfg = OmegaConf.merge(schema, OmegaConf.create(raw))
+    except (ConfigKeyError, ValidationError, OmegaConfBaseException) as err:
+        raise _rephrase(err, schema) from None
+    dotlist = []
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r} must look like key=value (e.g. trainer.max_epochs=5)")
+        dotlist.append(ov)
+    if dotlist:
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotlist))
+        except (ConfigKeyError, ValidationError, OmegaConfBaseException) as err:
+            raise _rephrase(err, cfg) from None
+    _check_choices(cfg)
+    return cfg, notes
+
+
+def _rephrase(err: Exception, cfg: DictConfig) -> ConfigError:
+    key = getattr(err, "full_key", None) or ""
+    msg = str(getattr(err, "msg", "") or err).split("\n")[0]
+    if isinstance(err, ConfigKeyError) or "not in" in msg:
+        where, valid = _section_keys(cfg, key)
+        return ConfigError(_unknown_message(key, valid, where))
+    if isinstance(err, ValidationError):
+        return ConfigError(f"{key}: {msg}")
+    return ConfigError(f"{key or 'config'}: {msg}")
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> tuple[DictConfig, list[str]]:
+    """Read a YAML config (ours or the reference's), apply overrides, validate."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        try:
+            loaded = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        except Exception as err:
+            raise ConfigError(f"{path}: not a valid YAML config ({err})") from err
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys, got {type(loaded).__name__}")
+        raw = loaded
+    try:
+        return make_config(raw, overrides)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}" if path else str(err)) from None
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def schema_help() -> str:
+    """Every key with its default, for ``--help``."""
+    return OmegaConf.to_yaml(OmegaConf.structured(Config))
+
+
+def as_container(cfg: DictConfig | ListConfig) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+_ = MISSING  # re-exported for schema extensions

@@ -1,0 +1,1 @@
+"""Tasks: training and evaluating a normalisation layer with a classifier or a segmenter."""

@@ -1,0 +1,146 @@
+"""Callbacks and plugins of a run: per-epoch history and template trajectory, atomic
+checkpoints, a DDP consistency check, and a test hook for simulated interruptions."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from ..data.io import _umask, atomic_write_bytes
+
+__all__ = ["HistoryCallback", "AtomicCheckpointIO", "DDPConsistencyCallback", "InterruptAfterEpochs"]
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary file in the same folder, then renamed: a crash
+    mid-write leaves the previous checkpoint intact, never a truncated one."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".ckpt", dir=path.parent)
+        os.close(fd)
+        try:
+            torch.save(checkpoint, tmp)
+            os.chmod(tmp, 0o666 & ~_umask())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def _scalar(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        v = v.detach().float().cpu()
+        return float(v) if v.numel() == 1 else None
+    return v
+
+
+class HistoryCallback(L.Callback):
+    """Writes ``history.csv`` (one row per epoch: losses, metrics, learning rates, template)
+    and ``template_history.jsonl`` (the template in natural units and the fusion weights)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.rows: list[dict] = []
+
+    def _read_existing(self) -> None:
+        path = self.run_dir / "history.csv"
+        if path.is_file() and not self.rows:
+            with open(path, newline="") as fh:
+                self.rows = list(csv.DictReader(fh))
+
+    def on_train_start(self, trainer, pl_module) -> None:  # after a resume has restored the epoch
+        self._read_existing()
+        # A resumed run replays from its last checkpoint: drop rows of epochs it will redo.
+        start = trainer.current_epoch
+        self.rows = [r for r in self.rows if int(r["epoch"]) < start]
+        if trainer.is_global_zero and start == 0:
+            rec = pl_module.template_record()
+            if rec is not None:
+                atomic_write_bytes(self.run_dir / "template_history.jsonl", (json.dumps({"epoch": -1, **rec}) + "\n").encode())
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        # The learning rates used during this epoch (the scheduler steps at its end).
+        self._lrs = {f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(trainer.optimizers[0].param_groups)}
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        # Runs after the epoch's validation, so the row holds this epoch's validation metrics.
+        if not trainer.is_global_zero:
+            return
+        row: dict[str, Any] = {"epoch": trainer.current_epoch}
+        for k, v in trainer.callback_metrics.items():
+            s = _scalar(v)
+            if s is not None:
+                row[k] = s
+        row.update(getattr(self, "_lrs", {}))
+        rec = pl_module.template_record()
+        if rec is not None:
+            for space, d in rec["natural"].items():
+                for ch, mu, sd in zip(d["channels"], d["mu"], d["sigma"]):
+                    row[f"template/{space}/{ch}/mu"] = mu
+                    row[f"template/{space}/{ch}/sigma"] = sd
+            for space, f in (rec.get("fusion") or {}).items():
+                row[f"fusion/{space}/a"] = f["a"]
+                row[f"fusion/{space}/b"] = f["b"]
+            self._append_jsonl({"epoch": trainer.current_epoch, **rec})
+        self.rows = [r for r in self.rows if int(r["epoch"]) != trainer.current_epoch] + [row]
+        self._write_csv()
+
+    def _append_jsonl(self, rec: dict) -> None:
+        path = self.run_dir / "template_history.jsonl"
+        lines = path.read_text().splitlines() if path.is_file() else []
+        lines = [ln for ln in lines if ln.strip() and json.loads(ln)["epoch"] < rec["epoch"]]
+        lines.append(json.dumps(rec))
+        atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+
+    def _write_csv(self) -> None:
+        keys: list[str] = []
+        for r in self.rows:
+            keys += [k for k in r if k not in keys]
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=keys)
+        w.writeheader()
+        for r in self.rows:
+            w.writerow({k: ("" if (isinstance(v, float) and math.isnan(v)) else v) for k, v in r.items()})
+        atomic_write_bytes(self.run_dir / "history.csv", buf.getvalue().encode())
+
+
+class DDPConsistencyCallback(L.Callback):
+    """At the end of fitting, gathers the normalisation parameters of every rank and records
+    whether they are identical (``ddp_check.json``): DDP must keep the learned template in sync."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        vec = pl_module.learnable_norm_vector().float()
+        if vec.numel() == 0:
+            return
+        gathered = pl_module.all_gather(vec) if trainer.world_size > 1 else vec.unsqueeze(0)
+        if trainer.is_global_zero:
+            g = gathered.reshape(trainer.world_size, -1).cpu()
+            diff = float((g - g[0]).abs().max())
+            rec = {"world_size": trainer.world_size, "max_abs_difference": diff, "identical": diff == 0.0, "template_per_rank": g[:, :12].tolist()}
+            atomic_write_bytes(self.run_dir / "ddp_check.json", json.dumps(rec, indent=2).encode())
+
+
+class InterruptAfterEpochs(L.Callback):
+    """Raises KeyboardInterrupt once ``n`` epochs are done (used by tests and to rehearse resuming)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch >= self.n:
+            raise KeyboardInterrupt(f"simulated interruption at epoch {trainer.current_epoch}")

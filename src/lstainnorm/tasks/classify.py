@@ -1,0 +1,126 @@
+"""Classification: a timm backbone, cross-entropy, and torchmetrics metrics overall and per centre."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torchmetrics.functional.classification as FC
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC, MulticlassF1Score
+
+from .build import build_classifier
+from .data import centre_index, flips
+
+__all__ = ["ClassificationTask", "classification_metrics"]
+
+
+def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, n_classes: int) -> dict[str, Any]:
+    """Accuracy, balanced accuracy, macro-F1, macro AUROC and the confusion matrix (torchmetrics)."""
+    if labels.numel() == 0:
+        return {"n": 0}
+    probs = probs.float()
+    out: dict[str, Any] = {
+        "n": int(labels.numel()),
+        "acc": float(FC.multiclass_accuracy(probs, labels, n_classes, average="micro")),
+        "bal_acc": float(FC.multiclass_accuracy(probs, labels, n_classes, average="macro")),
+        "f1": float(FC.multiclass_f1_score(probs, labels, n_classes, average="macro")),
+    }
+    present = labels.unique()
+    # AUROC is undefined for classes absent from the labels; macro-average over present ones.
+    if len(present) >= 2:
+        per = FC.multiclass_auroc(probs, labels, n_classes, average="none")
+        out["auroc"] = float(per[present].mean())
+    else:
+        out["auroc"] = float("nan")
+    out["confusion"] = FC.multiclass_confusion_matrix(probs, labels, n_classes).tolist()
+    return out
+
+
+class ClassificationTask:
+    monitor = "val/acc"
+    mode = "max"
+
+    def __init__(self, cfg: Any, classes: Sequence[str], centres: Sequence[str]) -> None:
+        self.cfg = cfg
+        self.classes = list(classes)
+        self.centres = list(centres)
+        k = len(self.classes)
+        self.val_metrics = MetricCollection(
+            {
+                "acc": MulticlassAccuracy(k, average="micro"),
+                "bal_acc": MulticlassAccuracy(k, average="macro"),
+                "f1": MulticlassF1Score(k, average="macro"),
+                "auroc": MulticlassAUROC(k, average="macro"),
+            }
+        )
+        self._collected: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def build_net(self) -> nn.Module:
+        return build_classifier(self.cfg.model, len(self.classes))
+
+    def target(self, batch: dict) -> torch.Tensor:
+        return batch["label"]
+
+    def augment_pair(self, x: torch.Tensor, batch: dict, seed: int, epoch: int, batch_idx: int):
+        d = self.cfg.data
+        return flips(x, seed, epoch, batch_idx, d.hflip, d.vflip), batch["label"]
+
+    def loss(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(out.float(), target)
+
+    def predict(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return model(x)
+
+    def update(self, out: torch.Tensor, batch: dict, stage: str) -> None:
+        m = self.val_metrics.to(out.device)
+        m.update(out.float().softmax(-1), batch["label"])
+
+    def compute(self, stage: str) -> dict[str, float]:
+        vals = {k: float(v) for k, v in self.val_metrics.compute().items()}
+        self.val_metrics.reset()
+        return vals
+
+    # -- test: everything collected, metrics per centre ---------------------------------------
+    def reset_collect(self) -> None:
+        self._collected = []
+
+    def collect(self, out: torch.Tensor, batch: dict) -> None:
+        c = centre_index(batch["centre"], self.centres).to(out.device)
+        self._collected.append((out.float().softmax(-1).detach(), batch["label"], c, batch["index"]))
+
+    def finish_collect(self, module) -> dict:
+        k = len(self.classes)
+        if self._collected:
+            probs, labels, cents, idx = (torch.cat(t) for t in zip(*self._collected))
+        else:
+            dev = module.device
+            probs, labels, cents, idx = torch.zeros(0, k, device=dev), *(torch.zeros(0, dtype=torch.long, device=dev) for _ in range(3))
+        if module.trainer is not None and module.trainer.world_size > 1:
+            probs, labels, cents, idx = _gather_uneven(module, probs, labels, cents, idx)
+        # Distributed samplers pad with repeats: keep each tile once.
+        order = torch.argsort(idx, stable=True)
+        probs, labels, cents, idx = probs[order], labels[order], cents[order], idx[order]
+        keep = torch.ones_like(idx, dtype=torch.bool)
+        keep[1:] = idx[1:] != idx[:-1]
+        probs, labels, cents = probs[keep].cpu(), labels[keep].cpu(), cents[keep].cpu()
+        res: dict[str, Any] = {"overall": classification_metrics(probs, labels, k), "per_centre": {}}
+        for ci, name in enumerate(self.centres):
+            sel = cents == ci
+            if sel.any():
+                res["per_centre"][name] = classification_metrics(probs[sel], labels[sel], k)
+        return res
+
+
+def _gather_uneven(module, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """all_gather for tensors whose first dimension differs between ranks."""
+    n = torch.tensor([tensors[0].shape[0]], device=module.device)
+    sizes = module.all_gather(n).flatten()
+    top = int(sizes.max())
+    out = []
+    for t in tensors:
+        pad = torch.zeros((top - t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
+        g = module.all_gather(torch.cat([t, pad]))  # (world, top, ...)
+        out.append(torch.cat([g[r, : int(sizes[r])] for r in range(g.shape[0])]))
+    return out

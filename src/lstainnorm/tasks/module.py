@@ -1,0 +1,146 @@
+"""The Lightning module shared by classification and segmentation.
+
+``normalisation layer -> task network``, trained together. Task-specific pieces (network,
+loss, metrics) live in small ``Task`` objects (:mod:`lstainnorm.tasks.classify`,
+:mod:`lstainnorm.tasks.segment`); optimisation, schedules, template logging, augmentation
+and skipped-file accounting are shared here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from ..model import StainNormalized
+from ..template import Template
+from .build import build_norm, lr_lambdas, norm_param_groups, resolve_template_setting
+from .data import flips
+
+__all__ = ["StainNormModule"]
+
+
+def _make_task(name: str):
+    if name == "classification":
+        from .classify import ClassificationTask
+
+        return ClassificationTask
+    if name == "segmentation":
+        from .segment import SegmentationTask
+
+        return SegmentationTask
+    raise ValueError(f"unknown task {name!r}")
+
+
+class StainNormModule(L.LightningModule):
+    """A normalisation layer in front of a task network, as one LightningModule.
+
+    Args:
+        config: the resolved run config (a plain dict, saved in every checkpoint).
+        classes: class names (classification) or ``["nucleus"]`` (segmentation).
+        centres: centre names seen in the data (for per-centre metrics).
+        template: the initial template (``Template.to_config()`` dict), ``"reference"`` or None.
+    """
+
+    def __init__(self, config: dict, classes: list[str], centres: list[str] | None = None, template: Any = None) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        from omegaconf import OmegaConf
+
+        self.cfg = OmegaConf.create(config)
+        self.classes = list(classes)
+        self.centres = list(centres or [])
+        if isinstance(template, dict):
+            tpl: Any = Template.from_config(template)
+        elif template is not None:
+            tpl = template
+        else:
+            tpl = resolve_template_setting(self.cfg.norm)
+        self.task = _make_task(self.cfg.task)(self.cfg, self.classes, self.centres)
+        self.norm = build_norm(self.cfg.norm, tpl)
+        self.net = self.task.build_net()
+        self.model = StainNormalized(self.net, self.norm)
+        self.skipped: set[str] = set()
+        self.augment = None
+        self._build_augmentation()
+
+    def _build_augmentation(self) -> None:
+        mode = self.cfg.data.get("augment", "none")
+        if mode and mode != "none":
+            from ..augment import create_augmentation
+
+            self.augment = create_augmentation(mode, self.cfg)
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x)
+
+    # -- optimisation -------------------------------------------------------------------------
+    def configure_optimizers(self):
+        o, n = self.cfg.optim, self.cfg.norm
+        groups = [{"params": [p for p in self.net.parameters() if p.requires_grad], "lr": o.lr, "weight_decay": o.weight_decay, "name": "net"}]
+        groups += norm_param_groups(self.norm, n.lr, n.weight_decay)
+        opt = torch.optim.AdamW(groups, lr=o.lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambdas(self.cfg, groups))
+        # One step per epoch for every group (the reference stepped once per parameter tensor).
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch", "frequency": 1}}
+
+    # -- steps ----------------------------------------------------------------------------------
+    def _note_skipped(self, batch: dict) -> None:
+        for p in batch.get("skipped", []):
+            self.skipped.add(p)
+
+    def training_step(self, batch: dict, batch_idx: int):
+        self._note_skipped(batch)
+        x = batch["image"]
+        if x.shape[0] == 0:
+            return None
+        x, target = self.task.augment_pair(x, batch, self.cfg.seed, self.current_epoch, batch_idx)
+        if self.augment is not None:
+            x = self.augment(x, seed=(self.cfg.seed, self.current_epoch, batch_idx))
+        out = self.model(x)
+        loss = self.task.loss(out, target)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=x.shape[0])
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int):
+        self._note_skipped(batch)
+        if batch["image"].shape[0] == 0:
+            return None
+        out = self.task.predict(self.model, batch["image"])
+        loss = self.task.loss(out, self.task.target(batch))
+        self.log("val/loss", loss, on_step=False, on_epoch=True, prog_bar=False, batch_size=batch["image"].shape[0], sync_dist=True)
+        self.task.update(out, batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        for k, v in self.task.compute("val").items():
+            self.log(f"val/{k}", v, prog_bar=k in ("acc", "dice"), sync_dist=False)
+
+    def test_step(self, batch: dict, batch_idx: int):
+        self._note_skipped(batch)
+        if batch["image"].shape[0] == 0:
+            return None
+        out = self.task.predict(self.model, batch["image"])
+        self.task.collect(out, batch)
+
+    def on_test_epoch_start(self) -> None:
+        self.task.reset_collect()
+
+    def on_test_epoch_end(self) -> None:
+        self.test_results = self.task.finish_collect(self)
+
+    # -- what the layer learned -------------------------------------------------------------------
+    def template_record(self) -> dict | None:
+        if not hasattr(self.norm, "template"):
+            return None
+        t = self.norm.template()
+        return {"natural": t.natural(), "internal": {k: {"mu": v[0], "sigma": v[1]} for k, v in t.stats.items()}, "fusion": t.fusion}
+
+    def learnable_norm_vector(self) -> torch.Tensor:
+        ps = [p.detach().flatten() for p in self.norm.parameters()]
+        return torch.cat(ps) if ps else torch.zeros(0, device=self.device)

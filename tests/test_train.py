@@ -1,0 +1,241 @@
+"""Training and evaluation end to end, on generated tiles (tiny backbone, few steps)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from lstainnorm.config import ConfigError, load_config, make_config
+from lstainnorm.data.synthetic import write_synthetic
+from lstainnorm.tasks.evaluate import evaluate, load_module
+from lstainnorm.tasks.train import RUN_DIR_ENV, train
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    write_synthetic(root, centres=2, per_class=10, size=32, seed=0, classes=3, workers=1, progress=False)
+    return root
+
+
+def _cfg(tmp, synth, *overrides):
+    raw = {
+        "seed": 1,
+        "output_path": str(tmp / "runs"),
+        "postfix": "t",
+        "data": {"manifest": str(synth / "manifest.csv"), "train_centres": ["A"], "batch_size": 16},
+        "norm": {"mode": "lstainnorm", "templates": "auto", "lr": 0.05},
+        "model": {"backbone": "test_resnet"},
+        "optim": {"lr": 0.003},
+        "trainer": {"max_epochs": 2, "accelerator": "cpu", "progress": False},
+    }
+    cfg, notes = make_config(raw, list(overrides))
+    return cfg, notes
+
+
+@pytest.fixture(autouse=True)
+def _fresh_run_dir_env():
+    os.environ.pop(RUN_DIR_ENV, None)
+    yield
+    os.environ.pop(RUN_DIR_ENV, None)
+
+
+def test_end_to_end_run_outputs_and_learning(tmp_path, synth):
+    cfg, notes = _cfg(tmp_path, synth)
+    res = train(cfg, notes)
+    run = Path(res["run_dir"])
+    for f in ("config.yaml", "train.log", "classes.json", "template_init.yaml", "history.csv", "template_history.jsonl", "metrics.json", "normalization.png", "checkpoints/best.ckpt", "checkpoints/last.ckpt"):
+        assert (run / f).is_file(), f
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics["test"]["per_centre"]) == {"A", "B"}
+    assert {"acc", "bal_acc", "f1", "auroc", "confusion"} <= set(metrics["test"]["overall"])
+    assert metrics["in_centre"]["centres"] == ["A"] and metrics["cross_centre"]["centres"] == ["B"]
+    # The normalisation parameters moved away from their initial values.
+    traj = [json.loads(line) for line in (run / "template_history.jsonl").read_text().splitlines()]
+    assert [t["epoch"] for t in traj] == [-1, 0, 1]
+    assert traj[0]["internal"]["lab"]["mu"] != traj[-1]["internal"]["lab"]["mu"]
+    assert traj[0]["fusion"]["lab"]["a"] != traj[-1]["fusion"]["lab"]["a"]
+    init = yaml.safe_load((run / "template_init.yaml").read_text())
+    assert traj[0]["internal"]["lab"]["mu"] == pytest.approx(init["mu0_lab"])
+    # Rerunning the saved config reproduces the config.
+    again, _ = load_config(run / "config.yaml")
+    assert again.norm.mode == "lstainnorm"
+
+
+def test_best_checkpoint_reloads_to_identical_predictions(tmp_path, synth):
+    cfg, notes = _cfg(tmp_path, synth, "norm.mode=learnable", "trainer.max_epochs=1")
+    res = train(cfg, notes)
+    a, b = load_module(res["run_dir"]), load_module(res["best_checkpoint"])
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x))
+    ev = evaluate(res["run_dir"], synth / "manifest.csv", split="test", progress=False)
+    assert ev["overall"]["acc"] == pytest.approx(res["test"]["overall"]["acc"])
+    assert ev["per_centre"]["B"]["n"] == res["test"]["per_centre"]["B"]["n"]
+
+
+def test_evaluate_folder_with_corrupt_image(tmp_path, synth):
+    cfg, notes = _cfg(tmp_path, synth, "norm.mode=none", "trainer.max_epochs=1")
+    res = train(cfg, notes)
+    folder = tmp_path / "eval"
+    for row in (synth / "manifest.csv").read_text().splitlines()[1:]:
+        path, cls, centre, split = row.split(",")
+        if split == "test" and centre == "B":
+            (folder / cls).mkdir(parents=True, exist_ok=True)
+            shutil.copy(synth / path, folder / cls / Path(path).name)
+    (folder / "tumour" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    with pytest.warns(UserWarning, match="broken.png"):
+        ev = evaluate(res["run_dir"], folder, progress=False)
+    assert len(ev["skipped_files"]) == 1 and ev["skipped_files"][0].endswith("broken.png")
+    assert ev["overall"]["n"] == sum(1 for _ in folder.rglob("*.png")) - 1
+    assert Path(ev["output"]).is_file()
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match=r"unknown key 'data.batchsize'.*did you mean 'batch_size'"):
+        make_config({"data": {"batchsize": 3}})
+    with pytest.raises(ConfigError, match=r"norm.mode: invalid value 'foo'; choose one of \['none', 'template'"):
+        make_config({}, ["norm.mode=foo"])
+    with pytest.raises(ConfigError, match="data.batch_size"):
+        make_config({}, ["data.batch_size=abc"])
+    with pytest.raises(ConfigError, match="key=value"):
+        make_config({}, ["trainer.max_epochs"])
+    with pytest.raises(ConfigError, match="trainer.max_epochs must be at least 1"):
+        make_config({}, ["trainer.max_epochs=0"])
+    with pytest.raises(ConfigError, match="norm.spaces: invalid value 'xyz'"):
+        make_config({"norm": {"spaces": ["lab", "xyz"]}})
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("norm:\n  mdoe: lstainnorm\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown key 'norm.mdoe'.*did you mean 'mode'"):
+        load_config(bad)
+
+
+def test_reference_config_mapping():
+    raw = yaml.safe_load((REPO / "configs" / "reference-config-SA1.yaml").read_text())
+    cfg, notes = make_config(raw)
+    assert any("reference config detected" in n for n in notes)
+    assert cfg.norm.mode == "lstainnorm" and cfg.model.backbone == "resnet50"
+    assert cfg.optim.lr == pytest.approx(5e-4) and cfg.trainer.max_epochs == 100 and cfg.trainer.patience == 8
+    assert cfg.norm.template_values["mu0_lab"] == pytest.approx([19.5645, 20.6909, -16.7789])
+    assert cfg.data.train.endswith("NCT-CRC-HE-100K-NONORM") and cfg.data.test.endswith("CRC-VAL-HE-7K")
+    prenorm, _ = make_config({**raw, "SA3": False, "prenorm": True})
+    assert prenorm.norm.mode == "learnable" and list(prenorm.norm.mu0) == [19.5645, 20.6909, -16.7789]
+    with pytest.raises(ConfigError, match="choose one of SA3, prenorm, temnorm"):
+        make_config({**raw, "prenorm": True})
+    with pytest.raises(ConfigError, match="unknown key 'lerning_rate'.*learning_rate"):
+        make_config({**raw, "lerning_rate": 1})
+
+
+def test_reference_config_runs_on_generated_data(tmp_path, synth):
+    # ImageFolder trees like the reference's train_root / test_root.
+    for split, root in (("train", tmp_path / "train_root"), ("test", tmp_path / "test_root")):
+        for row in (synth / "manifest.csv").read_text().splitlines()[1:]:
+            path, cls, centre, s = row.split(",")
+            if s == split or (split == "train" and s == "val"):
+                (root / cls).mkdir(parents=True, exist_ok=True)
+                shutil.copy(synth / path, root / cls / Path(path).name)
+    raw = yaml.safe_load((REPO / "configs" / "reference-config-SA1.yaml").read_text())
+    raw.update(train_root=str(tmp_path / "train_root"), test_root=str(tmp_path / "test_root"), output_path=str(tmp_path / "out"), model="test_resnet", batch_size=16, epochs=1, num_workers=0, device="cpu")
+    cfg_file = tmp_path / "config-SA1.yaml"
+    cfg_file.write_text(yaml.safe_dump(raw))
+    cfg, notes = load_config(cfg_file, ["trainer.progress=false"])
+    res = train(cfg, notes)
+    assert res["test"]["overall"]["n"] > 0
+    assert Path(res["run_dir"]).name.endswith("_SA3_resnet50")
+    assert "reference config detected" in (Path(res["run_dir"]) / "train.log").read_text()
+
+
+def _cli(args, env=None, timeout=600):
+    e = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    e.pop(RUN_DIR_ENV, None)
+    return subprocess.run([sys.executable, "-m", "lstainnorm.cli", *args], capture_output=True, text=True, env=e, timeout=timeout)
+
+
+def _write_cfg(tmp, synth, name, **extra):
+    raw = {
+        "seed": 3,
+        "output_path": str(tmp / name),
+        "postfix": name,
+        "data": {"manifest": str(synth / "manifest.csv"), "train_centres": ["A"], "batch_size": 16},
+        "norm": {"mode": "lstainnorm", "lr": 0.05},
+        "model": {"backbone": "test_resnet"},
+        "trainer": {"max_epochs": 3, "accelerator": "cpu", "progress": False, "patience": 10, **extra},
+    }
+    p = tmp / f"{name}.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    return p
+
+
+def _only_run(folder: Path) -> Path:
+    runs = [p for p in folder.iterdir() if p.is_dir()]
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def test_resume_after_interruption_ends_like_uninterrupted(tmp_path, synth):
+    full = _cli(["train", str(_write_cfg(tmp_path, synth, "full"))])
+    assert full.returncode == 0, full.stderr[-3000:]
+    cut = _cli(["train", str(_write_cfg(tmp_path, synth, "cut"))], env={"LSTAINNORM_INTERRUPT_AFTER_EPOCHS": "1"})
+    assert cut.returncode != 0  # interrupted after one epoch
+    run = _only_run(tmp_path / "cut")
+    assert (run / "checkpoints" / "last.ckpt").is_file() and not (run / "metrics.json").exists()
+    resumed = _cli(["train", "--resume", str(run)])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = torch.load(_only_run(tmp_path / "full") / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    b = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
+    ma = json.loads((_only_run(tmp_path / "full") / "metrics.json").read_text())
+    mb = json.loads((run / "metrics.json").read_text())
+    assert ma["test"]["overall"]["acc"] == pytest.approx(mb["test"]["overall"]["acc"])
+    hist = (run / "history.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in hist[1:]] == ["0", "1", "2"]
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("task: classification\n")
+    r = _cli(["train", "--resume", str(tmp_path / "run")])
+    assert r.returncode == 1 and "nothing to resume" in r.stderr
+
+
+def test_ddp_two_processes_on_cpu_keep_templates_identical(tmp_path, synth):
+    cfg = _write_cfg(tmp_path, synth, "ddp", max_epochs=1, devices=2, strategy="ddp")
+    r = _cli(["train", str(cfg)], timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    run = _only_run(tmp_path / "ddp")
+    check = json.loads((run / "ddp_check.json").read_text())
+    assert check["world_size"] == 2 and check["identical"] is True
+    assert (run / "metrics.json").is_file()
+
+
+def test_cli_help_lists_commands():
+    r = _cli(["--help"])
+    for cmd in ("synth", "template", "train", "evaluate", "demo"):
+        assert cmd in r.stdout
+    for cmd in ("synth", "template", "train", "evaluate", "demo"):
+        h = _cli([cmd, "--help"])
+        assert h.returncode == 0 and "examples:" in h.stdout
+
+
+def test_demo_config_copy_is_in_sync():
+    packaged = (REPO / "src" / "lstainnorm" / "configs" / "demo.yaml").read_text()
+    copy = (REPO / "configs" / "demo.yaml").read_text()
+    assert copy.split("\n", 1)[1] == packaged
