@@ -212,7 +212,56 @@ def _demo_run(a: argparse.Namespace) -> int:
     return 0
 
 
+# --- bench ------------------------------------------------------------------------------------------
+@command(
+    "bench",
+    "benchmark every method: speed (ms per tile) or accuracy (synthetic multi-centre set)",
+    """
+    lstainnorm bench speed                          # our layers vs torchstain, torch-staintools, StainTools
+    lstainnorm bench speed --tiles /data/tiles --n 128 --no-compile
+    lstainnorm bench accuracy --seeds 0 1 2         # every method, mean and std (about an hour on 2 cores)
+    lstainnorm bench accuracy --methods none macenko lstainnorm --epochs 4 --per-class 60
+    """,
+)
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("kind", choices=["speed", "accuracy"])
+    p.add_argument("--out", type=Path, default=Path("bench_out"), help="folder for the tables (speed.md / accuracy/accuracy.md)")
+    g = p.add_argument_group("speed")
+    g.add_argument("--tiles", type=Path, help="folder of images to crop tiles from (default: ../shared/data MoNuSeg if present, else synthetic)")
+    g.add_argument("--n", type=int, default=64, help="tiles (default 64)")
+    g.add_argument("--size", type=int, default=None, help="tile side (default 224 for speed, 96 for accuracy)")
+    g.add_argument("--threads", type=int, default=2)
+    g.add_argument("--repeats", type=int, default=3)
+    g.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
+    g.add_argument("--slow-n", type=int, default=8, help="tiles for the slow per-tile methods (Vahadane)")
+    g = p.add_argument_group("accuracy")
+    g.add_argument("--methods", nargs="+", help="subset of: " + " ".join(("none", "reinhard", "macenko", "vahadane", "randstainna", "hed-jitter", "template", "learnable-lab", "learnable-hsv", "learnable-rgb", "learnable-hed", "lstainnorm")))
+    g.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    g.add_argument("--epochs", type=int, default=8)
+    g.add_argument("--per-class", type=int, default=200)
+    g.add_argument("--backbone", default="resnet18")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override for every run")
+
+
+def _bench_run(a: argparse.Namespace) -> int:
+    from . import benchmarking as bm
+
+    if a.kind == "speed":
+        res = bm.run_speed_cli(a.out, n=a.n, size=a.size or 224, threads=a.threads, repeats=a.repeats, compile=not a.no_compile, tiles=a.tiles, slow_n=a.slow_n)
+        print(res["text"])
+        print(f"written: {a.out / 'speed.md'}")
+        return 0
+    res = bm.accuracy_benchmark(
+        a.out / "accuracy", methods=a.methods or bm.ACCURACY_METHODS, seeds=a.seeds, epochs=a.epochs,
+        per_class=a.per_class, backbone=a.backbone, size=a.size or 96, overrides=a.overrides,
+    )
+    print(res["text"])
+    print(f"written: {a.out / 'accuracy' / 'accuracy.md'}")
+    return 0
+
+
 _RUNNERS = {
+    "bench": _bench_run,
     "synth": _synth_run,
     "template": _template_run,
     "train": _train_run,

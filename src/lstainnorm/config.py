@@ -79,7 +79,9 @@ class NormConfig:
     before training), ``reference`` (the reference implementation's numbers), or the path
     of a template YAML; ``template_values`` gives numbers directly (``mu0_lab: [...]``,
     ``sigma0_lab: [...]``, ...), and ``mu0``/``sigma0`` the template of a single-space
-    layer. ``lr`` is relative: each branch's learning rate is ``lr`` times its
+    layer. Classical modes (reinhard, macenko, vahadane) fit to the image ``target`` or, when it
+    is null, to a mosaic of training tiles; ``cache_dir`` keeps their normalised tiles between runs.
+    ``lr`` is relative: each branch's learning rate is ``lr`` times its
     template's mean std, so one value suits Lab (units ~10) and RGB (units ~0.1) alike.
     """
 
@@ -98,6 +100,7 @@ class NormConfig:
     gamma: float = 0.9
     compile: bool = False
     target: Optional[str] = None
+    cache_dir: Optional[str] = None
 
 
 @dataclass
@@ -152,6 +155,7 @@ class SegmentationConfig:
     split_column: Optional[str] = None
     test_values: list[str] = field(default_factory=list)
     val_values: list[str] = field(default_factory=list)
+    scale: float = 1.0
     crop: int = 256
     samples_per_image: int = 8
     window: int = 256

@@ -76,8 +76,9 @@ def _normalize(
         mean, sd = space_stats(y, space, mask)
     else:
         mean, sd = stats[0].to(y.dtype), stats[1].to(y.dtype)
-    scale = sigma.to(y.dtype).view(1, 3, 1, 1) / (sd + eps)
-    y_hat = (y - mean) * scale + mu.to(y.dtype).view(1, 3, 1, 1)
+    # A template is (3,) for all images, or (B, 3, 1, 1) per image (RandStainNA's virtual templates).
+    scale = sigma.to(y.dtype).reshape(-1, 3, 1, 1) / (sd + eps)
+    y_hat = (y - mean) * scale + mu.to(y.dtype).reshape(-1, 3, 1, 1)
     out = space.from_space(y_hat)
     if tissue_stats:
         w = tissue_weight(x)

@@ -51,7 +51,7 @@ def build_norm(ncfg: Any, template: Template | str | None = None) -> nn.Module:
     elif mode == "lstainnorm":
         norm = LStainNorm(spaces=tuple(ncfg.spaces), templates=template, tissue_stats=ncfg.tissue_stats)
     else:
-        norm = create_norm(mode, target=ncfg.target, template=template if isinstance(template, Template) else None)
+        norm = create_norm(mode, target=ncfg.target, cache_dir=ncfg.get("cache_dir"))
     if ncfg.compile and hasattr(norm, "enable_compile"):
         norm.enable_compile()
     return norm

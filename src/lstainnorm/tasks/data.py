@@ -60,6 +60,16 @@ class ClassificationData:
     train_centres: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
+    collate = staticmethod(collate_tiles)
+
+    def template_source(self) -> Dataset:
+        """The tiles that initial templates and stain statistics are estimated on."""
+        return self.train
+
+    @property
+    def labels(self) -> list[int]:
+        return self.train.labels
+
     def loaders(self, cfg: DictConfig, seed: int) -> tuple[DataLoader, DataLoader, DataLoader | None]:
         d = cfg.data
         kw = {"num_workers": d.num_workers, "collate_fn": collate_tiles, "persistent_workers": d.num_workers > 0}

@@ -42,9 +42,17 @@ class StainNormModule(L.LightningModule):
         classes: class names (classification) or ``["nucleus"]`` (segmentation).
         centres: centre names seen in the data (for per-centre metrics).
         template: the initial template (``Template.to_config()`` dict), ``"reference"`` or None.
+        augment_stats: training-set stain statistics for RandStainNA (``data.augment``).
     """
 
-    def __init__(self, config: dict, classes: list[str], centres: list[str] | None = None, template: Any = None) -> None:
+    def __init__(
+        self,
+        config: dict,
+        classes: list[str],
+        centres: list[str] | None = None,
+        template: Any = None,
+        augment_stats: dict | None = None,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         from omegaconf import OmegaConf
@@ -64,14 +72,13 @@ class StainNormModule(L.LightningModule):
         self.model = StainNormalized(self.net, self.norm)
         self.skipped: set[str] = set()
         self.augment = None
-        self._build_augmentation()
-
-    def _build_augmentation(self) -> None:
         mode = self.cfg.data.get("augment", "none")
         if mode and mode != "none":
             from ..augment import create_augmentation
 
-            self.augment = create_augmentation(mode, self.cfg)
+            self.augment = create_augmentation(mode, self.cfg, augment_stats)
+        # Classical normalisers are a fixed pre-processing step: applied before augmentation.
+        self.preprocess = bool(getattr(self.norm, "preprocessing", False))
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,10 +107,12 @@ class StainNormModule(L.LightningModule):
         x = batch["image"]
         if x.shape[0] == 0:
             return None
+        if self.preprocess:
+            x = self.norm(x)  # cached; the flips below commute with per-image normalisation
         x, target = self.task.augment_pair(x, batch, self.cfg.seed, self.current_epoch, batch_idx)
         if self.augment is not None:
             x = self.augment(x, seed=(self.cfg.seed, self.current_epoch, batch_idx))
-        out = self.model(x)
+        out = self.net(x) if self.preprocess else self.model(x)
         loss = self.task.loss(out, target)
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=x.shape[0])
         return loss

@@ -109,7 +109,7 @@ def resolve_initial_template(cfg: DictConfig, data, run_dir: Path):
     if cfg.norm.templates == "auto" and not cfg.norm.template_values and cfg.norm.mode in ("template", "learnable", "lstainnorm"):
         if path.is_file():
             return Template.load(path)
-        tpl = estimate_template_stream(cfg, data.train)
+        tpl = estimate_template_stream(cfg, data.template_source(), data.collate)
         if _rank() == 0:
             tpl.save(path)
         log.info("template estimated on %d training tiles: %s", tpl.meta.get("n_images", 0), path)
@@ -120,13 +120,71 @@ def resolve_initial_template(cfg: DictConfig, data, run_dir: Path):
     return tpl
 
 
-def estimate_template_stream(cfg: DictConfig, train_ds) -> Template:
+def resolve_augment_stats(cfg: DictConfig, data, run_dir: Path) -> dict | None:
+    """RandStainNA's training-set stain statistics (saved as randstainna.yaml, reused on resume)."""
+    if cfg.data.get("augment") != "randstainna":
+        return None
+    import yaml
+
+    path = run_dir / "randstainna.yaml"
+    if path.is_file():
+        return yaml.safe_load(path.read_text())
+    from torch.utils.data import DataLoader
+
+    from ..augment import stain_statistics
+
+    bs = cfg.data.batch_size if cfg.task == "classification" else 1
+    loader = DataLoader(data.template_source(), batch_size=bs, shuffle=False, num_workers=cfg.data.num_workers, collate_fn=data.collate)
+    stats = stain_statistics(loader, progress=cfg.trainer.progress)
+    if _rank() == 0:
+        atomic_write_bytes(path, yaml.safe_dump(stats, sort_keys=False).encode())
+    log.info("RandStainNA statistics of %d training tiles: %s", stats["n_images"], path)
+    return stats
+
+
+def fit_classical(cfg: DictConfig, module: StainNormModule, data, run_dir: Path) -> None:
+    """Fit a classical normaliser without a target image to a mosaic of training tiles."""
+    norm = module.norm
+    if not getattr(norm, "preprocessing", False) or norm.is_fitted:
+        return
+    from ..baselines import training_mosaic
+
+    source = data.template_source()
+    picks = training_mosaic_indices(data.labels, 16, cfg.seed)
+    imgs = [source[i]["image"] for i in picks]
+    if cfg.task == "segmentation":  # whole images: take a tile-sized crop of each
+        size = min(256, *(min(im.shape[-2:]) for im in imgs))
+        imgs = [im[:, :size, :size] for im in imgs]
+    imgs = [im for im in imgs if im is not None]
+    mosaic = training_mosaic(imgs, n=len(imgs), seed=cfg.seed)
+    norm.fit(mosaic)
+    from ..data.io import write_image
+
+    if _rank() == 0:
+        write_image(run_dir / "classical_target.png", (mosaic[0].permute(1, 2, 0).numpy() * 255 + 0.5).astype("uint8"))
+    log.info("%s fitted to a mosaic of %d training tiles (classical_target.png)", cfg.norm.mode, len(imgs))
+
+
+def training_mosaic_indices(labels, n: int, seed: int) -> list[int]:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    per = [rng.permutation(np.flatnonzero(labels == c)).tolist() for c in np.unique(labels)]
+    out: list[int] = []
+    while len(out) < min(n, len(labels)) and any(per):
+        for p in per:
+            if p and len(out) < n:
+                out.append(p.pop())
+    return out
+
+
+def estimate_template_stream(cfg: DictConfig, train_ds, collate) -> Template:
     """Stream the training tiles through :func:`estimate_template` (batched, progress bar)."""
     from torch.utils.data import DataLoader
 
-    from ..data.tiles import collate_tiles
-
-    loader = DataLoader(train_ds, batch_size=cfg.data.batch_size, shuffle=False, num_workers=cfg.data.num_workers, collate_fn=collate_tiles)
+    bs = cfg.data.batch_size if cfg.task == "classification" else 1
+    loader = DataLoader(train_ds, batch_size=bs, shuffle=False, num_workers=cfg.data.num_workers, collate_fn=collate)
     tpl = estimate_template(loader, spaces=_template_spaces(cfg), tissue_mask=True, progress=cfg.trainer.progress)
     tpl.meta["source"] = "training split"
     return tpl
@@ -190,7 +248,7 @@ def save_normalization_grid(module: StainNormModule, dataset, path: Path, n: int
     imgs = [it["image"] for it in items if it["image"] is not None]
     if not imgs:
         return None
-    size = min(min(im.shape[-2:]) for im in imgs)
+    size = min(256, *(min(im.shape[-2:]) for im in imgs))  # whole segmentation images: a 256 crop each
     x = torch.stack([im[:, :size, :size] for im in imgs])
     module.eval()
     with torch.no_grad():
@@ -243,8 +301,10 @@ def train(
         log.info(n)
     template = resolve_initial_template(cfg, data, run_dir)
     tpl_arg = template.to_config() if isinstance(template, Template) else template
+    augment_stats = resolve_augment_stats(cfg, data, run_dir)
     container = OmegaConf.to_container(cfg, resolve=True)
-    module = StainNormModule(container, data.classes, data.centres, tpl_arg)
+    module = StainNormModule(container, data.classes, data.centres, tpl_arg, augment_stats)
+    fit_classical(cfg, module, data, run_dir)
     if _rank() == 0:
         atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
         save_class_map(run_dir / "classes.json", data.classes)
@@ -317,6 +377,8 @@ def train(
             dist.all_gather_object(lists, skipped)
             skipped = sorted({p for lst in lists for p in lst})
     results["skipped_files"] = skipped
+    if hasattr(module.norm, "stats"):
+        results["norm_fallbacks"] = {"train": module.norm.stats(), "evaluation": best.norm.stats()}
     results["template"] = best.template_record()
     results["train_centres"] = list(data.train_centres)
     results["seconds"] = round(time.time() - t0, 1)
@@ -377,6 +439,12 @@ def summary(res: dict) -> str:
         if name in res:
             lines.append(f"{name.replace('_', '-'):<14}: acc {_f(res[name]['acc'])} over centres {res[name]['centres']}")
     lines.append(f"skipped files : {len(res.get('skipped_files', []))}")
+    if res.get("norm_fallbacks"):
+        fb = res["norm_fallbacks"]
+        lines.append(
+            f"{fb['train']['method']} fallbacks: {fb['train']['fallbacks']} of {fb['train']['normalised']} training tiles, "
+            f"{fb['evaluation']['fallbacks']} of {fb['evaluation']['normalised']} evaluated tiles passed through unnormalised"
+        )
     lines.append(f"outputs       : metrics.json, history.csv, checkpoints/best.ckpt, normalization.png in {res['run_dir']}")
     return "\n".join(lines)
 
