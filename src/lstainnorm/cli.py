@@ -186,6 +186,31 @@ def _evaluate_run(a: argparse.Namespace) -> int:
     return 0
 
 
+# --- predict ----------------------------------------------------------------------------------------
+@command(
+    "predict",
+    "segment nuclei in images with a trained segmentation run (masks, instance labels, overlays)",
+    """
+    lstainnorm predict runs/segmentation/20261125_monuseg_cpu slides/tiles/ out/nuclei/
+    lstainnorm predict runs/segmentation/20261125_monuseg_cpu tile.png out/
+    """,
+)
+def _predict_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", type=Path, help="segmentation run directory or checkpoint")
+    p.add_argument("input", type=Path, help="an image or a folder of images (searched recursively)")
+    p.add_argument("output", type=Path, help="output folder: <name>_mask.png, <name>_instances.png (16-bit), <name>_overlay.png")
+
+
+def _predict_run(a: argparse.Namespace) -> int:
+    from .tasks.segment import predict_folder
+
+    res = predict_folder(a.run, a.input, a.output)
+    print(f"segmented {len(res['written'])} images ({res['already_done']} already done, {len(res['skipped'])} unreadable skipped) into {a.output}")
+    for p in res["skipped"]:
+        print(f"  skipped: {p}")
+    return 0
+
+
 # --- demo -------------------------------------------------------------------------------------------
 @command(
     "demo",
@@ -221,10 +246,11 @@ def _demo_run(a: argparse.Namespace) -> int:
     lstainnorm bench speed --tiles /data/tiles --n 128 --no-compile
     lstainnorm bench accuracy --seeds 0 1 2         # every method, mean and std (about an hour on 2 cores)
     lstainnorm bench accuracy --methods none macenko lstainnorm --epochs 4 --per-class 60
+    lstainnorm bench segmentation --config configs/segment_monuseg_cpu.yaml --seeds 0 1 2
     """,
 )
 def _bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("kind", choices=["speed", "accuracy"])
+    p.add_argument("kind", choices=["speed", "accuracy", "segmentation"])
     p.add_argument("--out", type=Path, default=Path("bench_out"), help="folder for the tables (speed.md / accuracy/accuracy.md)")
     g = p.add_argument_group("speed")
     g.add_argument("--tiles", type=Path, help="folder of images to crop tiles from (default: ../shared/data MoNuSeg if present, else synthetic)")
@@ -241,6 +267,8 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--per-class", type=int, default=200)
     g.add_argument("--backbone", default="resnet18")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override for every run")
+    g = p.add_argument_group("segmentation")
+    g.add_argument("--config", type=Path, default=Path("configs/segment_monuseg_cpu.yaml"), help="segmentation config (default: the CPU MoNuSeg config)")
 
 
 def _bench_run(a: argparse.Namespace) -> int:
@@ -250,6 +278,13 @@ def _bench_run(a: argparse.Namespace) -> int:
         res = bm.run_speed_cli(a.out, n=a.n, size=a.size or 224, threads=a.threads, repeats=a.repeats, compile=not a.no_compile, tiles=a.tiles, slow_n=a.slow_n)
         print(res["text"])
         print(f"written: {a.out / 'speed.md'}")
+        return 0
+    if a.kind == "segmentation":
+        res = bm.segmentation_benchmark(
+            a.config, a.out / "segmentation", methods=a.methods or bm.SEGMENTATION_METHODS, seeds=a.seeds, overrides=a.overrides
+        )
+        print(res["text"])
+        print(f"written: {a.out / 'segmentation' / 'segmentation.md'}")
         return 0
     res = bm.accuracy_benchmark(
         a.out / "accuracy", methods=a.methods or bm.ACCURACY_METHODS, seeds=a.seeds, epochs=a.epochs,
@@ -267,6 +302,7 @@ _RUNNERS = {
     "train": _train_run,
     "evaluate": _evaluate_run,
     "demo": _demo_run,
+    "predict": _predict_run,
 }
 
 
