@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: help install test demo bench bench-layers bench-synthetic bench-speed bench-accuracy bench-slide clean
+.PHONY: help install test demo bench bench-layers bench-synthetic bench-speed bench-accuracy bench-segmentation bench-slide clean
 
 help:
 	@echo "make demo   - install, then train none/template/learnable/lstainnorm on synthetic multi-centre data"
@@ -38,8 +38,8 @@ $(BENCH_STAMP): $(STAMP)
 	$(PIP) install -q -e '.[test,bench]'
 	touch $(BENCH_STAMP)
 
-# All benchmarks: about 2 hours on 2 CPU cores (bench-accuracy alone about 90 minutes).
-bench: bench-layers bench-synthetic bench-speed bench-accuracy
+# All benchmarks: several hours on 2 CPU cores (accuracy and segmentation take the most).
+bench: bench-layers bench-synthetic bench-speed bench-slide bench-accuracy bench-segmentation
 
 bench-layers: $(BENCH_STAMP)
 	$(PY) benchmarks/bench_layers.py
@@ -52,6 +52,12 @@ bench-speed: $(BENCH_STAMP)
 
 bench-accuracy: $(BENCH_STAMP)
 	$(VENV)/bin/lstainnorm bench accuracy --out bench_out
+
+bench-segmentation: $(BENCH_STAMP)
+	$(VENV)/bin/lstainnorm bench segmentation --out bench_out
+
+bench-slide: $(BENCH_STAMP)
+	$(PY) benchmarks/bench_slide.py
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache demo_out bench_out

@@ -211,6 +211,94 @@ def _predict_run(a: argparse.Namespace) -> int:
     return 0
 
 
+# --- normalize --------------------------------------------------------------------------------------
+@command(
+    "normalize",
+    "normalise images, folders or whole slides with a trained layer or a template",
+    """
+    lstainnorm normalize --run runs/20261125_101500_demo tiles/ tiles_normalised/
+    lstainnorm normalize --template template.yaml --space lab image.png out/
+    lstainnorm normalize --run runs/... slides/ out/ --shard 2/4        # the second of four workers
+    """,
+)
+def _normalize_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", type=Path, help="a training run (its trained normalisation layer)")
+    src.add_argument("--template", type=Path, help="a template YAML: Reinhard normalisation in --space")
+    p.add_argument("--space", default="lab", help="colour space of --template (default lab)")
+    p.add_argument("input", type=Path, help="an image, a slide (SVS, NDPI, tiled TIFF, ...), or a folder tree")
+    p.add_argument("output", type=Path, help="output folder (layout and names preserved; slides become pyramidal .tif)")
+    p.add_argument("--shard", help="K/N: process every N-th file starting with the K-th (split work over N processes)")
+    p.add_argument("--window", type=int, help="normalise regular images window by window above this size (default: whole)")
+    p.add_argument("--tile", type=int, default=2048, help="slide processing tile (a multiple of 256; default 2048)")
+
+
+def _normalize_run(a: argparse.Namespace) -> int:
+    from .apply.folders import norm_from_run, norm_from_template, normalize_path, parse_shard
+
+    shard = parse_shard(a.shard)
+    if a.run is not None:
+        norm, window = norm_from_run(a.run)
+    else:
+        norm, window = norm_from_template(a.template, a.space), None
+    res = normalize_path(norm, a.input, a.output, window=a.window, slide_window=window, shard=shard, tile=a.tile)
+    print(
+        f"normalised {len(res['written'])} of {res['files']} files ({len(res['slides'])} slides) into {a.output}; "
+        f"{res['already_done']} already done, {len(res['skipped'])} unreadable skipped"
+    )
+    for p in res["skipped"]:
+        print(f"  skipped: {p}")
+    return 0
+
+
+# --- export -----------------------------------------------------------------------------------------
+@command(
+    "export",
+    "export the trained normalisation layer alone as ONNX or TorchScript",
+    """
+    lstainnorm export runs/20261125_101500_demo -o norm.onnx
+    lstainnorm export runs/20261125_101500_demo -o norm.pt        # TorchScript
+    """,
+)
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", type=Path, help="run directory or checkpoint")
+    p.add_argument("-o", "--output", type=Path, required=True, help="norm.onnx or norm.pt")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed difference to the PyTorch layer (default 1e-4)")
+
+
+def _export_run(a: argparse.Namespace) -> int:
+    from .apply.export import export_norm
+    from .tasks.evaluate import load_module
+
+    module = load_module(a.run)
+    res = export_norm(module.norm, a.output, tolerance=a.tolerance)
+    print(f"exported {res['format']} to {res['path']}: batch, height and width dynamic; max difference to PyTorch {res['max_abs_difference']:.1e}")
+    return 0
+
+
+# --- report -----------------------------------------------------------------------------------------
+@command(
+    "report",
+    "write an HTML report of what a run's layer learned (templates, fusion weights and maps, curves)",
+    """
+    lstainnorm report runs/20261125_101500_demo                 # -> RUN_DIR/report/index.html
+    lstainnorm report runs/20261125_101500_demo --images some_tiles/ -o report/
+    """,
+)
+def _report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", type=Path, help="run directory")
+    p.add_argument("-o", "--output", type=Path, help="output folder (default RUN_DIR/report)")
+    p.add_argument("--images", type=Path, help="sample tiles to show (default: the run's validation tiles, when reachable)")
+
+
+def _report_run(a: argparse.Namespace) -> int:
+    from .apply.report import write_report
+
+    path = write_report(a.run, a.output, a.images)
+    print(f"report: {path}")
+    return 0
+
+
 # --- demo -------------------------------------------------------------------------------------------
 @command(
     "demo",
@@ -303,6 +391,9 @@ _RUNNERS = {
     "evaluate": _evaluate_run,
     "demo": _demo_run,
     "predict": _predict_run,
+    "normalize": _normalize_run,
+    "export": _export_run,
+    "report": _report_run,
 }
 
 

@@ -1,0 +1,173 @@
+"""``lstainnorm export``: the trained normalisation layer alone, as ONNX or TorchScript.
+
+The export graph is :class:`ExportableNorm`: the same computation as
+:class:`~lstainnorm.StainNorm` / :class:`~lstainnorm.LStainNorm`, written so that a tracer
+keeps batch size and image size dynamic (counts as tensors, ceil-mode max-pooling, one
+softmax over all tokens instead of cache-sized blocks, no input checks). ``export_norm``
+checks that the exported file reproduces the PyTorch layer to ``tolerance`` on inputs of
+several sizes before it reports success.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..factory import Identity
+from ..fusion import LStainNorm
+from ..norm import StainNorm
+
+__all__ = ["ExportableNorm", "export_norm", "check_parity"]
+
+
+class _Branch(nn.Module):
+    def __init__(self, norm: StainNorm, eps: float) -> None:
+        super().__init__()
+        self.space = norm.space
+        self.register_buffer("mu", norm.mu.detach().clone().view(1, 3, 1, 1))
+        self.register_buffer("sigma", norm.sigma.detach().clone().view(1, 3, 1, 1))
+        self.register_buffer("floor2", torch.tensor(norm.space.std_floor).square().view(1, 3, 1, 1))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.space.to_space(x)
+        count = torch.ones_like(y[:, :1]).sum(dim=(2, 3), keepdim=True)
+        mean = y.sum(dim=(2, 3), keepdim=True) / count
+        var = (y - mean).square().sum(dim=(2, 3), keepdim=True) / (count - 1.0).clamp(min=1.0)
+        sd = torch.maximum(var, self.floor2).sqrt()
+        return self.space.from_space((y - mean) * (self.sigma / (sd + self.eps)) + self.mu)
+
+
+class ExportableNorm(nn.Module):
+    """A trace-friendly copy of a trained StainNorm or LStainNorm (inference only)."""
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        if isinstance(norm, StainNorm):
+            if norm.tissue_stats:
+                raise ValueError("export does not support tissue_stats=True (a data-dependent mask)")
+            self.kind = "single"
+            self.branches = nn.ModuleList([_Branch(norm, norm.eps)])
+            self.clamp = norm.clamp
+        elif isinstance(norm, LStainNorm):
+            if norm.tissue_stats:
+                raise ValueError("export does not support tissue_stats=True (a data-dependent mask)")
+            self.kind = "fusion"
+            self.branches = nn.ModuleList([_Branch(norm.branches[s], norm.eps) for s in norm.spaces])
+            att = norm.attention
+            w = torch.cat([att.query.weight, att.key.weight, att.value.weight]).detach().clone()  # (5, 3, 1, 1)
+            b = torch.cat([att.query.bias, att.key.bias, att.value.bias]).detach().clone()
+            self.register_buffer("qkv_weight", w)
+            self.register_buffer("qkv_bias", b)
+            self.register_buffer("delta", (1.0 + norm.delta.detach().clone()).view(-1, 1, 3, 1, 1))
+            self.register_buffer("a", norm.a.detach().clone().view(-1, 1, 1, 1, 1))
+            self.register_buffer("b", norm.b.detach().clone().view(-1, 1, 1, 1, 1))
+            self.eps = norm.eps
+            self.pool = att.pool
+            self.clamp = norm.clamp
+        elif isinstance(norm, Identity):
+            self.kind = "identity"
+            self.branches = nn.ModuleList()
+            self.clamp = False
+        else:
+            raise TypeError(f"cannot export {type(norm).__name__}: only StainNorm, LStainNorm and 'none' are exportable")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.kind == "identity":
+            return x * 1.0
+        if self.kind == "single":
+            out = self.branches[0](x)
+            return out.clamp(0.0, 1.0) if self.clamp else out
+        xs = torch.stack([br(x).abs() for br in self.branches])  # (S, B, 3, H, W)
+        s, bsz = xs.shape[0], xs.shape[1]
+        flat = xs.flatten(0, 1)
+        qkv = F.max_pool2d(F.conv2d(flat, self.qkv_weight, self.qkv_bias), self.pool, self.pool, ceil_mode=True)
+        q, k, v = qkv[:, 0].flatten(1), qkv[:, 1].flatten(1), qkv[:, 2:].flatten(2)
+        attn = torch.softmax(q.unsqueeze(2) * k.unsqueeze(1), dim=-1)
+        small = torch.bmm(v, attn).reshape(qkv[:, 2:].shape)
+        up = F.interpolate(small, scale_factor=float(self.pool), mode="bilinear", align_corners=False)
+        att = up[..., : x.shape[-2], : x.shape[-1]].abs().reshape(xs.shape)
+        big = (self.delta * att + xs) / (xs + self.eps)
+        wn = big / (big.sum(dim=0, keepdim=True) + self.eps)
+        w = self.a * wn + self.b
+        num, den = (w * xs).sum(dim=0), w.sum(dim=0)
+        sign = torch.where(den < 0, -torch.ones_like(den), torch.ones_like(den))
+        out = num / (sign * den.abs().clamp(min=1e-6))
+        return out.clamp(0.0, 1.0) if self.clamp else out
+
+
+def _inputs(seed: int = 0) -> list[Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    sizes = [(2, 64, 64), (1, 37, 50), (3, 96, 80), (1, 224, 224)]
+    return [(torch.rand(b, 3, h, w, generator=g) * 0.8 + 0.1) for b, h, w in sizes]
+
+
+def check_parity(norm: nn.Module, run_exported, tolerance: float = 1e-4) -> float:
+    """Largest absolute difference between the layer and an exported runner over several shapes."""
+    worst = 0.0
+    norm.eval()
+    for x in _inputs():
+        with torch.no_grad():
+            ref = norm(x).float()
+        got = torch.as_tensor(run_exported(x)).float()
+        if got.shape != ref.shape:
+            raise ValueError(f"exported model returned shape {tuple(got.shape)} for input {tuple(x.shape)}, expected {tuple(ref.shape)}")
+        worst = max(worst, float((got - ref).abs().max()))
+    if worst > tolerance:
+        raise ValueError(f"exported model differs from the PyTorch layer by {worst:.2e} (> {tolerance:.0e})")
+    return worst
+
+
+def export_norm(norm: nn.Module, path: str | Path, tolerance: float = 1e-4, opset: int = 17) -> dict:
+    """Export ``norm`` to ``path`` (``.onnx`` or ``.pt`` TorchScript) and check its parity.
+
+    The file is written atomically; batch size, height and width are dynamic.
+    """
+    from ..data.io import atomic_write_bytes
+
+    path = Path(path)
+    module = ExportableNorm(norm).eval()
+    example = torch.rand(2, 3, 64, 64) * 0.8 + 0.1
+    suffix = path.suffix.lower()
+    tmp = path.with_name(f".tmp-{path.name}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if suffix == ".onnx":
+                torch.onnx.export(
+                    module, (example,), str(tmp), input_names=["rgb"], output_names=["normalised"],
+                    dynamic_axes={"rgb": {0: "batch", 2: "height", 3: "width"}, "normalised": {0: "batch", 2: "height", 3: "width"}},
+                    opset_version=opset, dynamo=False,
+                )
+                import onnxruntime as ort
+
+                sess = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+
+                def run(x: Tensor):
+                    return sess.run(None, {"rgb": x.numpy()})[0]
+
+            elif suffix in (".pt", ".ts", ".torchscript"):
+                with torch.no_grad():
+                    traced = torch.jit.trace(module, (example,), check_trace=False)
+                traced.save(str(tmp))
+                loaded = torch.jit.load(str(tmp))
+
+                def run(x: Tensor):
+                    with torch.no_grad():
+                        return loaded(x)
+
+            else:
+                raise ValueError(f"unsupported export format {suffix!r}: use .onnx or .pt (TorchScript)")
+        worst = check_parity(norm, run, tolerance)
+        data = tmp.read_bytes()
+    finally:
+        tmp.unlink(missing_ok=True)
+    atomic_write_bytes(path, data)
+    return {"path": str(path), "format": "onnx" if suffix == ".onnx" else "torchscript", "max_abs_difference": worst, "tolerance": tolerance}
+
+
