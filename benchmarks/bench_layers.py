@@ -26,6 +26,7 @@ warnings.filterwarnings("ignore")
 from _common import load_tiles, machine, markdown_table, save, time_ms  # noqa: E402
 
 import lstainnorm  # noqa: E402
+from lstainnorm.benchmarking import torchstain_macenko_runner  # noqa: E402
 from lstainnorm.reference import ReferenceLabPreNorm, ReferenceSA3  # noqa: E402
 
 
@@ -97,25 +98,6 @@ def measure_memory(name: str, batch: int, compiled: bool) -> float | None:
     return None
 
 
-def torchstain_macenko(x: torch.Tensor):
-    try:
-        import torchstain
-    except ImportError:
-        return None
-    tiles = [(t * 255).round().to(torch.uint8) for t in x]
-    norm = torchstain.normalizers.MacenkoNormalizer(backend="torch")
-    norm.fit(tiles[0])
-
-    def run():
-        for t in tiles:
-            try:
-                norm.normalize(I=t, stains=False)
-            except Exception:  # torchstain raises on tiles without enough tissue
-                pass
-
-    return run
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=64)
@@ -159,7 +141,7 @@ def main() -> None:
             train = time_ms(step, args.repeats) if trainable else None
             mem = None if args.no_memory else measure_memory(name, b, mode == "compiled")
             record(name, mode, infer, train, mem)
-    run = torchstain_macenko(x)
+    run = torchstain_macenko_runner(x)
     if run is not None:
         print("torchstain Macenko ...", file=sys.stderr, flush=True)
         record("torchstain Macenko (per tile)", "eager", time_ms(run, args.repeats), None, None)
