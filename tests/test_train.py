@@ -239,3 +239,23 @@ def test_demo_config_copy_is_in_sync():
     packaged = (REPO / "src" / "lstainnorm" / "configs" / "demo.yaml").read_text()
     copy = (REPO / "configs" / "demo.yaml").read_text()
     assert copy.split("\n", 1)[1] == packaged
+
+
+def test_pretrained_without_local_weights_is_a_clear_error(tmp_path):
+    from omegaconf import OmegaConf
+
+    from lstainnorm.tasks.build import build_classifier
+
+    cfg = OmegaConf.create({"backbone": "test_resnet", "pretrained": True, "weights": None, "drop_rate": 0.0})
+    with pytest.raises(ValueError, match="not available locally.*model.weights"):  # offline: no download attempt
+        build_classifier(cfg, 3)
+    # A local weights file works.
+    import timm
+
+    path = tmp_path / "w.pth"
+    torch.save(timm.create_model("test_resnet", num_classes=3).state_dict(), path)
+    cfg.weights = str(path)
+    assert build_classifier(cfg, 3) is not None
+    cfg.weights = str(tmp_path / "missing.pth")
+    with pytest.raises(FileNotFoundError, match="model.weights"):
+        build_classifier(cfg, 3)
