@@ -105,12 +105,14 @@ class NormConfig:
 
 @dataclass
 class ModelConfig:
-    """The task network: a timm backbone (classification) or an smp U-Net encoder (segmentation)."""
+    """The task network: a timm backbone (classification) or an smp U-Net encoder (segmentation;
+    ``decoder_channels`` sets the U-Net decoder's widths, default smp's (256, 128, 64, 32, 16))."""
 
     backbone: str = "resnet18"
     pretrained: bool = False
     weights: Optional[str] = None
     drop_rate: float = 0.0
+    decoder_channels: Optional[list[int]] = None
 
 
 @dataclass

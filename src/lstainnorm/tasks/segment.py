@@ -137,7 +137,8 @@ class SegmentationTask:
         m = self.cfg.model
         if m.pretrained and not m.weights:
             raise ValueError("model.pretrained for segmentation needs model.weights: a local encoder weights file (no downloads)")
-        net = smp.Unet(encoder_name=m.backbone, encoder_weights=None, in_channels=3, classes=1)
+        extra = {"decoder_channels": list(m.decoder_channels)} if m.get("decoder_channels") else {}
+        net = smp.Unet(encoder_name=m.backbone, encoder_weights=None, in_channels=3, classes=1, **extra)
         if m.weights:
             state = torch.load(m.weights, map_location="cpu", weights_only=True)
             missing = net.encoder.load_state_dict(state, strict=False)
