@@ -225,28 +225,28 @@ def in_cross_summary(test: dict, train_centres: Sequence[str]) -> dict:
     return out
 
 
-def save_normalization_grid(module: StainNormModule, dataset, path: Path, n: int = 8) -> Path | None:
-    """Validation tiles before (top row) and after (bottom row) normalisation, one per centre first."""
+def save_normalization_grid(module: StainNormModule, datasets, path: Path, n: int = 8) -> Path | None:
+    """Tiles before (top row) and after (bottom row) normalisation: validation tiles, and test
+    tiles of other centres when there are any, taken round-robin over (centre, class)."""
     import numpy as np
 
     from ..data.io import write_image
 
-    if len(dataset) == 0:
-        return None
-    by_centre: dict[str, list[int]] = {}
-    centres = getattr(dataset, "centres", [""] * len(dataset))
-    for i, c in enumerate(centres):
-        by_centre.setdefault(c, []).append(i)
-    picks: list[int] = []
-    while len(picks) < min(n, len(dataset)):
-        added = False
-        for c in sorted(by_centre):
-            if by_centre[c] and len(picks) < n:
-                picks.append(by_centre[c].pop(0))
-                added = True
-        if not added:
-            break
-    items = [dataset[i] for i in picks]
+    pools: dict[tuple, list] = {}
+    for ds in datasets:
+        if ds is None:
+            continue
+        centres = getattr(ds, "centres", None) or [""] * len(ds)
+        labels = getattr(ds, "labels", None) or [0] * len(ds)
+        for i in range(len(ds)):
+            pools.setdefault((centres[i], labels[i]), []).append((ds, i))
+    keys = sorted(pools, key=lambda k: (k[1], k[0]))
+    picks: list = []
+    while len(picks) < n and any(pools[k] for k in keys):
+        for k in keys:
+            if pools[k] and len(picks) < n:
+                picks.append(pools[k].pop(0))
+    items = [ds[i] for ds, i in picks]
     imgs = [it["image"] for it in items if it["image"] is not None]
     if not imgs:
         return None
@@ -385,7 +385,7 @@ def train(
     results["train_centres"] = list(data.train_centres)
     results["seconds"] = round(time.time() - t0, 1)
     if trainer.is_global_zero:
-        grid = save_normalization_grid(best, data.val, run_dir / "normalization.png")
+        grid = save_normalization_grid(best, [data.val, data.test], run_dir / "normalization.png")
         results["normalization_grid"] = str(grid) if grid else None
         atomic_write_bytes(run_dir / "metrics.json", json.dumps(_clean(results), indent=2, default=_json_default).encode())
         log.info(summary(results))
