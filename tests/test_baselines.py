@@ -126,6 +126,11 @@ def test_randstainna_statistics_and_reproducibility():
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert torch.isfinite(a).all() and a.min() >= 0 and a.max() <= 1
     assert (a - x[:4]).abs().mean() > 0.01
+    # Statistics over tissue, as the template's: glass stays glass.
+    glass = torch.ones(2, 3, 48, 48) * 0.94
+    glass[:, :, 20:28, 20:28] = torch.tensor([0.5, 0.2, 0.5]).view(1, 3, 1, 1)
+    g = aug(glass, seed=0)
+    assert (g - glass)[:, :, :10, :10].abs().max() < 0.02
 
 
 def test_hed_jitter():

@@ -109,7 +109,9 @@ class RandStainNA(nn.Module):
             sd = torch.tensor(st["sigma_mean"]) + self.strength * torch.tensor(st["sigma_std"]) * torch.randn(len(idx), 3, generator=g)
             sd = sd.clamp(min=torch.tensor(sp.std_floor))
             xi = x[idx].float()
-            res = _normalize(xi, sp, mu.to(xi).view(-1, 3, 1, 1), sd.to(xi).view(-1, 3, 1, 1), 1e-7, False, None)
+            # Tissue-pixel statistics, as in stain_statistics: normalising with all-pixel
+            # statistics to a tissue-only template pushes glass-rich tiles far off-distribution.
+            res = _normalize(xi, sp, mu.to(xi).view(-1, 3, 1, 1), sd.to(xi).view(-1, 3, 1, 1), 1e-7, True, None)
             out[idx] = res.clamp(0, 1).to(out.dtype)
         return out
 
