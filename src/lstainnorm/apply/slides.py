@@ -300,8 +300,8 @@ def normalize_slide(
                     for sx in range(0, reader.width, tile):
                         sw = min(tile, reader.width - sx)
                         img = _to_tensor(reader.read(sx, sy, sw, sh))
-                        out = normalize_windowed(norm, img, stats, window)[0].clamp(0, 1)
-                        strip[:, sx : sx + sw] = (out.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
+                        out = normalize_windowed(norm, img, stats, window)[0].clamp_(0, 1)
+                        strip[:, sx : sx + sw] = out.mul_(255.0).add_(0.5).to(torch.uint8).permute(1, 2, 0).numpy()
                     if lvl1 is not None:
                         d = _down2(strip)
                         lvl1[sy // 2 : sy // 2 + d.shape[0]] = d[: lvl1.shape[0] - sy // 2]

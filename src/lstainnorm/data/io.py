@@ -49,6 +49,16 @@ def to_uint8_rgb(arr: np.ndarray, where: str = "image") -> np.ndarray:
         a = a[..., None]
     if a.ndim != 3 or a.shape[-1] not in (1, 2, 3, 4):
         raise ValueError(f"{where}: unsupported image shape {a.shape}")
+    if a.dtype == np.uint8 and a.shape[-1] in (3, 4):
+        # The common cases (RGB, and OpenSlide's RGBA regions) in integer arithmetic: a slide
+        # reads gigapixels through here, and a float round trip would cost more than decoding.
+        if a.shape[-1] == 3:
+            return np.ascontiguousarray(a)
+        rgb, alpha = a[..., :3], a[..., 3:]
+        if alpha.min() == 255:
+            return np.ascontiguousarray(rgb)
+        al = alpha.astype(np.uint32)
+        return ((rgb.astype(np.uint32) * al + 255 * (255 - al) + 127) // 255).astype(np.uint8)
     if a.dtype == np.uint8:
         f = a.astype(np.float32) / 255.0
     elif a.dtype == np.uint16:
