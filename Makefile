@@ -54,7 +54,7 @@ bench-accuracy: $(BENCH_STAMP)
 	$(VENV)/bin/lstainnorm bench accuracy --out bench_out
 
 bench-segmentation: $(BENCH_STAMP)
-	$(VENV)/bin/lstainnorm bench segmentation --out bench_out
+	$(VENV)/bin/lstainnorm bench segmentation --out bench_out --seeds 0 1 2 --set trainer.max_epochs=8 --set optim.T_max=8
 
 bench-slide: $(BENCH_STAMP)
 	$(PY) benchmarks/bench_slide.py
