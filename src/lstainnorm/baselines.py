@@ -22,7 +22,7 @@ import logging
 import math
 import warnings
 from collections import OrderedDict
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch

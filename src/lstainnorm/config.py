@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 __all__ = [
@@ -379,9 +379,3 @@ def schema_help() -> str:
     """Every key with its default, for ``--help``."""
     return OmegaConf.to_yaml(OmegaConf.structured(Config))
 
-
-def as_container(cfg: DictConfig | ListConfig) -> Any:
-    return OmegaConf.to_container(cfg, resolve=True)
-
-
-_ = MISSING  # re-exported for schema extensions

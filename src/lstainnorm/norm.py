@@ -23,6 +23,7 @@ glass passes through unchanged (:func:`lstainnorm.tissue.tissue_weight`).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Sequence
 
 import torch
@@ -148,7 +149,7 @@ def _slice_stats(stats, start: int, step: int):
     return pick(mean), pick(sd)
 
 
-class _CompilableNorm(nn.Module):
+class _CompilableNorm(nn.Module, ABC):
     """Shared plumbing: input checks outside, an optionally compiled hot path inside."""
 
     def __init__(self) -> None:
@@ -192,8 +193,9 @@ class _CompilableNorm(nn.Module):
         state["_compiled"] = None
         return state
 
-    def _forward_impl(self, x: Tensor, stats):  # pragma: no cover - overridden
-        raise NotImplementedError
+    @abstractmethod
+    def _forward_impl(self, x: Tensor, stats) -> Tensor:
+        """The layer's computation on a validated float batch (what ``enable_compile`` compiles)."""
 
     def _prepare(self, x: Tensor) -> Tensor:
         check_image(x)

@@ -83,7 +83,6 @@ class ExportableNorm(nn.Module):
             out = self.branches[0](x)
             return out.clamp(0.0, 1.0) if self.clamp else out
         xs = torch.stack([br(x).abs() for br in self.branches])  # (S, B, 3, H, W)
-        s, bsz = xs.shape[0], xs.shape[1]
         flat = xs.flatten(0, 1)
         qkv = F.max_pool2d(F.conv2d(flat, self.qkv_weight, self.qkv_bias), self.pool, self.pool, ceil_mode=True)
         q, k, v = qkv[:, 0].flatten(1), qkv[:, 1].flatten(1), qkv[:, 2:].flatten(2)

@@ -12,7 +12,6 @@ import csv
 import html
 import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -152,7 +151,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, images: str
 
     # -- templates --------------------------------------------------------------------------------
     if hasattr(norm, "template") and traj:
-        init, last = traj[0], traj[-1]
+        init = traj[0]
         learned = norm.template()
         spaces = list(learned.stats)
         table = ["<table><tr><th>space</th><th>channel</th><th>initial mean</th><th>learned mean</th><th>initial std</th><th>learned std</th><th>units</th></tr>"]

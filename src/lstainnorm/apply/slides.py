@@ -26,7 +26,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..color import get_space
 from ..data.io import ImageReadError, read_rgb, to_uint8_rgb
 from ..fusion import LStainNorm
 from ..norm import StainNorm

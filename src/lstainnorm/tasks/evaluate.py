@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Sequence
 
 import lightning as L
-import torch
 from torch.utils.data import DataLoader
 
 from ..data.io import atomic_write_bytes

@@ -12,12 +12,10 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch import nn
 
 from ..model import StainNormalized
 from ..template import Template
 from .build import build_norm, lr_lambdas, norm_param_groups, resolve_template_setting
-from .data import flips
 
 __all__ = ["StainNormModule"]
 

@@ -9,7 +9,6 @@ post-processing (:mod:`lstainnorm.tasks.instances`), per image, per hospital and
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
