@@ -7,6 +7,8 @@ STAMP  := $(VENV)/.installed
 # torch/torchvision pinned to the wheels that lie on the build machines' disk (no multi-GB download).
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
+# Real H&E data for the tests and benchmarks (absent: real-data tests skip, benchmarks use synthetic tiles).
+export LSTAINNORM_SHARED_DATA ?= $(abspath ../shared/data)
 
 .PHONY: help install test demo bench bench-layers bench-synthetic bench-speed bench-accuracy bench-segmentation bench-slide clean
 

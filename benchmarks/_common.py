@@ -1,18 +1,22 @@
-"""Helpers shared by the benchmark scripts (thin wrappers over lstainnorm.benchmarking)."""
+"""Helpers shared by the benchmark scripts (thin wrappers over lstainnorm.experiments)."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
+import sys
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from lstainnorm.benchmarking import _median_ms, load_benchmark_tiles, markdown_table
+from lstainnorm.experiments.runner import markdown_table, median_ms
+from lstainnorm.experiments.speed import load_benchmark_tiles
 
 REPO = Path(__file__).resolve().parents[1]
+# The literal transcription of the reference lives with the tests (it is not part of the package).
+sys.path.insert(0, str(REPO / "tests"))
 SHARED = Path(os.environ.get("LSTAINNORM_SHARED_DATA", REPO.parent / "shared" / "data"))
 OUT = REPO / "bench_out"
 
@@ -27,7 +31,7 @@ def load_tiles(n: int = 64, size: int = 224, seed: int = 0) -> tuple[torch.Tenso
 
 def time_ms(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
     """Median wall time of ``fn`` in milliseconds."""
-    return _median_ms(fn, repeats, warmup)
+    return median_ms(fn, repeats, warmup)
 
 
 def save(name: str, text: str, data: object) -> Path:

@@ -4,7 +4,7 @@
 
 ms per 224 x 224 tile at batch 64 on the CPU (2 threads), inference and forward+backward,
 for StainNorm in each space and LStainNorm (eager and torch.compile), against kornia's Lab
-round trip, the literal transcription of the reference (lstainnorm.reference) and torchstain's
+round trip, the literal transcription of the reference (tests/reference.py) and torchstain's
 Macenko (per tile, fitted to one target, as its users run it). Peak memory of forward+backward
 is measured in a fresh subprocess per layer (peak RSS growth). Writes bench_out/layers.{md,json}.
 """
@@ -26,8 +26,8 @@ warnings.filterwarnings("ignore")
 from _common import load_tiles, machine, markdown_table, save, time_ms  # noqa: E402
 
 import lstainnorm  # noqa: E402
-from lstainnorm.benchmarking import torchstain_macenko_runner  # noqa: E402
-from lstainnorm.reference import ReferenceLabPreNorm, ReferenceSA3  # noqa: E402
+from lstainnorm.experiments.speed import torchstain_macenko_runner  # noqa: E402
+from reference import ReferenceLabPreNorm, ReferenceSA3  # noqa: E402
 
 
 def build(name: str) -> torch.nn.Module | None:

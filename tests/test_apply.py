@@ -49,7 +49,7 @@ def test_tile_by_tile_equals_whole_with_slide_statistics(make):
     assert torch.allclose(assembled, whole, atol=1e-5)
     # The slide statistics are the tissue pixels' statistics of the whole image.
     x = torch.from_numpy(img).permute(2, 0, 1).float().div(255)[None]
-    from lstainnorm.tissue import channel_stats, tissue_mask
+    from lstainnorm.layers.tissue import channel_stats, tissue_mask
 
     sp = norm.space if isinstance(norm, StainNorm) else norm.branches["lab"].space
     mean, _ = channel_stats(sp.to_space(x), weight=tissue_mask(x))

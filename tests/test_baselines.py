@@ -10,9 +10,9 @@ from conftest import he_like
 from PIL import Image
 
 from lstainnorm import create_norm
-from lstainnorm.augment import HEDJitter, RandStainNA, stain_statistics
-from lstainnorm.baselines import ClassicalNorm, tissue_fraction, training_mosaic
-from lstainnorm.color import get_space, rgb_to_lab
+from lstainnorm.baselines.augment import HEDJitter, RandStainNA, stain_statistics
+from lstainnorm.baselines.classical import ClassicalNorm, tissue_fraction, training_mosaic
+from lstainnorm.layers.color import get_space, rgb_to_lab
 from lstainnorm.data.synthetic import SyntheticHE
 
 GEN = SyntheticHE(size=48, seed=0)
@@ -117,7 +117,7 @@ def test_randstainna_statistics_and_reproducibility():
     st = stain_statistics(x)
     assert st["n_images"] == 16
     lab = get_space("lab").to_space(x)
-    from lstainnorm.tissue import channel_stats, tissue_mask
+    from lstainnorm.layers.tissue import channel_stats, tissue_mask
 
     mean, _ = channel_stats(lab, weight=tissue_mask(x))
     assert st["lab"]["mu_mean"] == pytest.approx(mean.flatten(1).mean(0).tolist(), rel=1e-4)

@@ -7,7 +7,7 @@ import torch
 from skimage import color as skcolor
 
 from lstainnorm import color
-from lstainnorm.color import (
+from lstainnorm.layers.color import (
     ColorSpace,
     get_space,
     hed_to_rgb,

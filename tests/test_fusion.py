@@ -3,8 +3,8 @@ import torch
 from conftest import he_like
 
 from lstainnorm import LStainNorm, StainNorm, Template, create_norm, with_stain_norm
-from lstainnorm.fusion import attend
-from lstainnorm.reference import ReferenceSA3
+from lstainnorm.layers.fusion import attend
+from reference import ReferenceSA3
 
 
 def _perturbed(norm, seed=0, scale=0.05):
@@ -189,7 +189,7 @@ def test_cuda_matches_cpu():
 
 @pytest.mark.parametrize("hw", [(1, 1), (5, 3), (28, 28), (7, 30)])
 def test_upsample_equals_interpolate(hw):
-    from lstainnorm.fusion import _upsample
+    from lstainnorm.layers.fusion import _upsample
 
     a = torch.randn(2, 3, *hw, generator=torch.Generator().manual_seed(0))
     ref = torch.nn.functional.interpolate(a, scale_factor=8, mode="bilinear", align_corners=False)

@@ -5,8 +5,8 @@ import torch
 from conftest import he_like
 
 from lstainnorm import StainNorm, create_norm, stain_norm
-from lstainnorm.color import get_space
-from lstainnorm.reference import ReferenceLabPreNorm
+from lstainnorm.layers.color import get_space
+from reference import ReferenceLabPreNorm
 
 SPACES = ["lab", "hsv", "rgb", "hed"]
 

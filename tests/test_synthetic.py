@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from lstainnorm.color import rgb_to_lab
+from lstainnorm.layers.color import rgb_to_lab
 from lstainnorm.data.synthetic import CLASSES, SyntheticHE, SyntheticTiles, split_counts, write_synthetic
 
 

@@ -5,9 +5,9 @@ from conftest import he_like
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lstainnorm import LStainNorm, StainNorm, Template, estimate_template, load_template
-from lstainnorm.color import get_space
-from lstainnorm.template import REFERENCE_TEMPLATES, resolve_templates
-from lstainnorm.tissue import tissue_mask
+from lstainnorm.layers.color import get_space
+from lstainnorm.layers.template import REFERENCE_TEMPLATES, resolve_templates
+from lstainnorm.layers.tissue import tissue_mask
 
 
 def _manual(x, space):

@@ -15,6 +15,7 @@ from PIL import Image
 
 from lstainnorm.config import ConfigError, load_config, make_config
 from lstainnorm.data.synthetic import write_synthetic
+from lstainnorm.runs import load_norm
 from lstainnorm.tasks.evaluate import evaluate, load_module
 from lstainnorm.tasks.train import RUN_DIR_ENV, train
 
@@ -80,6 +81,12 @@ def test_best_checkpoint_reloads_to_identical_predictions(tmp_path, synth):
     x = torch.rand(3, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(a(x), b(x))
+        # The layer alone, loaded without the network, is the trained layer.
+        trained = load_norm(res["run_dir"])
+        assert trained.config.norm.mode == "learnable" and trained.window == 224
+        assert not any(k.startswith("net.") for k in trained.norm.state_dict())
+        assert torch.equal(trained.norm(x), a.norm(x))
+        assert not torch.equal(trained.norm.dmu, torch.zeros(3))
     ev = evaluate(res["run_dir"], synth / "manifest.csv", split="test", progress=False)
     assert ev["overall"]["acc"] == pytest.approx(res["test"]["overall"]["acc"])
     assert ev["per_centre"]["B"]["n"] == res["test"]["per_centre"]["B"]["n"]
@@ -105,7 +112,7 @@ def test_evaluate_folder_with_corrupt_image(tmp_path, synth):
 def test_config_errors():
     with pytest.raises(ConfigError, match=r"unknown key 'data.batchsize'.*did you mean 'batch_size'"):
         make_config({"data": {"batchsize": 3}})
-    with pytest.raises(ConfigError, match=r"norm.mode: invalid value 'foo'; choose one of \['none', 'template'"):
+    with pytest.raises(ConfigError, match=r"norm.mode: invalid value 'foo'; choose one of \['learnable', 'lstainnorm'"):
         make_config({}, ["norm.mode=foo"])
     with pytest.raises(ConfigError, match="data.batch_size"):
         make_config({}, ["data.batch_size=abc"])

@@ -1,5 +1,7 @@
 """lstainnorm: learnable stain normalisation for computational pathology.
 
+The method lives in :mod:`lstainnorm.layers`; this package re-exports its public API.
+
 The tiny public API::
 
     import lstainnorm
@@ -10,13 +12,21 @@ The tiny public API::
     print(norm.template())                               # what it learned, in natural units
 """
 
-from . import color
-from .factory import create_norm, list_norms, register_norm
-from .fusion import LStainNorm
-from .model import StainNormalized, with_stain_norm
-from .norm import StainNorm, stain_norm
-from .template import Template, estimate_template, load_template
-from .tissue import tissue_mask
+from .layers import (
+    LStainNorm,
+    StainNorm,
+    StainNormalized,
+    Template,
+    color,
+    create_norm,
+    estimate_template,
+    list_norms,
+    load_template,
+    register_norm,
+    stain_norm,
+    tissue_mask,
+    with_stain_norm,
+)
 
 __version__ = "0.1.0"
 

@@ -55,7 +55,7 @@ def _synth_run(a: argparse.Namespace) -> int:
 
         from PIL import Image
 
-        from .data.io import atomic_write_bytes
+        from .files import atomic_write_bytes
 
         gen = SyntheticHE(n_classes=a.classes, n_centres=a.centres, size=a.size, seed=a.seed)
         buf = io.BytesIO()  # a 256-colour PNG: small enough for a README
@@ -91,7 +91,7 @@ def _template_run(a: argparse.Namespace) -> int:
     import warnings
 
     from .data.tiles import ImageFiles
-    from .template import estimate_template
+    from .layers.template import estimate_template
 
     files = ImageFiles(a.data, size=a.size)
     with warnings.catch_warnings(record=True) as caught:
@@ -202,9 +202,9 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
 
 
 def _predict_run(a: argparse.Namespace) -> int:
-    from .tasks.segment import predict_folder
+    from .tasks.evaluate import predict
 
-    res = predict_folder(a.run, a.input, a.output)
+    res = predict(a.run, a.input, a.output)
     print(f"segmented {len(res['written'])} images ({res['already_done']} already done, {len(res['skipped'])} unreadable skipped) into {a.output}")
     for p in res["skipped"]:
         print(f"  skipped: {p}")
@@ -268,10 +268,9 @@ def _export_args(p: argparse.ArgumentParser) -> None:
 
 def _export_run(a: argparse.Namespace) -> int:
     from .apply.export import export_norm
-    from .tasks.evaluate import load_module
+    from .runs import load_norm
 
-    module = load_module(a.run)
-    res = export_norm(module.norm, a.output, tolerance=a.tolerance)
+    res = export_norm(load_norm(a.run).norm, a.output, tolerance=a.tolerance)
     print(f"exported {res['format']} to {res['path']}: batch, height and width dynamic; max difference to PyTorch {res['max_abs_difference']:.1e}")
     return 0
 
@@ -294,7 +293,16 @@ def _report_args(p: argparse.ArgumentParser) -> None:
 def _report_run(a: argparse.Namespace) -> int:
     from .apply.report import write_report
 
-    path = write_report(a.run, a.output, a.images)
+    tiles = None
+    if a.images is None:  # the run's own validation and test tiles, when its data is reachable
+        from .runs import load_norm
+        from .tasks.loaders import build_data, sample_tiles
+
+        try:
+            tiles = sample_tiles(build_data(load_norm(a.run).config), 6)
+        except (OSError, ValueError) as err:
+            print(f"note: the run's validation data is not reachable ({err}); pass --images DIR for sample tiles", file=sys.stderr)
+    path = write_report(a.run, a.output, a.images, tiles=tiles)
     print(f"report: {path}")
     return 0
 
@@ -319,7 +327,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 
 
 def _demo_run(a: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .experiments.demo import run_demo
 
     run_demo(a.out, methods=a.methods, epochs=a.epochs, per_class=a.per_class, seed=a.seed, overrides=a.overrides)
     return 0
@@ -338,44 +346,49 @@ def _demo_run(a: argparse.Namespace) -> int:
     """,
 )
 def _bench_args(p: argparse.ArgumentParser) -> None:
+    from .experiments.runner import benchmark_methods
+    from .experiments.segmentation import SEGMENTATION_METHODS
+
     p.add_argument("kind", choices=["speed", "accuracy", "segmentation"])
     p.add_argument("--out", type=Path, default=Path("bench_out"), help="folder for the tables (speed.md / accuracy/accuracy.md)")
     g = p.add_argument_group("speed")
-    g.add_argument("--tiles", type=Path, help="folder of images to crop tiles from (default: ../shared/data MoNuSeg if present, else synthetic)")
+    g.add_argument("--tiles", type=Path, help="folder of images to crop tiles from (default: $LSTAINNORM_SHARED_DATA/monuseg-train/images if set, else synthetic)")
     g.add_argument("--n", type=int, default=64, help="tiles (default 64)")
     g.add_argument("--size", type=int, default=None, help="tile side (default 224 for speed, 96 for accuracy)")
     g.add_argument("--threads", type=int, default=2)
     g.add_argument("--repeats", type=int, default=3)
     g.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
     g.add_argument("--slow-n", type=int, default=8, help="tiles for the slow per-tile methods (Vahadane)")
-    g = p.add_argument_group("accuracy")
-    g.add_argument("--methods", nargs="+", help="subset of: " + " ".join(("none", "reinhard", "macenko", "vahadane", "randstainna", "hed-jitter", "template", "learnable-lab", "learnable-hsv", "learnable-rgb", "learnable-hed", "lstainnorm")))
+    g = p.add_argument_group("accuracy and segmentation")
+    g.add_argument("--methods", nargs="+", help=f"subset of: {' '.join(benchmark_methods())} (segmentation default: {' '.join(SEGMENTATION_METHODS)})")
     g.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     g.add_argument("--epochs", type=int, default=8)
     g.add_argument("--per-class", type=int, default=200)
     g.add_argument("--backbone", default="resnet18")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override for every run")
     g = p.add_argument_group("segmentation")
-    g.add_argument("--config", type=Path, default=Path("configs/segment_monuseg_cpu.yaml"), help="segmentation config (default: the CPU MoNuSeg config)")
+    g.add_argument("--config", type=Path, default=Path("configs/segment_monuseg_cpu.yaml"), help="segmentation config (default: configs/segment_monuseg_cpu.yaml of the repository)")
 
 
 def _bench_run(a: argparse.Namespace) -> int:
-    from . import benchmarking as bm
-
     if a.kind == "speed":
-        res = bm.run_speed_cli(a.out, n=a.n, size=a.size or 224, threads=a.threads, repeats=a.repeats, compile=not a.no_compile, tiles=a.tiles, slow_n=a.slow_n)
+        from .experiments.speed import run_speed_cli
+
+        res = run_speed_cli(a.out, n=a.n, size=a.size or 224, threads=a.threads, repeats=a.repeats, compile=not a.no_compile, tiles=a.tiles, slow_n=a.slow_n)
         print(res["text"])
         print(f"written: {a.out / 'speed.md'}")
         return 0
     if a.kind == "segmentation":
-        res = bm.segmentation_benchmark(
-            a.config, a.out / "segmentation", methods=a.methods or bm.SEGMENTATION_METHODS, seeds=a.seeds, overrides=a.overrides
-        )
+        from .experiments.segmentation import SEGMENTATION_METHODS, segmentation_benchmark
+
+        res = segmentation_benchmark(a.config, a.out / "segmentation", methods=a.methods or SEGMENTATION_METHODS, seeds=a.seeds, overrides=a.overrides)
         print(res["text"])
         print(f"written: {a.out / 'segmentation' / 'segmentation.md'}")
         return 0
-    res = bm.accuracy_benchmark(
-        a.out / "accuracy", methods=a.methods or bm.ACCURACY_METHODS, seeds=a.seeds, epochs=a.epochs,
+    from .experiments.accuracy import accuracy_benchmark
+
+    res = accuracy_benchmark(
+        a.out / "accuracy", methods=a.methods, seeds=a.seeds, epochs=a.epochs,
         per_class=a.per_class, backbone=a.backbone, size=a.size or 96, overrides=a.overrides,
     )
     print(res["text"])
@@ -427,8 +440,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, TypeError) as err:
-        if getattr(args, "debug", False):
-            raise
         print(f"lstainnorm {args.command}: error: {err}", file=sys.stderr)
         return 1
 

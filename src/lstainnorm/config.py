@@ -12,10 +12,14 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence, cast, get_args
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from .baselines.augment import AUGMENT_MODES
+from .layers.color import list_spaces
+from .layers.registry import list_norms
 
 __all__ = [
     "Config",
@@ -29,13 +33,18 @@ __all__ = [
     "load_config",
     "make_config",
     "map_reference_config",
+    "config_from_dict",
+    "to_dict",
     "REFERENCE_KEYS",
-    "NORM_MODES",
+    "TaskName",
+    "TASKS",
 ]
 
-NORM_MODES = ("none", "template", "learnable", "lstainnorm", "reinhard", "macenko", "vahadane")
-AUGMENT_MODES = ("none", "randstainna", "hed-jitter")
-TASKS = ("classification", "segmentation")
+# Closed choices are Literals; open ones come from their registries (norm.mode from
+# lstainnorm.layers.registry, spaces from lstainnorm.layers.color), so a plugin extends them.
+# OmegaConf types the fields as str; _check_choices validates them against these.
+TaskName = Literal["classification", "segmentation"]
+TASKS: tuple[str, ...] = get_args(TaskName)
 
 
 class ConfigError(ValueError):
@@ -280,14 +289,12 @@ def _section_keys(cfg: DictConfig, dotted: str) -> tuple[str, list[str]]:
 
 
 def _check_choices(cfg: DictConfig) -> None:
-    from .color import list_spaces
-
     def choose(key: str, value: Any, choices: Sequence[str]) -> None:
         if value not in choices:
             raise ConfigError(f"{key}: invalid value {value!r}; choose one of {list(choices)}")
 
     choose("task", cfg.task, TASKS)
-    choose("norm.mode", cfg.norm.mode, NORM_MODES)
+    choose("norm.mode", cfg.norm.mode, list_norms())
     choose("norm.space", cfg.norm.space, list_spaces())
     for s in cfg.norm.spaces:
         choose("norm.spaces", s, list_spaces())
@@ -310,7 +317,7 @@ def _check_choices(cfg: DictConfig) -> None:
         raise ConfigError(f"norm.sigma0 must have 3 values, got {list(cfg.norm.sigma0)}")
 
 
-def make_config(raw: dict | None = None, overrides: Sequence[str] = ()) -> tuple[DictConfig, list[str]]:
+def make_config(raw: dict | None = None, overrides: Sequence[str] = ()) -> tuple[Config, list[str]]:
     """Build a validated config from a dict (a loaded YAML) and ``key=value`` overrides.
 
     Returns ``(config, notes)``; notes say, for example, that a reference config was mapped.
@@ -335,7 +342,8 @@ def make_config(raw: dict | None = None, overrides: Sequence[str] = ()) -> tuple
         except (ConfigKeyError, ValidationError, OmegaConfBaseException) as err:
             raise _rephrase(err, cfg) from None
     _check_choices(cfg)
-    return cfg, notes
+    # A DictConfig backed by the Config schema: typed as Config (OmegaConf's structured-config idiom).
+    return cast(Config, cfg), notes
 
 
 def _rephrase(err: Exception, cfg: DictConfig) -> ConfigError:
@@ -349,7 +357,7 @@ def _rephrase(err: Exception, cfg: DictConfig) -> ConfigError:
     return ConfigError(f"{key or 'config'}: {msg}")
 
 
-def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> tuple[DictConfig, list[str]]:
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> tuple[Config, list[str]]:
     """Read a YAML config (ours or the reference's), apply overrides, validate."""
     raw: dict = {}
     if path is not None:
@@ -371,8 +379,20 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> tuple
         raise ConfigError(f"{path}: {err}" if path else str(err)) from None
 
 
-def to_yaml(cfg: DictConfig) -> str:
-    return OmegaConf.to_yaml(cfg, resolve=True)
+def config_from_dict(saved: dict) -> Config:
+    """A config saved by a run (``config.yaml``, a checkpoint's hyper-parameters) back on the schema.
+
+    Keys the schema gained since the run was saved get their defaults.
+    """
+    try:
+        return cast(Config, OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(saved)))
+    except (ConfigKeyError, ValidationError, OmegaConfBaseException) as err:
+        raise _rephrase(err, OmegaConf.structured(Config)) from None
+
+
+def to_dict(cfg: Config) -> dict:
+    """The config as plain data (what checkpoints and ``config.yaml`` store)."""
+    return cast(dict, OmegaConf.to_container(cast(DictConfig, cfg), resolve=True))
 
 
 def schema_help() -> str:

@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..factory import Identity
-from ..fusion import LStainNorm
-from ..norm import StainNorm
+from ..files import atomic_path
+from ..layers.fusion import LStainNorm
+from ..layers.identity import Identity
+from ..layers.norm import StainNorm
 
 __all__ = ["ExportableNorm", "export_norm", "check_parity"]
 
@@ -126,47 +127,40 @@ def export_norm(norm: nn.Module, path: str | Path, tolerance: float = 1e-4, opse
 
     The file is written atomically; batch size, height and width are dynamic.
     """
-    from ..data.io import atomic_write_bytes
-
     path = Path(path)
     module = ExportableNorm(norm).eval()
     example = torch.rand(2, 3, 64, 64) * 0.8 + 0.1
     suffix = path.suffix.lower()
-    tmp = path.with_name(f".tmp-{path.name}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if suffix == ".onnx":
-                torch.onnx.export(
-                    module, (example,), str(tmp), input_names=["rgb"], output_names=["normalised"],
-                    dynamic_axes={"rgb": {0: "batch", 2: "height", 3: "width"}, "normalised": {0: "batch", 2: "height", 3: "width"}},
-                    opset_version=opset, dynamo=False,
-                )
-                import onnxruntime as ort
-
-                sess = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-
-                def run(x: Tensor):
-                    return sess.run(None, {"rgb": x.numpy()})[0]
-
-            elif suffix in (".pt", ".ts", ".torchscript"):
-                with torch.no_grad():
-                    traced = torch.jit.trace(module, (example,), check_trace=False)
-                traced.save(str(tmp))
-                loaded = torch.jit.load(str(tmp))
-
-                def run(x: Tensor):
-                    with torch.no_grad():
-                        return loaded(x)
-
-            else:
-                raise ValueError(f"unsupported export format {suffix!r}: use .onnx or .pt (TorchScript)")
+    if suffix not in (".onnx", ".pt", ".ts", ".torchscript"):
+        raise ValueError(f"unsupported export format {suffix!r}: use .onnx or .pt (TorchScript)")
+    # Written to a temporary file that becomes ``path`` only once the parity check passed.
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run = _export_onnx(module, example, tmp, opset) if suffix == ".onnx" else _export_torchscript(module, example, tmp)
         worst = check_parity(norm, run, tolerance)
-        data = tmp.read_bytes()
-    finally:
-        tmp.unlink(missing_ok=True)
-    atomic_write_bytes(path, data)
     return {"path": str(path), "format": "onnx" if suffix == ".onnx" else "torchscript", "max_abs_difference": worst, "tolerance": tolerance}
 
 
+def _export_onnx(module: nn.Module, example: Tensor, path: Path, opset: int):
+    torch.onnx.export(
+        module, (example,), str(path), input_names=["rgb"], output_names=["normalised"],
+        dynamic_axes={"rgb": {0: "batch", 2: "height", 3: "width"}, "normalised": {0: "batch", 2: "height", 3: "width"}},
+        opset_version=opset, dynamo=False,
+    )
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return lambda x: sess.run(None, {"rgb": x.numpy()})[0]
+
+
+def _export_torchscript(module: nn.Module, example: Tensor, path: Path):
+    with torch.no_grad():
+        traced = torch.jit.trace(module, (example,), check_trace=False)
+    traced.save(str(path))
+    loaded = torch.jit.load(str(path))
+
+    def run(x: Tensor):
+        with torch.no_grad():
+            return loaded(x)
+
+    return run

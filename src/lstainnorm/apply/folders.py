@@ -14,11 +14,14 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
-from ..data.io import IMAGE_EXTENSIONS, ImageReadError, read_rgb, write_image
+from ..data.io import IMAGE_EXTENSIONS, ImageReadError, find_images, image_to_tensor, read_rgb, tensor_to_image, write_image
+from ..layers.norm import StainNorm
+from ..layers.template import Template
+from ..runs import load_norm
+from .slides import is_slide, normalize_slide, normalize_windowed
 
 __all__ = ["SLIDE_EXTENSIONS", "list_inputs", "shard_files", "norm_from_run", "norm_from_template", "normalize_path"]
 
@@ -28,15 +31,11 @@ SLIDE_EXTENSIONS = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".svslide"
 def list_inputs(inp: str | Path) -> list[Path]:
     """Images and slides under ``inp`` (recursively, sorted), or ``[inp]`` for a file."""
     inp = Path(inp)
-    exts = set(IMAGE_EXTENSIONS) | set(SLIDE_EXTENSIONS)
     if inp.is_file():
         return [inp]
     if not inp.is_dir():
         raise FileNotFoundError(f"input not found: {inp}")
-    files = sorted(p for p in inp.rglob("*") if p.is_file() and p.suffix.lower() in exts and not p.name.startswith("."))
-    if not files:
-        raise ValueError(f"no images or slides found under {inp}")
-    return files
+    return find_images(inp, IMAGE_EXTENSIONS + SLIDE_EXTENSIONS)
 
 
 def shard_files(files: Sequence[Path], shard: tuple[int, int]) -> list[Path]:
@@ -60,21 +59,12 @@ def parse_shard(text: str | None) -> tuple[int, int]:
 
 def norm_from_run(run: str | Path) -> tuple[nn.Module, int | None]:
     """The trained normalisation layer of a run, and its window (the training tile size)."""
-    from ..tasks.evaluate import load_module
-
-    module = load_module(run)
-    cfg = module.cfg
-    window = cfg.segmentation.crop if cfg.task == "segmentation" else cfg.data.image_size
-    if window is None:
-        window = 224
-    return module.norm.eval(), int(window)
+    trained = load_norm(run)
+    return trained.norm, trained.window
 
 
 def norm_from_template(template: str | Path, space: str = "lab") -> nn.Module:
     """Reinhard normalisation (a frozen StainNorm) to a template YAML's ``space`` statistics."""
-    from ..norm import StainNorm
-    from ..template import Template
-
     t = Template.load(template)
     if space not in t:
         raise ValueError(f"template {template} has no '{space}' statistics (it has {t.spaces}); pick one with --space")
@@ -108,8 +98,6 @@ def normalize_path(
     """
     from tqdm.auto import tqdm
 
-    from .slides import is_slide, normalize_slide, normalize_windowed
-
     inp, out = Path(inp), Path(out)
     r_in, r_out = inp.resolve(), out.resolve()
     if r_out == r_in or (inp.is_dir() and r_in in r_out.parents):
@@ -132,16 +120,14 @@ def normalize_path(
                 normalize_slide(norm, src, dst, tile=tile, window=slide_window, progress=False)
                 slides.append(str(src))
             else:
-                arr = read_rgb(src)
-                x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float().div(255).unsqueeze(0)
+                x = image_to_tensor(read_rgb(src)).unsqueeze(0)
                 if window is not None and max(x.shape[-2:]) > window and hasattr(norm, "image_stats"):
                     st = norm.image_stats(x)
                     stats = st if isinstance(st, dict) else {norm.space.name: st}
                     y = normalize_windowed(norm, x, stats, window)
                 else:
                     y = norm(x)
-                img = (y[0].clamp(0, 1).permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
-                write_image(dst, img)
+                write_image(dst, tensor_to_image(y[0]))
             written.append(str(src))
         except ImageReadError as err:
             skipped.append(str(src))

@@ -17,7 +17,6 @@ downsampled levels are built from a temporary memory-mapped level on disk.
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -26,14 +25,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..data.io import ImageReadError, read_rgb, to_uint8_rgb
-from ..fusion import LStainNorm
-from ..norm import StainNorm
-from ..tissue import tissue_mask
+from ..data.io import ImageReadError, image_to_tensor, read_rgb, tensor_to_image, to_uint8_rgb
+from ..files import atomic_path
+from ..layers.fusion import LStainNorm
+from ..layers.norm import StainNorm
+from ..layers.tissue import tissue_mask
 
 __all__ = [
     "SlideReader",
-    "open_image",
     "is_slide",
     "slide_statistics",
     "normalize_windowed",
@@ -109,10 +108,6 @@ class SlideReader:
         return self._slide.level_dimensions[level]
 
 
-def open_image(path: str | Path) -> SlideReader:
-    return SlideReader(path)
-
-
 def is_slide(path: str | Path) -> bool:
     """True for multi-level slides and for images larger than :data:`SLIDE_PIXELS`."""
     try:
@@ -142,10 +137,6 @@ def _tiles(width: int, height: int, tile: int) -> Iterator[tuple[int, int, int, 
             yield x, y, min(tile, width - x), min(tile, height - y)
 
 
-def _to_tensor(arr: np.ndarray) -> Tensor:
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float().div_(255.0).unsqueeze(0)
-
-
 @torch.no_grad()
 def slide_statistics(norm: nn.Module, reader: SlideReader, tile: int = 2048, progress: bool = False, downsample: float = 1.0) -> dict:
     """Per-space (mean, std) over the tissue pixels of the whole slide, shapes (1, 3, 1, 1).
@@ -163,7 +154,7 @@ def slide_statistics(norm: nn.Module, reader: SlideReader, tile: int = 2048, pro
     lw, lh = reader.level_size(level)
     cells = list(_tiles(lw, lh, tile))
     for x, y, w, h in tqdm(cells, desc="slide statistics", unit="tile", disable=not progress):
-        img = _to_tensor(reader.read(int(x * factor), int(y * factor), w, h, level))
+        img = image_to_tensor(reader.read(int(x * factor), int(y * factor), w, h, level)).unsqueeze(0)
         m = tissue_mask(img)[0, 0].flatten()
         n_t += int(m.sum())
         n_a += m.numel()
@@ -225,7 +216,7 @@ def iter_normalized_tiles(norm: nn.Module, reader: SlideReader, stats: dict, til
     if window and tile % window:
         raise ValueError(f"tile size {tile} must be a multiple of the window {window}")
     for x, y, w, h in _tiles(reader.width, reader.height, tile):
-        img = _to_tensor(reader.read(x, y, w, h))
+        img = image_to_tensor(reader.read(x, y, w, h)).unsqueeze(0)
         yield x, y, normalize_windowed(norm, img, stats, window)
 
 
@@ -244,6 +235,38 @@ def _down2(a: np.ndarray) -> np.ndarray:
         a = np.pad(a, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
     a = a.astype(np.uint16)
     return ((a[0::2, 0::2] + a[1::2, 0::2] + a[0::2, 1::2] + a[1::2, 1::2] + 2) // 4).astype(np.uint8)
+
+
+def _tiff_tiles(arr: np.ndarray, size: int) -> Iterator[np.ndarray]:
+    """The ``size`` x ``size`` TIFF tiles of ``arr``, row by row; edge tiles padded with white."""
+    h, w = arr.shape[:2]
+    for ty in range(0, h, size):
+        for tx in range(0, w, size):
+            t = np.asarray(arr[ty : ty + size, tx : tx + size])
+            if t.shape[:2] != (size, size):
+                t = np.pad(t, ((0, size - t.shape[0]), (0, size - t.shape[1]), (0, 0)), constant_values=255)
+            yield t
+
+
+def _normalized_strips(norm: nn.Module, reader: SlideReader, stats: dict, tile: int, window: int | None) -> Iterator[tuple[int, np.ndarray]]:
+    """``(y, uint8 strip of height tile)`` over the slide, normalised tile by tile."""
+    for sy in range(0, reader.height, tile):
+        sh = min(tile, reader.height - sy)
+        strip = np.empty((sh, reader.width, 3), np.uint8)
+        for sx in range(0, reader.width, tile):
+            sw = min(tile, reader.width - sx)
+            img = image_to_tensor(reader.read(sx, sy, sw, sh)).unsqueeze(0)
+            strip[:, sx : sx + sw] = tensor_to_image(normalize_windowed(norm, img, stats, window)[0])
+        yield sy, strip
+
+
+def _halve_into(prev: np.ndarray, shape: tuple[int, int], path: Path) -> np.memmap:
+    """The next pyramid level of ``prev`` in a memory-mapped file, strip by strip (bounded memory)."""
+    nxt = np.memmap(path, dtype=np.uint8, mode="w+", shape=(*shape, 3))
+    for ry in range(0, prev.shape[0], 2048):
+        d = _down2(np.asarray(prev[ry : ry + 2048]))
+        nxt[ry // 2 : ry // 2 + d.shape[0]] = d[: nxt.shape[0] - ry // 2]
+    return nxt
 
 
 def normalize_slide(
@@ -275,78 +298,32 @@ def normalize_slide(
         raise ValueError(f"compression must be 'jpeg' or 'zlib', got {compression!r}")
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    with SlideReader(src) as reader:
+    opts = {"tile": (tiff_tile, tiff_tile), "photometric": "rgb", "dtype": np.uint8, "compression": compression,
+            "compressionargs": {"level": 90 if compression == "jpeg" else 6}}
+    with SlideReader(src) as reader, atomic_path(dst) as tmp_tif, \
+            tempfile.TemporaryDirectory(prefix=".tmp-levels-", dir=dst.parent) as scratch:
         stats = slide_statistics(norm, reader, tile, progress, downsample=stats_downsample)
         shapes = _pyramid_shapes(reader.height, reader.width)
-        fd, tmp_tif = tempfile.mkstemp(prefix=".tmp-", suffix=".tif", dir=dst.parent)
-        os.close(fd)
-        level_files: list[str] = []
-        try:
-            # Level 1 gathers in a memory-mapped file while level 0 streams into the TIFF.
-            lvl1 = None
-            if len(shapes) > 1:
-                fd1, f1 = tempfile.mkstemp(prefix=".tmp-level1-", suffix=".raw", dir=dst.parent)
-                os.close(fd1)
-                level_files.append(f1)
-                lvl1 = np.memmap(f1, dtype=np.uint8, mode="w+", shape=(*shapes[1], 3))
-            n_strips = math.ceil(reader.height / tile)
-            bar = tqdm(total=n_strips, desc=f"normalising {Path(src).name}", unit="strip", disable=not progress)
+        # Level 1 gathers in a memory-mapped file while level 0 streams into the TIFF.
+        lvl1 = np.memmap(Path(scratch) / "level1.raw", dtype=np.uint8, mode="w+", shape=(*shapes[1], 3)) if len(shapes) > 1 else None
+        bar = tqdm(total=math.ceil(reader.height / tile), desc=f"normalising {Path(src).name}", unit="strip", disable=not progress)
 
-            def level0_tiles():
-                for sy in range(0, reader.height, tile):
-                    sh = min(tile, reader.height - sy)
-                    strip = np.empty((sh, reader.width, 3), np.uint8)
-                    for sx in range(0, reader.width, tile):
-                        sw = min(tile, reader.width - sx)
-                        img = _to_tensor(reader.read(sx, sy, sw, sh))
-                        out = normalize_windowed(norm, img, stats, window)[0].clamp_(0, 1)
-                        strip[:, sx : sx + sw] = out.mul_(255.0).add_(0.5).to(torch.uint8).permute(1, 2, 0).numpy()
-                    if lvl1 is not None:
-                        d = _down2(strip)
-                        lvl1[sy // 2 : sy // 2 + d.shape[0]] = d[: lvl1.shape[0] - sy // 2]
-                    for ty in range(0, sh, tiff_tile):
-                        for tx in range(0, reader.width, tiff_tile):
-                            t = strip[ty : ty + tiff_tile, tx : tx + tiff_tile]
-                            if t.shape[:2] != (tiff_tile, tiff_tile):
-                                t = np.pad(t, ((0, tiff_tile - t.shape[0]), (0, tiff_tile - t.shape[1]), (0, 0)), constant_values=255)
-                            yield t
-                    bar.update()
+        def level0_tiles() -> Iterator[np.ndarray]:
+            for sy, strip in _normalized_strips(norm, reader, stats, tile, window):
+                if lvl1 is not None:
+                    d = _down2(strip)
+                    lvl1[sy // 2 : sy // 2 + d.shape[0]] = d[: lvl1.shape[0] - sy // 2]
+                yield from _tiff_tiles(strip, tiff_tile)
+                bar.update()
 
-            def tiles_of(arr: np.ndarray):
-                h, w = arr.shape[:2]
-                for ty in range(0, h, tiff_tile):
-                    for tx in range(0, w, tiff_tile):
-                        t = np.asarray(arr[ty : ty + tiff_tile, tx : tx + tiff_tile])
-                        if t.shape[:2] != (tiff_tile, tiff_tile):
-                            t = np.pad(t, ((0, tiff_tile - t.shape[0]), (0, tiff_tile - t.shape[1]), (0, 0)), constant_values=255)
-                        yield t
-
-            opts = {"tile": (tiff_tile, tiff_tile), "photometric": "rgb", "dtype": np.uint8, "compression": compression,
-                    "compressionargs": {"level": 90 if compression == "jpeg" else 6}}
-            with tifffile.TiffWriter(tmp_tif, bigtiff=True) as tw:
-                # Levels as successive reduced-resolution pages (the layout OpenSlide and QuPath read).
-                tw.write(level0_tiles(), shape=(*shapes[0], 3), description="lstainnorm normalised slide", **opts)
-                bar.close()
-                prev = lvl1
-                for k in range(1, len(shapes)):
-                    if prev is not None:
-                        prev.flush()
-                    tw.write(tiles_of(prev), shape=(*shapes[k], 3), subfiletype=1, **opts)
-                    if k + 1 < len(shapes):
-                        fdk, fk = tempfile.mkstemp(prefix=f".tmp-level{k + 1}-", suffix=".raw", dir=dst.parent)
-                        os.close(fdk)
-                        level_files.append(fk)
-                        nxt = np.memmap(fk, dtype=np.uint8, mode="w+", shape=(*shapes[k + 1], 3))
-                        for ry in range(0, shapes[k][0], 2048):  # strip by strip: bounded memory
-                            d = _down2(np.asarray(prev[ry : ry + 2048]))
-                            nxt[ry // 2 : ry // 2 + d.shape[0]] = d[: nxt.shape[0] - ry // 2]
-                        prev = nxt
-            from ..data.io import _umask
-
-            os.chmod(tmp_tif, 0o666 & ~_umask())
-            os.replace(tmp_tif, dst)
-        finally:
-            Path(tmp_tif).unlink(missing_ok=True)
-            for f in level_files:
-                Path(f).unlink(missing_ok=True)
+        with tifffile.TiffWriter(tmp_tif, bigtiff=True) as tw:
+            # Levels as successive reduced-resolution pages (the layout OpenSlide and QuPath read).
+            tw.write(level0_tiles(), shape=(*shapes[0], 3), description="lstainnorm normalised slide", **opts)
+            bar.close()
+            prev = lvl1
+            for k in range(1, len(shapes)):
+                prev.flush()
+                tw.write(_tiff_tiles(prev, tiff_tile), shape=(*shapes[k], 3), subfiletype=1, **opts)
+                if k + 1 < len(shapes):
+                    prev = _halve_into(prev, shapes[k + 1], Path(scratch) / f"level{k + 1}.raw")
     return {"output": str(dst), "width": reader.width, "height": reader.height, "levels": len(shapes), "tissue_fraction": stats["_tissue_fraction"]}

@@ -1,12 +1,15 @@
-"""Reading and writing images: every format a tile folder holds, decoded to RGB uint8; atomic writes."""
+"""Reading and writing images: every format a tile folder holds, decoded to RGB uint8, and the one
+conversion pair between uint8 images (H, W, 3) and the float tensors (3, H, W) in [0, 1] the layers take."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
+import torch
+
+from ..files import atomic_write_bytes
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -15,8 +18,10 @@ __all__ = [
     "read_mask",
     "to_uint8_rgb",
     "write_image",
-    "atomic_write_bytes",
     "is_image_file",
+    "find_images",
+    "image_to_tensor",
+    "tensor_to_image",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -84,6 +89,38 @@ def to_uint8_rgb(arr: np.ndarray, where: str = "image") -> np.ndarray:
     if c == 1:
         f = np.repeat(f, 3, axis=-1)
     return (np.clip(f, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def find_images(root: str | Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[Path]:
+    """Every file under ``root`` whose suffix is in ``extensions`` (recursively, sorted; hidden
+    files skipped), or ``[root]`` for a single such file. The one way lstainnorm lists inputs."""
+    root = Path(root)
+    exts = {e.lower() for e in extensions}
+    if root.is_file():
+        if root.suffix.lower() not in exts:
+            raise ValueError(f"{root} is not an image file ({', '.join(sorted(exts))})")
+        return [root]
+    if not root.is_dir():
+        raise FileNotFoundError(f"not found: {root}")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in exts and not p.name.startswith("."))
+    if not files:
+        raise ValueError(f"no images found under {root}")
+    return files
+
+
+def image_to_tensor(arr: np.ndarray) -> torch.Tensor:
+    """RGB uint8 ``(H, W, 3)`` -> float32 tensor ``(3, H, W)`` in [0, 1] (``(N, H, W, 3)`` -> ``(N, 3, H, W)``)."""
+    a = np.ascontiguousarray(arr)
+    if not a.flags.writeable:  # e.g. np.asarray of a PIL image; torch wants writable memory
+        a = a.copy()
+    return torch.from_numpy(a).movedim(-1, -3).float().div_(255.0)
+
+
+def tensor_to_image(t: torch.Tensor) -> np.ndarray:
+    """Float tensor ``(3, H, W)`` (or ``(N, 3, H, W)``) in [0, 1] -> RGB uint8 ``(H, W, 3)``, rounded
+    to nearest; values outside [0, 1] are clipped."""
+    t = t.detach().float().cpu().clamp(0.0, 1.0).mul(255.0).add_(0.5)
+    return t.to(torch.uint8).movedim(-3, -1).numpy()
 
 
 def _read_array(path: Path) -> np.ndarray:
@@ -160,32 +197,6 @@ def read_mask(path: str | Path) -> np.ndarray:
     if (a < 0).any():
         raise ImageReadError(p, "mask has negative labels")
     return a.astype(np.int64)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and a rename.
-
-    An interrupted write leaves either the old file or none, never a truncated one; the file
-    gets the usual permissions (0666 minus the umask), not mkstemp's 0600.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_image(path: str | Path, arr: np.ndarray, quality: int = 95) -> Path:

@@ -17,7 +17,7 @@ import torch
 from scipy import ndimage
 from torch.utils.data import Dataset
 
-from .io import ImageReadError, is_image_file, read_mask, read_rgb
+from .io import ImageReadError, image_to_tensor, is_image_file, read_mask, read_rgb
 
 __all__ = [
     "SegRecord",
@@ -237,7 +237,7 @@ class SegmentationDataset(Dataset):
                 img, lab = np.rot90(img, k), np.rot90(lab, k)
                 if torch.rand((), generator=generator) < 0.5:
                     img, lab = img[:, ::-1], lab[:, ::-1]
-        image = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255.0)
+        image = image_to_tensor(img)
         inst = torch.from_numpy(np.ascontiguousarray(lab))
         rec = self.records[i]
         return {

@@ -25,9 +25,11 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
 from scipy import ndimage
 from torch.utils.data import Dataset
+
+from ..files import atomic_write_bytes
+from .io import image_to_tensor, write_image
 
 __all__ = ["Centre", "DEFAULT_CENTRES", "CLASSES", "SyntheticHE", "SyntheticTiles", "write_synthetic", "split_counts", "SPLITS", "write_synthetic_segmentation"]
 
@@ -506,15 +508,13 @@ class SyntheticTiles(Dataset):
         return len(self.labels_)
 
     def __getitem__(self, j: int) -> dict:
-        img = torch.from_numpy(self.images[j]).permute(2, 0, 1).float().div_(255.0)
+        img = image_to_tensor(self.images[j])
         if self.transform is not None:
             img = self.transform(img)
         return {"image": img, "label": int(self.labels_[j]), "centre": self.centre_names[j], "path": f"synthetic:{self.split}:{j}", "index": j}
 
 
 def _render_and_write(args):
-    from .io import write_image
-
     gen, out, c, split, k, i = args
     name = gen.centre_names[c]
     rel = Path(name) / split / gen.classes[k] / f"{name}_{gen.classes[k]}_{split}_{i:05d}.png"
@@ -544,8 +544,6 @@ def write_synthetic(
     import multiprocessing as mp
 
     from tqdm.auto import tqdm
-
-    from .io import atomic_write_bytes
 
     gen = SyntheticHE(n_classes=classes, n_centres=centres, size=size, seed=seed)
     out = Path(out)
@@ -585,8 +583,6 @@ def write_synthetic_segmentation(
     ``tss_code`` column naming the centre, like MoNuSeg's layout. For tests and tutorials."""
     from scipy import ndimage as ndi
 
-    from .io import write_image
-
     gen = SyntheticHE(n_classes=3, n_centres=centres, size=size, seed=seed)
     out = Path(out)
     rows = ["name,split,tss_code,organ"]
@@ -599,7 +595,5 @@ def write_synthetic_segmentation(
         write_image(out / "images" / f"{name}.png", rgb)
         write_image(out / "masks" / f"{name}.png", lab.astype(np.uint16))
         rows.append(f"{name},train,{gen.centre_names[c]},{gen.classes[k]}")
-    from .io import atomic_write_bytes
-
     atomic_write_bytes(out / "metadata.csv", ("\n".join(rows) + "\n").encode())
     return out

@@ -18,14 +18,15 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .io import ImageReadError, is_image_file, read_rgb
+from ..files import atomic_write_bytes
+from .io import ImageReadError, find_images, image_to_tensor, is_image_file, read_rgb
 
 __all__ = [
     "TileRecord",
@@ -37,9 +38,11 @@ __all__ = [
     "save_class_map",
     "load_class_map",
     "check_same_classes",
-    "find_images",
+    "round_robin",
     "ImageFiles",
 ]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -236,7 +239,7 @@ class TileFolder(Dataset):
                 raise
             warnings.warn(f"skipping unreadable tile: {err}", stacklevel=2)
             return item
-        img = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float().div_(255.0)
+        img = image_to_tensor(arr)
         if self.transform is not None:
             img = self.transform(img)
         item["image"] = img
@@ -266,8 +269,6 @@ def collate_tiles(items: list[dict]) -> dict:
 
 
 def save_class_map(path: str | Path, classes: Sequence[str]) -> Path:
-    from .io import atomic_write_bytes
-
     data = {"classes": list(classes), "class_to_index": {c: i for i, c in enumerate(classes)}}
     return atomic_write_bytes(path, json.dumps(data, indent=2).encode())
 
@@ -276,19 +277,20 @@ def load_class_map(path: str | Path) -> list[str]:
     return list(json.loads(Path(path).read_text())["classes"])
 
 
-def find_images(root: str | Path) -> list[Path]:
-    """All image files under ``root`` (recursively, sorted), or ``[root]`` for a single file."""
-    root = Path(root)
-    if root.is_file():
-        if not is_image_file(root):
-            raise ValueError(f"{root} is not an image file ({', '.join(('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp'))})")
-        return [root]
-    if not root.is_dir():
-        raise FileNotFoundError(f"not found: {root}")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and is_image_file(p))
-    if not files:
-        raise ValueError(f"no images found under {root}")
-    return files
+def round_robin(groups: Sequence[Sequence[T]], n: int) -> list[T]:
+    """Up to ``n`` items, one from each group in turn (each group's first items first).
+
+    Used wherever a few tiles should cover every class or centre: sample grids, report
+    tiles and the mosaic a classical normaliser is fitted to.
+    """
+    out: list[T] = []
+    k = 0
+    while len(out) < n and any(k < len(g) for g in groups):
+        for g in groups:
+            if k < len(g) and len(out) < n:
+                out.append(g[k])
+        k += 1
+    return out
 
 
 class ImageFiles(Dataset):
@@ -313,7 +315,7 @@ class ImageFiles(Dataset):
             warnings.warn(f"skipping unreadable image: {err}", stacklevel=2)
             self.skipped.append(str(self.files[i]))
             return None
-        img = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float().div_(255.0)
+        img = image_to_tensor(arr)
         if self.size is not None and tuple(img.shape[-2:]) != (self.size, self.size):
             img = torch.nn.functional.interpolate(img[None], size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)[0].clamp(0, 1)
         return img

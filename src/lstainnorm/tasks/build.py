@@ -1,63 +1,22 @@
-"""Building the pieces of a run from its config: normalisation layer, networks, optimiser groups."""
+"""Building the pieces of a run from its config: the classifier and the optimiser groups and schedules.
+
+(The normalisation layer is built by :func:`lstainnorm.runs.build_norm`, shared with the apply commands.)"""
 
 from __future__ import annotations
 
 import math
 import os
-from typing import Any
 
-import torch
 from torch import nn
 
-from ..factory import Identity, create_norm
-from ..fusion import LStainNorm
-from ..norm import StainNorm
-from ..template import Template
+from ..config import Config, ModelConfig
+from ..layers.fusion import LStainNorm
+from ..layers.norm import StainNorm
 
-__all__ = ["build_norm", "build_classifier", "norm_param_groups", "lr_lambdas", "resolve_template_setting"]
-
-
-def resolve_template_setting(ncfg: Any) -> Template | str | None:
-    """The template a config asks for, except ``auto`` (estimated later on the training data)."""
-    if ncfg.template_values:
-        return Template.from_config(dict(ncfg.template_values))
-    t = ncfg.templates
-    if t in (None, "", "auto"):
-        return None
-    if t == "reference":
-        return "reference"
-    return Template.load(t)
+__all__ = ["build_classifier", "norm_param_groups", "lr_lambdas"]
 
 
-def build_norm(ncfg: Any, template: Template | str | None = None) -> nn.Module:
-    """The normalisation layer of ``norm.mode`` with the resolved template."""
-    mode = ncfg.mode
-    if mode == "none":
-        return Identity()
-    if mode in ("template", "learnable"):
-        space = ncfg.space
-        mu0, sigma0 = None, None
-        if isinstance(template, Template) and space in template:
-            mu0, sigma0 = template[space]
-        elif template == "reference" and space == "lab":
-            from ..template import REFERENCE_TEMPLATES
-
-            mu0, sigma0 = REFERENCE_TEMPLATES["single"]["lab"]
-        if ncfg.mu0 is not None:
-            mu0 = list(ncfg.mu0)
-        if ncfg.sigma0 is not None:
-            sigma0 = list(ncfg.sigma0)
-        norm: nn.Module = StainNorm(space, mu0, sigma0, learnable=mode == "learnable", tissue_stats=ncfg.tissue_stats)
-    elif mode == "lstainnorm":
-        norm = LStainNorm(spaces=tuple(ncfg.spaces), templates=template, tissue_stats=ncfg.tissue_stats)
-    else:
-        norm = create_norm(mode, target=ncfg.target, cache_dir=ncfg.get("cache_dir"))
-    if ncfg.compile and hasattr(norm, "enable_compile"):
-        norm.enable_compile()
-    return norm
-
-
-def build_classifier(mcfg: Any, n_classes: int) -> nn.Module:
+def build_classifier(mcfg: ModelConfig, n_classes: int) -> nn.Module:
     """A timm classifier; pretrained weights only from a local file or the local cache."""
     import timm
 
@@ -107,7 +66,7 @@ def norm_param_groups(norm: nn.Module, lr: float, weight_decay: float) -> list[d
     return groups
 
 
-def lr_lambdas(cfg: Any, groups: list[dict]) -> list:
+def lr_lambdas(cfg: Config, groups: list[dict]) -> list:
     """One learning-rate factor per group and epoch: cosine for the network (the reference's
     CosineAnnealingLR, periodic in 2 T_max), the norm schedule for the normalisation groups."""
     o, n = cfg.optim, cfg.norm
@@ -127,7 +86,3 @@ def lr_lambdas(cfg: Any, groups: list[dict]) -> list:
         else:
             out.append(lambda e: 1.0)
     return out
-
-
-def trainable(module: nn.Module) -> list[torch.nn.Parameter]:
-    return [p for p in module.parameters() if p.requires_grad]

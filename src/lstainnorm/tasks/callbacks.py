@@ -7,8 +7,6 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +14,7 @@ import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from ..data.io import _umask, atomic_write_bytes
+from ..files import atomic_path, atomic_write_bytes
 
 __all__ = ["HistoryCallback", "AtomicCheckpointIO", "DDPConsistencyCallback", "InterruptAfterEpochs"]
 
@@ -26,17 +24,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     mid-write leaves the previous checkpoint intact, never a truncated one."""
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".ckpt", dir=path.parent)
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             torch.save(checkpoint, tmp)
-            os.chmod(tmp, 0o666 & ~_umask())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
 
 
 def _scalar(v: Any) -> Any:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 import torchmetrics.functional.classification as FC
@@ -10,10 +10,11 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC, MulticlassF1Score
 
+from ..config import Config
 from .build import build_classifier
-from .data import centre_index, flips
+from .loaders import centre_index, flips
 
-__all__ = ["ClassificationTask", "classification_metrics"]
+__all__ = ["ClassificationTask", "classification_metrics", "in_cross_summary"]
 
 
 def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, n_classes: int) -> dict[str, Any]:
@@ -39,10 +40,12 @@ def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, n_classes:
 
 
 class ClassificationTask:
-    monitor = "val/acc"
-    mode = "max"
+    """Tile classification (:class:`~lstainnorm.tasks.base.Task`): a timm backbone, cross-entropy,
+    accuracy / balanced accuracy / macro-F1 / AUROC overall and per centre."""
 
-    def __init__(self, cfg: Any, classes: Sequence[str], centres: Sequence[str]) -> None:
+    monitor: ClassVar[str] = "val/acc"
+
+    def __init__(self, cfg: Config, classes: Sequence[str], centres: Sequence[str]) -> None:
         self.cfg = cfg
         self.classes = list(classes)
         self.centres = list(centres)
@@ -73,11 +76,11 @@ class ClassificationTask:
     def predict(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model(x)
 
-    def update(self, out: torch.Tensor, batch: dict, stage: str) -> None:
+    def update(self, out: torch.Tensor, batch: dict) -> None:
         m = self.val_metrics.to(out.device)
         m.update(out.float().softmax(-1), batch["label"])
 
-    def compute(self, stage: str) -> dict[str, float]:
+    def compute(self) -> dict[str, float]:
         vals = {k: float(v) for k, v in self.val_metrics.compute().items()}
         self.val_metrics.reset()
         return vals
@@ -123,4 +126,19 @@ def _gather_uneven(module, *tensors: torch.Tensor) -> list[torch.Tensor]:
         pad = torch.zeros((top - t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
         g = module.all_gather(torch.cat([t, pad]))  # (world, top, ...)
         out.append(torch.cat([g[r, : int(sizes[r])] for r in range(g.shape[0])]))
+    return out
+
+
+def in_cross_summary(test: dict, train_centres: Sequence[str]) -> dict:
+    """Tile-weighted accuracy over training centres (in-centre) and over the others (cross-centre)."""
+    out = {}
+    for name, sel in (("in_centre", lambda c: c in train_centres), ("cross_centre", lambda c: c not in train_centres)):
+        parts = [(v["n"], v) for c, v in test.get("per_centre", {}).items() if sel(c) and v.get("n")]
+        n = sum(p[0] for p in parts)
+        if n:
+            out[name] = {
+                "n": n,
+                "centres": [c for c, v in test["per_centre"].items() if sel(c)],
+                **{m: sum(k * v[m] for k, v in parts) / n for m in ("acc", "bal_acc", "f1")},
+            }
     return out

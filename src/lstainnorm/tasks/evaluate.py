@@ -1,46 +1,59 @@
-"""``lstainnorm evaluate``: a trained run (or checkpoint) on a new tile folder or manifest."""
+"""``lstainnorm evaluate`` and ``lstainnorm predict``: a trained run on new data.
+
+Checkpoints are read through :mod:`lstainnorm.runs` (as data only); the whole module
+(normalisation layer and task network) is rebuilt from the run's config and weights.
+"""
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import Sequence
 
 import lightning as L
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
-from ..data.io import atomic_write_bytes
+from ..apply.predict import predict_folder
+from ..data.segmentation import SegmentationDataset, collate_segmentation
 from ..data.tiles import TileFolder, collate_tiles
-from .data import resize_transform
+from ..runs import find_checkpoint, load_checkpoint, run_dir_of, write_json
+from .classify import in_cross_summary
+from .loaders import resize_transform, segmentation_records
 from .module import StainNormModule
-from .train import _clean, _json_default, in_cross_summary
 
-__all__ = ["find_checkpoint", "load_module", "evaluate"]
-
-
-def find_checkpoint(run_or_ckpt: str | Path) -> Path:
-    """``RUN_DIR`` -> ``RUN_DIR/checkpoints/best.ckpt`` (else ``last.ckpt``); a file is used as is."""
-    p = Path(run_or_ckpt)
-    if p.is_file():
-        return p
-    if p.is_dir():
-        for name in ("best.ckpt", "last.ckpt"):
-            c = p / "checkpoints" / name
-            if c.is_file():
-                return c
-        raise FileNotFoundError(f"no checkpoints/best.ckpt or last.ckpt in run directory {p}")
-    raise FileNotFoundError(f"run directory or checkpoint not found: {p}")
+__all__ = ["load_module", "evaluate", "predict"]
 
 
 def load_module(run_or_ckpt: str | Path) -> StainNormModule:
-    ckpt = find_checkpoint(run_or_ckpt)
+    """The trained module of a run (or checkpoint file), in eval mode, on the CPU.
+
+    The checkpoint is loaded as plain data (:func:`lstainnorm.runs.load_checkpoint`); the module
+    is rebuilt from the hyper-parameters stored in it, then given its weights.
+    """
+    ckpt_path = find_checkpoint(run_or_ckpt)
+    ckpt = load_checkpoint(ckpt_path)
     try:
-        module = StainNormModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise ValueError(f"cannot load checkpoint {ckpt}: {type(err).__name__}: {err}") from err
-    module.eval()
-    return module
+        module = StainNormModule(**ckpt["hyper_parameters"])
+        module.load_state_dict(ckpt["state_dict"])
+    except (TypeError, KeyError, RuntimeError) as err:
+        raise ValueError(f"cannot load checkpoint {ckpt_path}: {type(err).__name__}: {err}") from err
+    return module.eval()
+
+
+def _test(module: StainNormModule, ds: Dataset, collate, batch_size: int, progress: bool) -> dict:
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=0)
+    trainer = L.Trainer(accelerator="auto", devices=1, logger=False, enable_progress_bar=progress, enable_model_summary=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        trainer.test(module, loader, verbose=False)
+    return dict(module.test_results)
+
+
+def _with_centres(module: StainNormModule, centres: Sequence[str]) -> None:
+    """Add the data's centres to the module's list (per-centre metrics), keeping its order."""
+    extra = sorted(set(centres) - set(module.centres))
+    module.centres = module.centres + extra
+    module.task.centres = module.centres
 
 
 def evaluate(
@@ -53,44 +66,48 @@ def evaluate(
     batch_size: int | None = None,
     progress: bool = True,
 ) -> dict:
-    """Evaluate a trained classifier on ``data`` (a class-folder tree or a manifest CSV).
+    """Evaluate a trained run on ``data`` and write the result JSON.
 
-    Unreadable images are skipped with a warning and listed in the result. Writes the result
-    JSON (default: ``RUN_DIR/eval_<data name>.json``) and returns it.
+    Classification: a class-folder tree or a manifest CSV (``split``, ``centres`` select from
+    it). Segmentation: a folder with ``images/`` and ``masks/`` (or MoNuSeg's layout).
+    Unreadable images are skipped with a warning and listed in the result. The JSON goes to
+    ``out`` (default ``RUN_DIR/eval_<data name>.json``).
     """
     ckpt = find_checkpoint(run_or_ckpt)
     module = load_module(ckpt)
     cfg = module.cfg
-    if cfg.task != "classification":
-        from .segment import evaluate_segmentation
-
-        return evaluate_segmentation(module, ckpt, data, out=out, progress=progress)
-    tf = resize_transform(cfg.data.image_size)
     data = Path(data)
-    if data.suffix.lower() == ".csv":
-        ds = TileFolder.from_manifest(data, split=split, centres=centres, classes=module.classes, transform=tf)
+    if cfg.task == "segmentation":
+        recs = segmentation_records(data, cfg)
+        _with_centres(module, [r.centre for r in recs])
+        res = _test(module, SegmentationDataset(recs, scale=cfg.segmentation.scale), collate_segmentation, 1, progress)
     else:
-        ds = TileFolder(data, classes=module.classes, transform=tf)
-    if not module.centres:
-        module.centres = sorted(set(ds.centres))
-        module.task.centres = module.centres
-    else:
-        extra = sorted(set(ds.centres) - set(module.centres))
-        if extra:
-            module.centres = module.centres + extra
-            module.task.centres = module.centres
-    loader = DataLoader(ds, batch_size=batch_size or cfg.data.eval_batch_size or cfg.data.batch_size, shuffle=False, collate_fn=collate_tiles, num_workers=0)
-    trainer = L.Trainer(accelerator="auto", devices=1, logger=False, enable_progress_bar=progress, enable_model_summary=False)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        trainer.test(module, loader, verbose=False)
-    res = dict(module.test_results)
-    res.update(in_cross_summary(res, list(cfg.data.train_centres or [])) if cfg.data.train_centres else {})
+        tf = resize_transform(cfg.data.image_size)
+        if data.suffix.lower() == ".csv":
+            ds = TileFolder.from_manifest(data, split=split, centres=centres, classes=module.classes, transform=tf)
+        else:
+            ds = TileFolder(data, classes=module.classes, transform=tf)
+        _with_centres(module, ds.centres)
+        res = _test(module, ds, collate_tiles, batch_size or cfg.data.eval_batch_size or cfg.data.batch_size, progress)
+        if cfg.data.train_centres:
+            res.update(in_cross_summary(res, list(cfg.data.train_centres)))
     res["checkpoint"] = str(ckpt)
     res["data"] = str(data)
     res["skipped_files"] = sorted(module.skipped)
-    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-    out = Path(out) if out else run_dir / f"eval_{data.stem if data.suffix else data.name}.json"
-    atomic_write_bytes(out, json.dumps(_clean(res), indent=2, default=_json_default).encode())
+    out = Path(out) if out else run_dir_of(ckpt) / f"eval_{data.stem if data.suffix else data.name}.json"
+    write_json(out, res)
     res["output"] = str(out)
     return res
+
+
+def predict(run: str | Path, inp: str | Path, output: str | Path, progress: bool = True) -> dict:
+    """Segment every image of ``inp`` with a trained segmentation run (see
+    :func:`lstainnorm.apply.predict.predict_folder` for the outputs)."""
+    module = load_module(run)
+    if module.cfg.task != "segmentation":
+        raise ValueError(f"{run} is a {module.cfg.task} run; lstainnorm predict needs a segmentation run")
+    s = module.cfg.segmentation
+    return predict_folder(
+        lambda x: module.task.predict(module.model, x), inp, output,
+        scale=s.scale, threshold=s.threshold, watershed=s.watershed, min_size=s.min_size, progress=progress,
+    )

@@ -13,23 +13,20 @@ from typing import Any
 import lightning as L
 import torch
 
-from ..model import StainNormalized
-from ..template import Template
-from .build import build_norm, lr_lambdas, norm_param_groups, resolve_template_setting
+from ..baselines.augment import create_augmentation
+from ..config import config_from_dict
+from ..layers.model import StainNormalized
+from ..layers.template import Template
+from ..runs import build_norm, resolve_template_setting
+from .base import Task
+from .build import lr_lambdas, norm_param_groups
+from .classify import ClassificationTask
+from .segment import SegmentationTask
 
-__all__ = ["StainNormModule"]
+__all__ = ["StainNormModule", "TASKS"]
 
-
-def _make_task(name: str):
-    if name == "classification":
-        from .classify import ClassificationTask
-
-        return ClassificationTask
-    if name == "segmentation":
-        from .segment import SegmentationTask
-
-        return SegmentationTask
-    raise ValueError(f"unknown task {name!r}")
+# ``task:`` in the config -> the Task that implements it.
+TASKS: dict[str, type[Task]] = {"classification": ClassificationTask, "segmentation": SegmentationTask}
 
 
 class StainNormModule(L.LightningModule):
@@ -53,9 +50,7 @@ class StainNormModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        from omegaconf import OmegaConf
-
-        self.cfg = OmegaConf.create(config)
+        self.cfg = config_from_dict(config)
         self.classes = list(classes)
         self.centres = list(centres or [])
         if isinstance(template, dict):
@@ -64,17 +59,15 @@ class StainNormModule(L.LightningModule):
             tpl = template
         else:
             tpl = resolve_template_setting(self.cfg.norm)
-        self.task = _make_task(self.cfg.task)(self.cfg, self.classes, self.centres)
+        self.task: Task = TASKS[self.cfg.task](self.cfg, self.classes, self.centres)
         self.norm = build_norm(self.cfg.norm, tpl)
         self.net = self.task.build_net()
         self.model = StainNormalized(self.net, self.norm)
         self.skipped: set[str] = set()
         self.augment = None
-        mode = self.cfg.data.get("augment", "none")
+        mode = self.cfg.data.augment
         if mode and mode != "none":
-            from ..augment import create_augmentation
-
-            self.augment = create_augmentation(mode, self.cfg, augment_stats)
+            self.augment = create_augmentation(mode, self.cfg.data.augment_strength, augment_stats)
         # Classical normalisers are a fixed pre-processing step: applied before augmentation.
         self.preprocess = bool(getattr(self.norm, "preprocessing", False))
 
@@ -122,10 +115,10 @@ class StainNormModule(L.LightningModule):
         out = self.task.predict(self.model, batch["image"])
         loss = self.task.loss(out, self.task.target(batch))
         self.log("val/loss", loss, on_step=False, on_epoch=True, prog_bar=False, batch_size=batch["image"].shape[0], sync_dist=True)
-        self.task.update(out, batch, "val")
+        self.task.update(out, batch)
 
     def on_validation_epoch_end(self) -> None:
-        for k, v in self.task.compute("val").items():
+        for k, v in self.task.compute().items():
             self.log(f"val/{k}", v, prog_bar=k in ("acc", "dice"), sync_dist=False)
 
     def test_step(self, batch: dict, batch_idx: int):

@@ -15,8 +15,7 @@ Run directory ``output_path/<YYYYmmdd_HHMMSS>_<postfix>/``::
 
 from __future__ import annotations
 
-import datetime as _dt
-import json
+import csv
 import logging
 import math
 import os
@@ -26,19 +25,30 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import lightning as L
+import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+import yaml
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
 
-from ..data.io import atomic_write_bytes
+from ..baselines.augment import stain_statistics
+from ..baselines.classical import mosaic_indices, training_mosaic
+from ..config import Config, to_dict
+from ..data.io import tensor_to_image, write_image
 from ..data.tiles import save_class_map
-from ..template import Template, estimate_template
+from ..files import atomic_write_bytes
+from ..layers.template import Template, estimate_template
+from ..runs import RUN_DIR_ENV, new_run_dir, resolve_template_setting, write_json
 from .callbacks import AtomicCheckpointIO, DDPConsistencyCallback, HistoryCallback, InterruptAfterEpochs
+from .classify import in_cross_summary
+from .evaluate import load_module
+from .loaders import ClassificationData, SegmentationData, build_data, sample_tiles
 from .module import StainNormModule
 
-__all__ = ["train", "run_dir_for", "RUN_DIR_ENV"]
+__all__ = ["train", "RUN_DIR_ENV"]
 
 log = logging.getLogger("lstainnorm")
-RUN_DIR_ENV = "LSTAINNORM_RUN_DIR"
+Data = ClassificationData | SegmentationData
 
 
 def _rank() -> int:
@@ -49,21 +59,6 @@ def _rank() -> int:
             except ValueError:
                 pass
     return 0
-
-
-def run_dir_for(cfg: DictConfig) -> Path:
-    """A new run directory (shared with DDP child processes through an environment variable)."""
-    if os.environ.get(RUN_DIR_ENV):
-        return Path(os.environ[RUN_DIR_ENV])
-    stamp = _dt.datetime.now().strftime("%Y%m%d_%H%M%S")
-    base = Path(cfg.output_path) / f"{stamp}_{cfg.postfix}"
-    path, i = base, 1
-    while path.exists():
-        path = base.with_name(f"{base.name}-{i}")
-        i += 1
-    path.mkdir(parents=True)
-    os.environ[RUN_DIR_ENV] = str(path)
-    return path
 
 
 class _NoTips(logging.Filter):
@@ -97,19 +92,25 @@ def _setup_logging(run_dir: Path) -> None:
     log.propagate = False
 
 
-def _template_spaces(cfg: DictConfig) -> list[str]:
+def _template_spaces(cfg: Config) -> list[str]:
     return [cfg.norm.space] if cfg.norm.mode in ("template", "learnable") else list(cfg.norm.spaces)
 
 
-def resolve_initial_template(cfg: DictConfig, data, run_dir: Path):
-    """The template the run starts from; ``auto`` estimates it on the training split."""
-    from .build import resolve_template_setting
+def _image_loader(cfg: Config, data: Data) -> DataLoader:
+    """The training images in order, for template and stain statistics (whole images for segmentation)."""
+    bs = cfg.data.batch_size if cfg.task == "classification" else 1
+    return DataLoader(data.template_source(), batch_size=bs, shuffle=False, num_workers=cfg.data.num_workers, collate_fn=data.collate)
 
+
+def resolve_initial_template(cfg: Config, data: Data, run_dir: Path) -> Template | str | None:
+    """The template the run starts from; ``auto`` estimates it on the training split (once: a
+    resumed run reads ``template_init.yaml``)."""
     path = run_dir / "template_init.yaml"
     if cfg.norm.templates == "auto" and not cfg.norm.template_values and cfg.norm.mode in ("template", "learnable", "lstainnorm"):
         if path.is_file():
             return Template.load(path)
-        tpl = estimate_template_stream(cfg, data.template_source(), data.collate)
+        tpl = estimate_template(_image_loader(cfg, data), spaces=_template_spaces(cfg), tissue_mask=True, progress=cfg.trainer.progress)
+        tpl.meta["source"] = "training split"
         if _rank() == 0:
             tpl.save(path)
         log.info("template estimated on %d training tiles: %s", tpl.meta.get("n_images", 0), path)
@@ -120,199 +121,74 @@ def resolve_initial_template(cfg: DictConfig, data, run_dir: Path):
     return tpl
 
 
-def resolve_augment_stats(cfg: DictConfig, data, run_dir: Path) -> dict | None:
+def resolve_augment_stats(cfg: Config, data: Data, run_dir: Path) -> dict | None:
     """RandStainNA's training-set stain statistics (saved as randstainna.yaml, reused on resume)."""
-    if cfg.data.get("augment") != "randstainna":
+    if cfg.data.augment != "randstainna":
         return None
-    import yaml
-
     path = run_dir / "randstainna.yaml"
     if path.is_file():
         return yaml.safe_load(path.read_text())
-    from torch.utils.data import DataLoader
-
-    from ..augment import stain_statistics
-
-    bs = cfg.data.batch_size if cfg.task == "classification" else 1
-    loader = DataLoader(data.template_source(), batch_size=bs, shuffle=False, num_workers=cfg.data.num_workers, collate_fn=data.collate)
-    stats = stain_statistics(loader, progress=cfg.trainer.progress)
+    stats = stain_statistics(_image_loader(cfg, data), progress=cfg.trainer.progress)
     if _rank() == 0:
         atomic_write_bytes(path, yaml.safe_dump(stats, sort_keys=False).encode())
     log.info("RandStainNA statistics of %d training tiles: %s", stats["n_images"], path)
     return stats
 
 
-def fit_classical(cfg: DictConfig, module: StainNormModule, data, run_dir: Path) -> None:
+def fit_classical(cfg: Config, module: StainNormModule, data: Data, run_dir: Path) -> None:
     """Fit a classical normaliser without a target image to a mosaic of training tiles."""
     norm = module.norm
     if not getattr(norm, "preprocessing", False) or norm.is_fitted:
         return
-    from ..baselines import training_mosaic
-
     source = data.template_source()
     # The target depends on the training set only (not on the run's seed): runs that differ in
     # seed compare networks, not templates, and share the normalised-tile cache.
-    picks = training_mosaic_indices(data.labels, 16, 0)
-    imgs = [source[i]["image"] for i in picks]
+    imgs = [source[i]["image"] for i in mosaic_indices(data.labels, 16, 0)]
+    imgs = [im for im in imgs if im is not None]
     if cfg.task == "segmentation":  # whole images: take a tile-sized crop of each
         size = min(256, *(min(im.shape[-2:]) for im in imgs))
         imgs = [im[:, :size, :size] for im in imgs]
-    imgs = [im for im in imgs if im is not None]
     mosaic = training_mosaic(imgs, n=len(imgs), seed=0)
     norm.fit(mosaic)
-    from ..data.io import write_image
-
     if _rank() == 0:
-        write_image(run_dir / "classical_target.png", (mosaic[0].permute(1, 2, 0).numpy() * 255 + 0.5).astype("uint8"))
+        write_image(run_dir / "classical_target.png", tensor_to_image(mosaic[0]))
     log.info("%s fitted to a mosaic of %d training tiles (classical_target.png)", cfg.norm.mode, len(imgs))
 
 
-def training_mosaic_indices(labels, n: int, seed: int) -> list[int]:
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    labels = np.asarray(labels)
-    per = [rng.permutation(np.flatnonzero(labels == c)).tolist() for c in np.unique(labels)]
-    out: list[int] = []
-    while len(out) < min(n, len(labels)) and any(per):
-        for p in per:
-            if p and len(out) < n:
-                out.append(p.pop())
-    return out
-
-
-def estimate_template_stream(cfg: DictConfig, train_ds, collate) -> Template:
-    """Stream the training tiles through :func:`estimate_template` (batched, progress bar)."""
-    from torch.utils.data import DataLoader
-
-    bs = cfg.data.batch_size if cfg.task == "classification" else 1
-    loader = DataLoader(train_ds, batch_size=bs, shuffle=False, num_workers=cfg.data.num_workers, collate_fn=collate)
-    tpl = estimate_template(loader, spaces=_template_spaces(cfg), tissue_mask=True, progress=cfg.trainer.progress)
-    tpl.meta["source"] = "training split"
-    return tpl
-
-
-def _json_default(o: Any):
-    if isinstance(o, float) and math.isnan(o):
-        return None
-    if isinstance(o, (Path,)):
-        return str(o)
-    return str(o)
-
-
-def _clean(o: Any) -> Any:
-    if isinstance(o, float):
-        return None if math.isnan(o) or math.isinf(o) else o
-    if isinstance(o, dict):
-        return {k: _clean(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_clean(v) for v in o]
-    return o
-
-
-def in_cross_summary(test: dict, train_centres: Sequence[str]) -> dict:
-    """Tile-weighted accuracy over training centres (in-centre) and over the others (cross-centre)."""
-    out = {}
-    for name, sel in (("in_centre", lambda c: c in train_centres), ("cross_centre", lambda c: c not in train_centres)):
-        parts = [(v["n"], v) for c, v in test.get("per_centre", {}).items() if sel(c) and v.get("n")]
-        n = sum(p[0] for p in parts)
-        if n:
-            out[name] = {
-                "n": n,
-                "centres": [c for c, v in test["per_centre"].items() if sel(c)],
-                **{m: sum(k * v[m] for k, v in parts) / n for m in ("acc", "bal_acc", "f1")},
-            }
-    return out
-
-
-def save_normalization_grid(module: StainNormModule, datasets, path: Path, n: int = 8) -> Path | None:
+def save_normalization_grid(module: StainNormModule, data: Data, path: Path, n: int = 8) -> Path | None:
     """Tiles before (top row) and after (bottom row) normalisation: validation tiles, and test
-    tiles of other centres when there are any, taken round-robin over (centre, class)."""
-    import numpy as np
-
-    from ..data.io import write_image
-
-    pools: dict[tuple, list] = {}
-    for ds in datasets:
-        if ds is None:
-            continue
-        centres = getattr(ds, "centres", None) or [""] * len(ds)
-        labels = getattr(ds, "labels", None) or [0] * len(ds)
-        for i in range(len(ds)):
-            pools.setdefault((centres[i], labels[i]), []).append((ds, i))
-    keys = sorted(pools, key=lambda k: (k[1], k[0]))
-    picks: list = []
-    while len(picks) < n and any(pools[k] for k in keys):
-        for k in keys:
-            if pools[k] and len(picks) < n:
-                picks.append(pools[k].pop(0))
-    items = [ds[i] for ds, i in picks]
-    imgs = [it["image"] for it in items if it["image"] is not None]
-    if not imgs:
+    tiles of other centres when there are any, taken round-robin over (class, centre)."""
+    x = sample_tiles(data, n)
+    if x is None:
         return None
-    size = min(256, *(min(im.shape[-2:]) for im in imgs))  # whole segmentation images: a 256 crop each
-    x = torch.stack([im[:, :size, :size] for im in imgs])
     module.eval()
     with torch.no_grad():
-        y = module.normalize(x.to(module.device)).float().clamp(0, 1).cpu()
-    gap = 2
+        y = module.normalize(x.to(module.device)).float().cpu()
+    gap, size = 2, x.shape[-1]
     rows = []
     for t in (x, y):
-        tiles = [(im.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8) for im in t]
-        row = np.full((size, len(tiles) * (size + gap) - gap, 3), 255, np.uint8)
-        for j, tile in enumerate(tiles):
+        row = np.full((size, len(t) * (size + gap) - gap, 3), 255, np.uint8)
+        for j, tile in enumerate(tensor_to_image(t)):
             row[:, j * (size + gap) : j * (size + gap) + size] = tile
         rows.append(row)
     grid = np.concatenate([rows[0], np.full((gap, rows[0].shape[1], 3), 255, np.uint8), rows[1]])
     return write_image(path, grid)
 
 
-def train(
-    cfg: DictConfig,
-    notes: Sequence[str] = (),
-    resume: str | Path | None = None,
-    extra_callbacks: Sequence[L.Callback] = (),
-) -> dict:
-    """Train (and test) one run; returns the content of ``metrics.json`` plus ``run_dir``."""
-    t0 = time.time()
-    if resume is not None:
-        run_dir = Path(resume)
-        last = run_dir / "checkpoints" / "last.ckpt"
-        if not last.is_file():
-            raise FileNotFoundError(f"cannot resume {run_dir}: no checkpoints/last.ckpt (nothing to resume)")
-        os.environ[RUN_DIR_ENV] = str(run_dir)
-    else:
-        run_dir = run_dir_for(cfg)
-        last = None
-    _setup_logging(run_dir)
-    for n in notes:
-        log.info(n)
-    if cfg.trainer.threads:
-        torch.set_num_threads(int(cfg.trainer.threads))
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
+def _start(cfg: Config, resume: str | Path | None) -> tuple[Path, Path | None]:
+    """The run folder and, when resuming, the checkpoint to continue from."""
+    if resume is None:
+        return new_run_dir(cfg.output_path, cfg.postfix), None
+    run_dir = Path(resume)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        raise FileNotFoundError(f"cannot resume {run_dir}: no checkpoints/last.ckpt (nothing to resume)")
+    os.environ[RUN_DIR_ENV] = str(run_dir)
+    return run_dir, last
 
-    if cfg.task == "segmentation":
-        from .segment import build_segmentation_data
 
-        data = build_segmentation_data(cfg)
-    else:
-        from .data import build_classification_data
-
-        data = build_classification_data(cfg, cfg.seed)
-    for n in data.notes:
-        log.info(n)
-    template = resolve_initial_template(cfg, data, run_dir)
-    tpl_arg = template.to_config() if isinstance(template, Template) else template
-    augment_stats = resolve_augment_stats(cfg, data, run_dir)
-    container = OmegaConf.to_container(cfg, resolve=True)
-    module = StainNormModule(container, data.classes, data.centres, tpl_arg, augment_stats)
-    fit_classical(cfg, module, data, run_dir)
-    if _rank() == 0:
-        atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
-        save_class_map(run_dir / "classes.json", data.classes)
-    train_loader, val_loader, test_loader = data.loaders(cfg, cfg.seed)
-
-    monitor = cfg.trainer.monitor if cfg.task == "classification" or cfg.trainer.monitor != "val/acc" else module.task.monitor
+def _make_trainer(cfg: Config, run_dir: Path, monitor: str, extra_callbacks: Sequence[L.Callback]) -> tuple[L.Trainer, Any, Any]:
+    """The Lightning Trainer of a run; returns it with its best-checkpoint and early-stopping callbacks."""
     mode = "min" if "loss" in monitor else "max"
     ckpt = L.pytorch.callbacks.ModelCheckpoint(
         dirpath=run_dir / "checkpoints", filename="best", monitor=monitor, mode=mode, save_top_k=1,
@@ -348,11 +224,58 @@ def train(
         plugins=[AtomicCheckpointIO()],
         num_sanity_val_steps=0,
     )
+    return trainer, ckpt, stop
+
+
+def _all_skipped(trainer: L.Trainer, *modules: StainNormModule) -> list[str]:
+    """Unreadable files met by any module on any DDP rank."""
+    skipped = sorted(set().union(*(m.skipped for m in modules)))
+    if trainer.world_size > 1:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            lists: list = [None] * trainer.world_size
+            dist.all_gather_object(lists, skipped)
+            skipped = sorted({p for lst in lists for p in lst})
+    return skipped
+
+
+def train(
+    cfg: Config,
+    notes: Sequence[str] = (),
+    resume: str | Path | None = None,
+    extra_callbacks: Sequence[L.Callback] = (),
+) -> dict:
+    """Train (and test) one run; returns the content of ``metrics.json`` plus ``run_dir``."""
+    t0 = time.time()
+    run_dir, last = _start(cfg, resume)
+    _setup_logging(run_dir)
+    for n in notes:
+        log.info(n)
+    if cfg.trainer.threads:
+        torch.set_num_threads(int(cfg.trainer.threads))
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    data = build_data(cfg)
+    for n in data.notes:
+        log.info(n)
+    template = resolve_initial_template(cfg, data, run_dir)
+    tpl_arg = template.to_config() if isinstance(template, Template) else template
+    module = StainNormModule(to_dict(cfg), data.classes, data.centres, tpl_arg, resolve_augment_stats(cfg, data, run_dir))
+    fit_classical(cfg, module, data, run_dir)
+    if _rank() == 0:
+        atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
+        save_class_map(run_dir / "classes.json", data.classes)
+    train_loader, val_loader, test_loader = data.loaders(cfg, cfg.seed)
+
+    monitor = cfg.trainer.monitor if cfg.task == "classification" or cfg.trainer.monitor != "val/acc" else module.task.monitor
+    trainer, ckpt, stop = _make_trainer(cfg, run_dir, monitor, extra_callbacks)
     log.info("run directory: %s", run_dir)
     trainer.fit(module, train_loader, val_loader, ckpt_path=str(last) if last else None)
 
     best_path = ckpt.best_model_path or str(run_dir / "checkpoints" / "last.ckpt")
     best_score = ckpt.best_model_score
+    mode = "min" if "loss" in monitor else "max"
     results: dict[str, Any] = {
         "run_dir": str(run_dir),
         "best_checkpoint": best_path,
@@ -362,32 +285,22 @@ def train(
         "epochs_run": trainer.current_epoch,
         "stopped_early": bool(stop.stopped_epoch),
     }
-    best = StainNormModule.load_from_checkpoint(best_path, map_location="cpu", weights_only=False)
-    val_results = _evaluate_loader(trainer, best, val_loader)
-    results["val"] = val_results
+    best = load_module(best_path)
+    results["val"] = _evaluate_loader(trainer, best, val_loader)
     if test_loader is not None:
-        test = _evaluate_loader(trainer, best, test_loader)
-        results["test"] = test
+        results["test"] = _evaluate_loader(trainer, best, test_loader)
         if cfg.task == "classification":
-            results.update(in_cross_summary(test, data.train_centres))
-    skipped = sorted(set(module.skipped) | set(best.skipped))
-    if trainer.world_size > 1:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            lists: list = [None] * trainer.world_size
-            dist.all_gather_object(lists, skipped)
-            skipped = sorted({p for lst in lists for p in lst})
-    results["skipped_files"] = skipped
+            results.update(in_cross_summary(results["test"], data.train_centres))
+    results["skipped_files"] = _all_skipped(trainer, module, best)
     if hasattr(module.norm, "stats"):
         results["norm_fallbacks"] = {"train": module.norm.stats(), "evaluation": best.norm.stats()}
     results["template"] = best.template_record()
     results["train_centres"] = list(data.train_centres)
     results["seconds"] = round(time.time() - t0, 1)
     if trainer.is_global_zero:
-        grid = save_normalization_grid(best, [data.val, data.test], run_dir / "normalization.png")
+        grid = save_normalization_grid(best, data, run_dir / "normalization.png")
         results["normalization_grid"] = str(grid) if grid else None
-        atomic_write_bytes(run_dir / "metrics.json", json.dumps(_clean(results), indent=2, default=_json_default).encode())
+        write_json(run_dir / "metrics.json", results)
         log.info(summary(results))
     return results
 
@@ -406,8 +319,6 @@ def _evaluate_loader(trainer: L.Trainer, module: StainNormModule, loader) -> dic
 
 
 def _best_epoch(run_dir: Path, monitor: str, mode: str) -> int | None:
-    import csv
-
     path = run_dir / "history.csv"
     if not path.is_file():
         return None

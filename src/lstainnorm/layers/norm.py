@@ -29,8 +29,10 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_image, check_rgb_range, compute_dtype
+from .checks import check_image, check_rgb_range, compute_dtype
 from .color import ColorSpace, get_space
+from .registry import register_norm
+from .template import Template
 from .tissue import channel_stats, tissue_mask, tissue_weight
 
 __all__ = ["StainNorm", "stain_norm", "space_stats", "DEFAULT_EPS"]
@@ -300,8 +302,16 @@ class StainNorm(_CompilableNorm):
         """Normalise ``x``; ``stats`` optionally replaces the per-image (mean, std)."""
         return self._run(x, stats)
 
-    def template(self):
+    def template(self) -> Template:
         """The current (learned) template, as a :class:`lstainnorm.Template`."""
-        from .template import Template
-
         return Template({self.space.name: (self.mu.detach().tolist(), self.sigma.detach().tolist())})
+
+
+@register_norm("template")
+def _template(space: str = "lab", mu0=None, sigma0=None, **kwargs) -> StainNorm:
+    return StainNorm(space, mu0, sigma0, learnable=False, **kwargs)
+
+
+@register_norm("learnable")
+def _learnable(space: str = "lab", mu0=None, sigma0=None, **kwargs) -> StainNorm:
+    return StainNorm(space, mu0, sigma0, learnable=True, **kwargs)

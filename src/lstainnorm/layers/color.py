@@ -37,7 +37,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_image
+from .checks import check_image
 
 __all__ = [
     "ColorSpace",

@@ -1,4 +1,4 @@
-"""A literal transcription of method.md section 2 (the reference's ``SA3``), for checks only.
+"""A literal transcription of method.md section 2 (the reference's ``SA3``), for tests and benchmarks only (not part of the installed package).
 
 It follows the published recipe line by line with kornia's converters, ``torch.std``,
 full-size ``nn.Conv2d`` 1x1 convolutions, ``nn.MaxPool2d(8)``, ``torch.bmm`` and
@@ -15,7 +15,7 @@ import kornia
 import torch
 from torch import Tensor, nn
 
-from .template import resolve_templates
+from lstainnorm.layers.template import resolve_templates
 
 __all__ = ["ReferenceSA3", "ReferenceLabPreNorm"]
 

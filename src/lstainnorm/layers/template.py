@@ -23,6 +23,7 @@ import yaml
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from ..files import atomic_write_bytes
 from .color import get_space
 from .tissue import channel_stats
 from .tissue import tissue_mask as _tissue_mask_fn
@@ -159,8 +160,6 @@ class Template:
             "# mean (mu0_*) and std (sigma0_*), in internal units: Lab L*a*b*; HSV hue in radians,\n"
             "# S and V 0-1; RGB 0-1; HED optical density. Usable as a training config fragment.\n"
         )
-        from .data.io import atomic_write_bytes
-
         text = header + yaml.safe_dump(self.to_config(), sort_keys=False, default_flow_style=None)
         return atomic_write_bytes(path, text.encode())
 

@@ -28,10 +28,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_image, check_rgb_range
-from .factory import register_norm
+from ..data.io import image_to_tensor, read_rgb
+from ..data.tiles import round_robin
+from ..files import atomic_write_bytes
+from ..layers.checks import check_image, check_rgb_range
+from ..layers.color import rgb_to_lab
+from ..layers.tissue import tissue_mask
 
-__all__ = ["ClassicalNorm", "tissue_fraction", "training_mosaic", "METHODS"]
+__all__ = ["ClassicalNorm", "tissue_fraction", "training_mosaic", "mosaic_indices", "METHODS", "reinhard", "macenko", "vahadane"]
 
 log = logging.getLogger("lstainnorm")
 METHODS = ("reinhard", "macenko", "vahadane")
@@ -39,29 +43,26 @@ METHODS = ("reinhard", "macenko", "vahadane")
 
 def tissue_fraction(x: Tensor, luminosity_threshold: float = 0.8) -> Tensor:
     """Fraction of tissue pixels per image, (B,): darker than ``luminosity_threshold`` (Lab L* / 100)
-    and not black (:func:`lstainnorm.tissue.tissue_mask`)."""
-    from .color import rgb_to_lab
-    from .tissue import tissue_mask
-
+    and not black (:func:`lstainnorm.layers.tissue.tissue_mask`)."""
     lum = rgb_to_lab(x)[:, 0] / 100.0
     return ((lum < luminosity_threshold) & tissue_mask(x)[:, 0]).float().mean(dim=(1, 2))
+
+
+def mosaic_indices(labels: Sequence[int], n: int = 16, seed: int = 0) -> list[int]:
+    """Up to ``n`` tile indices, taken round-robin over the classes (each class shuffled by ``seed``)."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    groups = [rng.permutation(np.flatnonzero(labels == c)).tolist()[::-1] for c in np.unique(labels)]
+    return round_robin(groups, n)
 
 
 def training_mosaic(images: Sequence[Tensor], labels: Sequence[int] | None = None, n: int = 16, seed: int = 0) -> Tensor:
     """A square mosaic of up to ``n`` training tiles (stratified by label), the target that
     fits a classical normaliser "to the training set"; shape (1, 3, H, W)."""
-    rng = np.random.default_rng(seed)
-    idx = np.arange(len(images))
     if labels is not None and len(labels) == len(images):
-        labels = np.asarray(labels)
-        per = [rng.permutation(idx[labels == c]).tolist() for c in np.unique(labels)]
-        order = []
-        while len(order) < min(n, len(idx)) and any(per):
-            for p in per:
-                if p and len(order) < n:
-                    order.append(p.pop())
+        order = mosaic_indices(labels, n, seed)
     else:
-        order = rng.permutation(idx)[:n].tolist()
+        order = np.random.default_rng(seed).permutation(len(images))[:n].tolist()
     tiles = [images[i] for i in order]
     size = min(min(t.shape[-2:]) for t in tiles)
     tiles = [t[..., :size, :size] for t in tiles]
@@ -238,8 +239,6 @@ class ClassicalNorm(nn.Module):
         import io
         from pathlib import Path
 
-        from .data.io import atomic_write_bytes
-
         buf = io.BytesIO()
         np.save(buf, q.numpy())
         atomic_write_bytes(Path(self.cache_dir) / f"{key.hex()}.npy", buf.getvalue())
@@ -298,17 +297,23 @@ class ClassicalNorm(nn.Module):
         return {"method": self.method, "normalised": self.calls, "fallbacks": self.fallbacks}
 
 
-def _make(method: str):
-    def build(target: Tensor | str | None = None, **kwargs) -> ClassicalNorm:
-        if isinstance(target, str):
-            from .data.io import read_rgb
-
-            arr = read_rgb(target)
-            target = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float() / 255.0
-        return ClassicalNorm(method, target=target, **kwargs)
-
-    return build
+def _create(method: str, target: Tensor | str | None = None, **kwargs) -> ClassicalNorm:
+    if isinstance(target, str):
+        target = image_to_tensor(read_rgb(target))
+    return ClassicalNorm(method, target=target, **kwargs)
 
 
-for _m in METHODS:
-    register_norm(_m)(_make(_m))
+# Entry points of the ``lstainnorm.norms`` group (pyproject.toml): ``create_norm("macenko", target=...)``.
+def reinhard(target: Tensor | str | None = None, **kwargs) -> ClassicalNorm:
+    """Reinhard normalisation fitted to ``target`` (an image tensor or file); see :class:`ClassicalNorm`."""
+    return _create("reinhard", target, **kwargs)
+
+
+def macenko(target: Tensor | str | None = None, **kwargs) -> ClassicalNorm:
+    """Macenko normalisation fitted to ``target`` (an image tensor or file); see :class:`ClassicalNorm`."""
+    return _create("macenko", target, **kwargs)
+
+
+def vahadane(target: Tensor | str | None = None, **kwargs) -> ClassicalNorm:
+    """Vahadane normalisation fitted to ``target`` (an image tensor or file); see :class:`ClassicalNorm`."""
+    return _create("vahadane", target, **kwargs)

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
-import time
 from importlib import resources
 from pathlib import Path
 from typing import Sequence
 
 from omegaconf import OmegaConf
 
-from .config import make_config
-from .data.io import atomic_write_bytes
+from ..config import make_config
+from ..data.synthetic import write_synthetic
+from ..files import atomic_write_bytes
+from ..tasks.train import train
+from .runner import run_resumable
 
 __all__ = ["run_demo", "DEMO_METHODS", "demo_config"]
 
@@ -46,12 +48,8 @@ def run_demo(
     seed: int = 0,
     overrides: Sequence[str] = (),
 ) -> list[dict]:
-    """Write the synthetic set (if not there), train each method on centre A, test on A-D, print the table."""
-    from .data.synthetic import write_synthetic
-    from .tasks.train import RUN_DIR_ENV, train
-
-    import os
-
+    """Write the synthetic set (if not there), train each method on centre A, test on A-D, print
+    the table. Resumable: methods already in ``out/results.jsonl`` with the same settings are kept."""
     out = Path(out)
     methods = list(methods or DEMO_METHODS)
     per_class = per_class or 200
@@ -62,37 +60,33 @@ def run_demo(
         print(f"[demo] writing the synthetic multi-centre set to {synth} ...")
         write_synthetic(synth, centres=4, per_class=per_class, size=96, seed=seed)
     base = demo_config()
-    rows = []
-    for method in methods:
-        os.environ.pop(RUN_DIR_ENV, None)
+
+    def run(job: dict) -> dict:
         raw = json.loads(json.dumps(base))
         raw["data"]["manifest"] = str(manifest)
-        raw["norm"]["mode"] = method
+        raw["norm"]["mode"] = job["method"]
         raw["output_path"] = str(out / "runs")
-        raw["postfix"] = f"demo_{method}"
+        raw["postfix"] = f"demo_{job['method']}"
         raw["seed"] = seed
         if epochs:
             raw["trainer"]["max_epochs"] = epochs
         cfg, notes = make_config(raw, overrides)
-        print(f"\n[demo] method {method}: training on centre A, testing on A, B, C, D")
-        t = time.time()
+        print(f"\n[demo] method {job['method']}: training on centre A, testing on A, B, C, D")
         res = train(cfg, notes)
-        per = {c: v["acc"] for c, v in res["test"]["per_centre"].items()}
-        rows.append(
-            {
-                "method": method,
-                "in": res["in_centre"]["acc"],
-                "cross": res["cross_centre"]["acc"],
-                "cross_f1": res["cross_centre"]["f1"],
-                "per_centre": per,
-                "minutes": (time.time() - t) / 60,
-                "run_dir": res["run_dir"],
-            }
-        )
+        return {
+            "in": res["in_centre"]["acc"],
+            "cross": res["cross_centre"]["acc"],
+            "cross_f1": res["cross_centre"]["f1"],
+            "per_centre": {c: v["acc"] for c, v in res["test"]["per_centre"].items()},
+            "run_dir": res["run_dir"],
+        }
+
+    jobs = [{"method": m, "seed": seed, "epochs": epochs, "per_class": per_class, "overrides": list(overrides)} for m in methods]
+    rows = run_resumable(out, jobs, run, "demo", progress=False)
     table = results_table(rows)
     text = (
         "Synthetic multi-centre H&E (6 classes, 96 x 96), trained on centre A, tested on A-D; "
-        f"test accuracy (%), {rows and OmegaConf.create(base).model.backbone} backbone.\n\n" + table + "\n"
+        f"test accuracy (%), {OmegaConf.create(base).model.backbone} backbone.\n\n" + table + "\n"
     )
     atomic_write_bytes(out / "results.md", text.encode())
     atomic_write_bytes(out / "results.json", json.dumps(rows, indent=2).encode())

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from .color import get_space
 from .norm import DEFAULT_EPS, StainNorm, _CompilableNorm, _normalize
+from .registry import register_norm
 from .template import Template, resolve_templates
 
 __all__ = ["LStainNorm", "SharedAttention", "POOL"]
@@ -320,3 +321,8 @@ class LStainNorm(_CompilableNorm):
             for i, s in enumerate(self.spaces)
         }
         return Template(stats, fusion=fusion)
+
+
+@register_norm("lstainnorm")
+def _lstainnorm(**kwargs) -> LStainNorm:
+    return LStainNorm(**kwargs)

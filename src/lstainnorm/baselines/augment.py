@@ -18,11 +18,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .color import get_space
-from .norm import _normalize
-from .tissue import channel_stats, tissue_mask
+from ..layers.color import get_space
+from ..layers.norm import _normalize
+from ..layers.template import _iter_image_batches, _to_float_image
+from ..layers.tissue import channel_stats, tissue_mask
 
-__all__ = ["RandStainNA", "HEDJitter", "stain_statistics", "create_augmentation"]
+__all__ = ["RandStainNA", "HEDJitter", "stain_statistics", "create_augmentation", "AUGMENT_MODES"]
+
+# ``data.augment`` values (``none``: no stain augmentation).
+AUGMENT_MODES = ("none", "randstainna", "hed-jitter")
 
 
 def _generator(seed: Any) -> torch.Generator:
@@ -40,8 +44,6 @@ def stain_statistics(source: Any, spaces: Sequence[str] = ("lab", "hsv", "hed"),
     ``source`` is anything :func:`lstainnorm.estimate_template` accepts.
     """
     from tqdm.auto import tqdm
-
-    from .template import _iter_image_batches, _to_float_image
 
     batches, total = _iter_image_batches(source, 64)
     per: dict[str, list[list[Tensor]]] = {s: [[], []] for s in spaces}
@@ -136,13 +138,12 @@ class HEDJitter(nn.Module):
         return out.clamp(0, 1).to(x.dtype)
 
 
-def create_augmentation(mode: str, cfg: Any, stats: dict | None = None) -> nn.Module:
-    """The augmentation of ``data.augment`` (``randstainna`` needs training-set ``stats``)."""
-    strength = float(cfg.data.get("augment_strength", 1.0))
+def create_augmentation(mode: str, strength: float = 1.0, stats: dict | None = None) -> nn.Module:
+    """The augmentation named ``mode`` (``data.augment``); ``randstainna`` needs training-set ``stats``."""
     if mode == "hed-jitter":
         return HEDJitter(0.05 * strength)
     if mode == "randstainna":
         if stats is None:
             raise ValueError("RandStainNA needs the training set's stain statistics (computed by lstainnorm train)")
         return RandStainNA(stats, strength=strength)
-    raise ValueError(f"unknown augmentation {mode!r}; choose none, randstainna or hed-jitter")
+    raise ValueError(f"unknown augmentation {mode!r}; choose one of {[m for m in AUGMENT_MODES if m != 'none']}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from .registry import create_norm
+
 __all__ = ["StainNormalized", "with_stain_norm"]
 
 
@@ -52,8 +54,6 @@ def with_stain_norm(model: nn.Module, norm: nn.Module | str = "lstainnorm", **no
         >>> logits, normalised = net(torch.rand(2, 3, 224, 224), return_normalized=True)
     """
     if isinstance(norm, str):
-        from .factory import create_norm
-
         norm = create_norm(norm, **norm_kwargs)
     elif norm_kwargs:
         raise TypeError("norm_kwargs are only used when norm is given by name")

@@ -1,0 +1,114 @@
+"""What the experiments share: the resumable loop over training runs, method names, tables.
+
+:func:`run_resumable` is the one loop behind ``lstainnorm demo`` and ``lstainnorm bench
+accuracy|segmentation``: each job (a dict of the settings that identify it) is trained unless
+``out/results.jsonl`` already holds a record with those settings; each record is appended as
+soon as its run ends (atomic rewrite), so an interrupted benchmark resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..baselines.augment import AUGMENT_MODES
+from ..files import atomic_write_bytes
+from ..layers.color import list_spaces
+from ..layers.registry import list_norms
+from ..runs import RUN_DIR_ENV
+
+__all__ = ["run_resumable", "benchmark_methods", "method_overrides", "markdown_table", "median_ms", "mean_std", "LAYER_MODES"]
+
+# The method's own layers; every other registered norm is a baseline plugin (fixed pre-processing).
+LAYER_MODES = ("none", "template", "learnable", "lstainnorm")
+
+
+def benchmark_methods() -> list[str]:
+    """Every method a benchmark can train, derived from the registries: ``none``, each baseline
+    plugin, each stain augmentation, ``template``, ``learnable-<space>`` per colour space, ``lstainnorm``."""
+    plugins = [m for m in list_norms() if m not in LAYER_MODES]
+    augments = [m for m in AUGMENT_MODES if m != "none"]
+    return ["none", *plugins, *augments, "template", *(f"learnable-{s}" for s in list_spaces()), "lstainnorm"]
+
+
+def method_overrides(method: str, cache: Path) -> list[str]:
+    """Config overrides that select ``method`` (a name of :func:`benchmark_methods`)."""
+    if method in AUGMENT_MODES and method != "none":
+        return ["norm.mode=none", f"data.augment={method}"]
+    if method.startswith("learnable-") and method.split("-", 1)[1] in list_spaces():
+        return ["norm.mode=learnable", f"norm.space={method.split('-', 1)[1]}"]
+    if method in LAYER_MODES:
+        return [f"norm.mode={method}"]
+    if method in list_norms():  # a baseline plugin: normalised tiles are cached between seeds
+        return [f"norm.mode={method}", f"norm.cache_dir={cache / method}"]
+    raise ValueError(f"unknown benchmark method {method!r}; choose from {benchmark_methods()}")
+
+
+def run_resumable(
+    out: Path, jobs: Sequence[dict[str, Any]], run: Callable[[dict[str, Any]], dict[str, Any]], label: str, progress: bool = True
+) -> list[dict[str, Any]]:
+    """Run every job not yet in ``out/results.jsonl``; return the records of ``jobs``, in order.
+
+    A record is the job's settings, what ``run(job)`` returned and ``minutes``. Job values
+    must be JSON values (lists, not tuples) so that a reloaded record matches its job.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.jsonl"
+    done = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+    def record_of(job: dict) -> dict | None:
+        return next((d for d in done if all(d.get(k) == v for k, v in job.items())), None)
+
+    for job in jobs:
+        if record_of(job) is not None:
+            continue
+        os.environ.pop(RUN_DIR_ENV, None)  # each run gets a new run folder
+        if progress:
+            print(f"[{label}] " + ", ".join(f"{k} {job[k]}" for k in ("method", "seed") if k in job), flush=True)
+        t = time.time()
+        rec = {**job, **run(job)}
+        rec["minutes"] = (time.time() - t) / 60
+        done.append(rec)
+        atomic_write_bytes(path, ("\n".join(json.dumps(d) for d in done) + "\n").encode())
+    return [r for r in (record_of(job) for job in jobs) if r is not None]
+
+
+def mean_std(values: Sequence[float], scale: float = 1.0, digits: int = 1) -> str:
+    """``mean ± std`` (sample std; 0 for a single value) of ``values * scale``."""
+    m = scale * float(np.mean(values))
+    s = scale * float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    def fmt(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            if math.isnan(v):
+                return "-"
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+    """Median wall time of ``fn`` in milliseconds, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1000)
+    return statistics.median(times)

@@ -1,0 +1,199 @@
+"""Run folders and checkpoints: the one place that reads and writes them.
+
+A run folder (``output_path/<YYYYmmdd_HHMMSS>_<postfix>/``, made by ``lstainnorm train``)
+holds ``config.yaml``, ``checkpoints/best.ckpt`` and ``last.ckpt``, ``metrics.json``,
+``history.csv`` and the other files listed in :mod:`lstainnorm.tasks.train`. This module:
+
+- finds a run's checkpoint (:func:`find_checkpoint`) and loads it as data only
+  (:func:`load_checkpoint`: ``torch.load(weights_only=True)``, so a file cannot run code);
+- builds the normalisation layer of a config (:func:`build_norm`) and loads a run's trained
+  layer alone, without the Lightning module or the task network (:func:`load_norm`);
+- makes new run folders (:func:`new_run_dir`) and writes result JSON (:func:`write_json`).
+
+Everything that uses a trained run (``evaluate``, ``normalize --run``, ``export``, ``report``,
+``predict``) goes through here.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import Config, NormConfig, config_from_dict
+from .files import atomic_write_bytes
+from .layers.registry import create_norm
+from .layers.template import REFERENCE_TEMPLATES, Template
+
+__all__ = [
+    "RUN_DIR_ENV",
+    "TrainedNorm",
+    "find_checkpoint",
+    "run_dir_of",
+    "load_checkpoint",
+    "resolve_template_setting",
+    "build_norm",
+    "load_norm",
+    "new_run_dir",
+    "write_json",
+    "CheckpointError",
+]
+
+# Shared with DDP child processes, so that every rank writes into the same run folder.
+RUN_DIR_ENV = "LSTAINNORM_RUN_DIR"
+
+
+class CheckpointError(ValueError):
+    """A file is not a checkpoint lstainnorm can load as data; the message names it."""
+
+
+def find_checkpoint(run_or_ckpt: str | Path) -> Path:
+    """``RUN_DIR`` -> ``RUN_DIR/checkpoints/best.ckpt`` (else ``last.ckpt``); a file is used as is."""
+    p = Path(run_or_ckpt)
+    if p.is_file():
+        return p
+    if p.is_dir():
+        for name in ("best.ckpt", "last.ckpt"):
+            c = p / "checkpoints" / name
+            if c.is_file():
+                return c
+        raise FileNotFoundError(f"no checkpoints/best.ckpt or last.ckpt in run directory {p}")
+    raise FileNotFoundError(f"run directory or checkpoint not found: {p}")
+
+
+def run_dir_of(ckpt: Path) -> Path:
+    """The run folder a checkpoint belongs to (its parent's parent for ``checkpoints/*.ckpt``)."""
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A checkpoint's content as plain data: tensors, numbers, strings, lists and dicts.
+
+    Loaded with ``torch.load(weights_only=True)``: a file whose pickle would construct other
+    objects (and so could run code) is refused with :class:`CheckpointError`, never executed.
+    """
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, AttributeError, ValueError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(
+            f"{path} is not a trusted lstainnorm checkpoint: it cannot be loaded as plain data ({reason})"
+        ) from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "config" not in ckpt.get("hyper_parameters", {}):
+        raise CheckpointError(f"{path} is not an lstainnorm checkpoint (no state_dict and run config in it)")
+    return ckpt
+
+
+def resolve_template_setting(ncfg: NormConfig) -> Template | str | None:
+    """The template a config asks for, except ``auto`` (estimated later on the training data)."""
+    if ncfg.template_values:
+        return Template.from_config(dict(ncfg.template_values))
+    t = ncfg.templates
+    if t in (None, "", "auto"):
+        return None
+    if t == "reference":
+        return "reference"
+    return Template.load(t)
+
+
+def _norm_kwargs(ncfg: NormConfig, template: Template | str | None) -> dict[str, Any]:
+    mode = ncfg.mode
+    if mode == "none":
+        return {}
+    if mode in ("template", "learnable"):
+        mu0, sigma0 = None, None
+        if isinstance(template, Template) and ncfg.space in template:
+            mu0, sigma0 = template[ncfg.space]
+        elif template == "reference" and ncfg.space == "lab":
+            mu0, sigma0 = REFERENCE_TEMPLATES["single"]["lab"]
+        if ncfg.mu0 is not None:
+            mu0 = list(ncfg.mu0)
+        if ncfg.sigma0 is not None:
+            sigma0 = list(ncfg.sigma0)
+        return {"space": ncfg.space, "mu0": mu0, "sigma0": sigma0, "tissue_stats": ncfg.tissue_stats}
+    if mode == "lstainnorm":
+        return {"spaces": tuple(ncfg.spaces), "templates": template, "tissue_stats": ncfg.tissue_stats}
+    # Plugins (the classical baselines): fitted to a target image or, later, a training mosaic.
+    return {"target": ncfg.target, "cache_dir": ncfg.cache_dir}
+
+
+def build_norm(ncfg: NormConfig, template: Template | str | None = None) -> nn.Module:
+    """The normalisation layer of ``norm.mode`` (from the registry) with the resolved template."""
+    norm = create_norm(ncfg.mode, **_norm_kwargs(ncfg, template))
+    if ncfg.compile and hasattr(norm, "enable_compile"):
+        norm.enable_compile()
+    return norm
+
+
+@dataclass
+class TrainedNorm:
+    """A run's trained normalisation layer (in eval mode) and the run's config."""
+
+    norm: nn.Module
+    config: Config
+    checkpoint: Path
+
+    @property
+    def window(self) -> int:
+        """The tile size the layer was trained on: the attention window for large images."""
+        c = self.config
+        size = c.segmentation.crop if c.task == "segmentation" else c.data.image_size
+        return int(size or 224)
+
+
+def load_norm(run_or_ckpt: str | Path) -> TrainedNorm:
+    """Load a run's normalisation layer alone: its config and the ``norm.*`` weights."""
+    path = find_checkpoint(run_or_ckpt)
+    ckpt = load_checkpoint(path)
+    hp = ckpt["hyper_parameters"]
+    cfg = config_from_dict(hp["config"])
+    template = hp.get("template")
+    tpl = Template.from_config(template) if isinstance(template, dict) else template
+    norm = build_norm(cfg.norm, tpl if tpl is not None else resolve_template_setting(cfg.norm))
+    state = {k[len("norm."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("norm.")}
+    try:
+        norm.load_state_dict(state)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: its normalisation weights do not match norm.mode={cfg.norm.mode} ({err})") from None
+    return TrainedNorm(norm.eval(), cfg, path)
+
+
+def new_run_dir(output_path: str | Path, postfix: str) -> Path:
+    """A new, empty run folder ``output_path/<YYYYmmdd_HHMMSS>_<postfix>`` (DDP ranks share it
+    through :data:`RUN_DIR_ENV`)."""
+    if os.environ.get(RUN_DIR_ENV):
+        return Path(os.environ[RUN_DIR_ENV])
+    stamp = _dt.datetime.now().strftime("%Y%m%d_%H%M%S")
+    base = Path(output_path) / f"{stamp}_{postfix}"
+    path, i = base, 1
+    while path.exists():
+        path = base.with_name(f"{base.name}-{i}")
+        i += 1
+    path.mkdir(parents=True)
+    os.environ[RUN_DIR_ENV] = str(path)
+    return path
+
+
+def _clean(o: Any) -> Any:
+    """JSON-safe: NaN and Inf become null, paths strings."""
+    if isinstance(o, float):
+        return None if math.isnan(o) or math.isinf(o) else o
+    if isinstance(o, dict):
+        return {k: _clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_clean(v) for v in o]
+    return o
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """Write a result as indented JSON, atomically; NaN becomes null, other objects their str()."""
+    return atomic_write_bytes(path, json.dumps(_clean(obj), indent=2, default=str).encode())

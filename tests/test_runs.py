@@ -1,0 +1,91 @@
+"""The shared pieces of the new layout: run loading, image conversion, the picker, the registry,
+the resumable loop."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import lstainnorm
+from lstainnorm.data.io import image_to_tensor, tensor_to_image
+from lstainnorm.data.tiles import round_robin
+from lstainnorm.experiments.runner import benchmark_methods, method_overrides, run_resumable
+from lstainnorm.files import atomic_path
+from lstainnorm.layers import registry
+
+
+def test_image_tensor_round_trip():
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    t = image_to_tensor(img)
+    assert t.shape == (3, 5, 7) and t.dtype == torch.float32 and float(t.max()) <= 1.0
+    assert np.array_equal(tensor_to_image(t), img)
+    batch = image_to_tensor(np.stack([img, img]))
+    assert batch.shape == (2, 3, 5, 7)
+    # out-of-range values are clipped, and rounding is to nearest
+    assert tensor_to_image(torch.full((3, 1, 1), 1.5))[0, 0, 0] == 255
+    assert tensor_to_image(torch.full((3, 1, 1), 0.5 / 255 + 1e-6))[0, 0, 0] == 1
+    ro = img.copy()
+    ro.flags.writeable = False
+    assert torch.equal(image_to_tensor(ro), t)
+
+
+def test_round_robin():
+    assert round_robin([[1, 2, 3], [4], [5, 6]], 10) == [1, 4, 5, 2, 6, 3]
+    assert round_robin([[1, 2, 3], [4], [5, 6]], 4) == [1, 4, 5, 2]
+    assert round_robin([], 3) == [] and round_robin([[1]], 0) == []
+
+
+def test_atomic_path_keeps_old_file_on_error(tmp_path):
+    p = tmp_path / "x.bin"
+    p.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(p) as tmp:
+            tmp.write_bytes(b"partial")
+            raise RuntimeError("interrupted")
+    assert p.read_bytes() == b"old" and [q.name for q in tmp_path.iterdir()] == ["x.bin"]
+
+
+def test_registry_lists_plugins_without_importing_them(monkeypatch):
+    names = lstainnorm.list_norms()
+    assert {"none", "template", "learnable", "lstainnorm", "reinhard", "macenko", "vahadane"} <= set(names)
+    monkeypatch.delitem(registry._REGISTRY, "macenko", raising=False)
+    assert "macenko" in lstainnorm.list_norms()  # known by its entry point alone
+    norm = lstainnorm.create_norm("macenko")  # loaded on first use
+    assert type(norm).__name__ == "ClassicalNorm" and norm.method == "macenko"
+    assert isinstance(lstainnorm.create_norm("sa3"), lstainnorm.LStainNorm)  # the reference's alias
+    with pytest.raises(ValueError, match="unknown normalisation 'nope'"):
+        lstainnorm.create_norm("nope")
+
+
+def test_benchmark_methods_follow_the_registries():
+    methods = benchmark_methods()
+    assert methods[0] == "none" and methods[-1] == "lstainnorm"
+    assert {"macenko", "randstainna", "hed-jitter", "template", "learnable-lab", "learnable-hed"} <= set(methods)
+    for m in methods:
+        method_overrides(m, tmp := __import__("pathlib").Path("cache"))  # every listed method is runnable
+    assert method_overrides("learnable-hsv", tmp) == ["norm.mode=learnable", "norm.space=hsv"]
+    with pytest.raises(ValueError, match="unknown benchmark method"):
+        method_overrides("learnable-xyz", tmp)
+
+
+def test_run_resumable_runs_each_job_once(tmp_path):
+    calls = []
+
+    def run(job):
+        calls.append(job["seed"])
+        if job["seed"] == 2 and len(calls) == 2:
+            raise KeyboardInterrupt  # interrupted during the second job
+        return {"score": job["seed"] * 10}
+
+    jobs = [{"method": "a", "seed": s, "overrides": ["x=1"]} for s in (1, 2)]
+    with pytest.raises(KeyboardInterrupt):
+        run_resumable(tmp_path, jobs, run, "t", progress=False)
+    recs = run_resumable(tmp_path, jobs, run, "t", progress=False)
+    assert calls == [1, 2, 2]  # the finished job was not rerun
+    assert [r["score"] for r in recs] == [10, 20]
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    assert [json.loads(x)["seed"] for x in lines] == [1, 2]
