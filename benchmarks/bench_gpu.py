@@ -1,0 +1,219 @@
+"""Layer and training-step timings on one device (a GPU by default), float32 and bf16 autocast.
+
+Two tables, every ratio measured in this run:
+
+1. the layers (StainNorm(lab), LStainNorm eager and compiled): inference and forward+backward
+   ms per tile and peak device memory, at each ``--batches`` size;
+2. a training step (forward, backward, AdamW) of ResNet-18 alone and with LStainNorm in front
+   (eager and compiled): ms per tile and the layer's overhead in %.
+
+    python benchmarks/bench_gpu.py --device cuda --out bench_out/gpu      # what gpu_check.sh runs
+    python benchmarks/bench_gpu.py --device cpu --quick --out /tmp/x      # smoke test (CPU)
+
+Tiles: crops of the MoNuSeg images under $LSTAINNORM_SHARED_DATA when set, else synthetic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import load_tiles, markdown_table  # noqa: E402
+
+import lstainnorm  # noqa: E402
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_ms(fn, device: torch.device, repeats: int, warmup: int = 2) -> float:
+    """Median wall time of ``fn`` in ms, the device synchronised around every call."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t) * 1000)
+    return statistics.median(times)
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _peak_mb(device: torch.device, fn) -> float | None:
+    if device.type != "cuda":
+        return None
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    _sync(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+_PARTIAL: Path | None = None
+
+
+def _emit(row: dict) -> None:
+    """Keep every finished row (a killed run still leaves its measurements)."""
+    print(json.dumps(row), file=sys.stderr, flush=True)
+    if _PARTIAL is not None:
+        with open(_PARTIAL, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+
+def _layer(name: str, device: torch.device) -> torch.nn.Module:
+    m = lstainnorm.StainNorm("lab") if name == "StainNorm(lab)" else lstainnorm.LStainNorm()
+    return m.to(device)
+
+
+def layer_table(x_all: torch.Tensor, device: torch.device, batches: list[int], precisions: list[str], compile_batches: list[int], repeats: int) -> list[dict]:
+    rows = []
+    for b in batches:
+        # Each new batch size recompiles (about a minute per graph on a GPU): compiled only where asked.
+        variants = [("StainNorm(lab)", "eager"), ("LStainNorm", "eager")] + ([("LStainNorm", "compiled")] if b in compile_batches else [])
+        x = x_all[:b].to(device)
+        for precision in precisions:
+            for name, mode in variants:
+                m = _layer(name, device)
+                if mode == "compiled":
+                    m.enable_compile()
+                print(f"[layers] batch {b} {precision} {name} [{mode}]", file=sys.stderr, flush=True)
+
+                def infer():
+                    with torch.no_grad(), _autocast(device, precision):
+                        m(x)
+
+                def fwd_bwd():
+                    m.zero_grad(set_to_none=True)
+                    with _autocast(device, precision):
+                        out = m(x)
+                    out.float().mean().backward()
+
+                row = {"batch": b, "precision": precision, "layer": name, "mode": mode}
+                try:
+                    row["infer_ms_per_tile"] = timed_ms(infer, device, repeats) / b
+                    row["train_ms_per_tile"] = timed_ms(fwd_bwd, device, repeats) / b
+                    row["peak_mb"] = _peak_mb(device, fwd_bwd)
+                except Exception as err:  # e.g. out of memory, a compiler failure: report, go on
+                    row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
+                rows.append(row)
+                _emit(row)
+                del m
+    return rows
+
+
+def training_table(x_all: torch.Tensor, device: torch.device, batch: int, precisions: list[str], compile: bool, repeats: int) -> list[dict]:
+    import timm
+
+    x = x_all[:batch].to(device)
+    y = torch.arange(batch, device=device) % 9
+    rows = []
+    variants = ["ResNet-18 alone", "with LStainNorm (eager)"] + (["with LStainNorm (compiled)"] if compile else [])
+    for precision in precisions:
+        base = None
+        for variant in variants:
+            torch.manual_seed(0)
+            net = timm.create_model("resnet18", pretrained=False, num_classes=9)
+            if variant != "ResNet-18 alone":
+                norm = lstainnorm.LStainNorm()
+                if "compiled" in variant:
+                    norm.enable_compile()
+                net = lstainnorm.with_stain_norm(net, norm)
+            net = net.to(device).train()
+            opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+            print(f"[training step] {precision} {variant}", file=sys.stderr, flush=True)
+
+            def step():
+                opt.zero_grad(set_to_none=True)
+                with _autocast(device, precision):
+                    loss = torch.nn.functional.cross_entropy(net(x).float(), y)
+                loss.backward()
+                opt.step()
+
+            row = {"precision": precision, "pipeline": variant, "batch": batch}
+            try:
+                ms = timed_ms(step, device, repeats) / batch
+                row["ms_per_tile"] = ms
+                if base is None:
+                    base = ms
+                row["overhead_pct"] = 100.0 * (ms / base - 1.0)
+            except Exception as err:
+                row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
+            rows.append(row)
+            _emit(row)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--batches", type=int, nargs="+", default=[64, 256])
+    ap.add_argument("--train-batch", type=int, default=64)
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--compile-batches", type=int, nargs="*", default=[64], help="batch sizes of the layer table that also run compiled (default 64)")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, 1 repeat, no compile (smoke test)")
+    ap.add_argument("--out", type=Path, default=Path("bench_out/gpu"))
+    a = ap.parse_args()
+    if a.quick:
+        a.batches, a.train_batch, a.size, a.repeats, a.no_compile = [2], 2, 64, 1, True
+    device = torch.device(a.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("no CUDA device: run with --device cpu")
+    warnings.filterwarnings("ignore")
+    n = max(a.batches + [a.train_batch])
+    x_all, source = load_tiles(n, a.size)
+    precisions = ["fp32", "bf16"]
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    global _PARTIAL
+    a.out.mkdir(parents=True, exist_ok=True)
+    _PARTIAL = a.out / "gpu_rows.jsonl"
+    _PARTIAL.unlink(missing_ok=True)
+    steps = training_table(x_all, device, a.train_batch, precisions, not a.no_compile, a.repeats)
+    layers = layer_table(x_all, device, a.batches, precisions, [] if a.no_compile else a.compile_batches, a.repeats)
+
+    def v(r, k):
+        return r.get(k, r.get("error", "-"))
+
+    text = (
+        f"Device: {card}; torch {torch.__version__}; {a.size} x {a.size} tiles ({source}); median of {a.repeats} runs; "
+        "bf16 = torch.autocast(bfloat16) (the layer itself computes in float32).\n\n"
+        + markdown_table(
+            ["batch", "precision", "layer", "mode", "inference ms/tile", "fwd+bwd ms/tile", "fwd+bwd / inference", "peak MB fwd+bwd"],
+            [[r["batch"], r["precision"], r["layer"], r["mode"], v(r, "infer_ms_per_tile"), v(r, "train_ms_per_tile"),
+              (r["train_ms_per_tile"] / r["infer_ms_per_tile"]) if "train_ms_per_tile" in r else "-", v(r, "peak_mb")] for r in layers],
+        )
+        + f"\n\nTraining step (forward, backward, AdamW), batch {a.train_batch}:\n\n"
+        + markdown_table(
+            ["precision", "pipeline", "ms/tile", "overhead vs ResNet-18 alone (%)"],
+            [[r["precision"], r["pipeline"], v(r, "ms_per_tile"), v(r, "overhead_pct")] for r in steps],
+        )
+    )
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "gpu_tables.md").write_text(text + "\n")
+    (a.out / "gpu_tables.json").write_text(json.dumps({"device": card, "torch": torch.__version__, "layers": layers, "training_step": steps}, indent=2))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
