@@ -35,7 +35,7 @@ def _synthetic_set(out: Path, per_class: int, size: int, progress: bool) -> Path
 
 
 def accuracy_benchmark(
-    out: str | Path = "bench_out/accuracy",
+    out: str | Path,
     methods: Sequence[str] | None = None,
     seeds: Sequence[int] = (0, 1, 2),
     epochs: int = 8,

@@ -41,7 +41,7 @@ def results_table(rows: list[dict]) -> str:
 
 
 def run_demo(
-    out: str | Path = "demo_out",
+    out: str | Path,
     methods: Sequence[str] | None = None,
     epochs: int | None = None,
     per_class: int | None = None,
@@ -86,7 +86,7 @@ def run_demo(
     table = results_table(rows)
     text = (
         "Synthetic multi-centre H&E (6 classes, 96 x 96), trained on centre A, tested on A-D; "
-        f"test accuracy (%), {OmegaConf.create(base).model.backbone} backbone.\n\n" + table + "\n"
+        f"test accuracy (%), {make_config(base, overrides)[0].model.backbone} backbone.\n\n" + table + "\n"
     )
     atomic_write_bytes(out / "results.md", text.encode())
     atomic_write_bytes(out / "results.json", json.dumps(rows, indent=2).encode())

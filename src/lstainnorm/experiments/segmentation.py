@@ -26,7 +26,7 @@ SEGMENTATION_METHODS = ("none", "template", "learnable-lab", "lstainnorm", "mace
 
 def segmentation_benchmark(
     config: str | Path,
-    out: str | Path = "bench_out/segmentation",
+    out: str | Path,
     methods: Sequence[str] = SEGMENTATION_METHODS,
     seeds: Sequence[int] = (0, 1, 2),
     overrides: Sequence[str] = (),
