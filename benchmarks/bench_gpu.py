@@ -117,7 +117,6 @@ def layer_table(x_all: torch.Tensor, device: torch.device, batches: list[int], p
                     row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
                 rows.append(row)
                 _emit(row)
-                del m
     return rows
 
 

@@ -23,6 +23,48 @@ def command(name: str, help_: str, examples: str):
     return deco
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1, else a clear error naming the value."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (v > 0 and v != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return v
+
+
+def int_range(lo: int, hi: int):
+    def parse(text: str) -> int:
+        v = positive_int(text) if lo >= 1 else int(text)
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"must be between {lo} and {hi}, got {v}")
+        return v
+
+    return parse
+
+
+def _report_skipped(skipped: Sequence[str], produced: int, what: str) -> int:
+    """Name every skipped input; exit status 1 when nothing could be produced at all."""
+    for p in skipped:
+        print(f"  skipped (unreadable): {p}")
+    if produced == 0 and skipped:
+        print(f"error: no {what} could be produced: every input was unreadable", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _fmt(examples: str) -> str:
     return "examples:\n" + textwrap.indent(textwrap.dedent(examples).strip(), "  ")
 
@@ -38,12 +80,12 @@ def _fmt(examples: str) -> str:
 )
 def _synth_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", type=Path, help="output folder: OUT/<centre>/<split>/<class>/*.png + OUT/manifest.csv")
-    p.add_argument("--centres", type=int, default=4, help="number of centres (hospitals), 1-4 (default 4)")
-    p.add_argument("--per-class", type=int, default=200, help="tiles per class and centre, split 60/20/20 train/val/test (default 200)")
-    p.add_argument("--classes", type=int, default=6, help="number of tissue classes, 2-6 (default 6)")
-    p.add_argument("--size", type=int, default=96, help="tile side in pixels (default 96)")
+    p.add_argument("--centres", type=int_range(1, 4), default=4, help="number of centres (hospitals), 1-4 (default 4)")
+    p.add_argument("--per-class", type=positive_int, default=200, help="tiles per class and centre, split 60/20/20 train/val/test (default 200)")
+    p.add_argument("--classes", type=int_range(2, 6), default=6, help="number of tissue classes, 2-6 (default 6)")
+    p.add_argument("--size", type=int_range(16, 4096), default=96, help="tile side in pixels (default 96)")
     p.add_argument("--seed", type=int, default=0, help="seed; the same seed writes the same bytes (default 0)")
-    p.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    p.add_argument("--workers", type=positive_int, default=2, help="worker processes (default 2)")
     p.add_argument("--montage", type=Path, help="also write a PNG grid (rows: classes, columns: centres)")
 
 
@@ -83,8 +125,8 @@ def _template_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", type=Path, required=True, help="template YAML to write")
     p.add_argument("--spaces", nargs="+", default=["lab", "hsv", "rgb"], help="colour spaces (default: lab hsv rgb)")
     p.add_argument("--no-tissue-mask", action="store_true", help="use all pixels, glass included")
-    p.add_argument("--max-images", type=int, help="stop after this many images")
-    p.add_argument("--size", type=int, help="resize images to SIZE x SIZE first (default: as they are)")
+    p.add_argument("--max-images", type=positive_int, help="stop after this many images")
+    p.add_argument("--size", type=positive_int, help="resize images to SIZE x SIZE first (default: as they are)")
 
 
 def _template_run(a: argparse.Namespace) -> int:
@@ -96,7 +138,12 @@ def _template_run(a: argparse.Namespace) -> int:
     files = ImageFiles(a.data, size=a.size)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        tpl = estimate_template(files, spaces=a.spaces, tissue_mask=not a.no_tissue_mask, max_images=a.max_images, batch_size=32)
+        try:
+            tpl = estimate_template(files, spaces=a.spaces, tissue_mask=not a.no_tissue_mask, max_images=a.max_images, batch_size=32)
+        except ValueError:
+            for p in files.skipped:
+                print(f"  skipped (unreadable): {p}", file=sys.stderr)
+            raise
     skipped = files.skipped
     tpl.meta.update({"source": str(a.data), "n_skipped": len(skipped)})
     tpl.save(a.output)
@@ -105,7 +152,7 @@ def _template_run(a: argparse.Namespace) -> int:
     for w in caught:
         if "unreadable" not in str(w.message):
             print(f"warning: {w.message}", file=sys.stderr)
-    return 0
+    return _report_skipped(skipped, tpl.meta["n_images"], "template")
 
 
 # --- train ------------------------------------------------------------------------------------------
@@ -168,8 +215,8 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, required=True, help="class-folder tree, manifest CSV, or (segmentation) a folder with images/ and masks/")
     p.add_argument("--split", help="with a manifest: the split to evaluate (train/val/test)")
     p.add_argument("--centres", nargs="+", help="with a manifest: only these centres")
-    p.add_argument("-o", "--output", type=Path, help="result JSON (default RUN_DIR/eval_<data>.json)")
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("-o", "--output", type=Path, help="result JSON (default RUN_DIR/eval_<data>-<hash>.json, one per data set and selection)")
+    p.add_argument("--batch-size", type=positive_int)
 
 
 def _evaluate_run(a: argparse.Namespace) -> int:
@@ -181,9 +228,9 @@ def _evaluate_run(a: argparse.Namespace) -> int:
     print("overall: " + "  ".join(f"{k} {ov[k]:.4f}" for k in keys if ov[k] is not None) + f"  (n={ov.get('n')})")
     for c, v in res.get("per_centre", {}).items():
         print(f"  centre {c}: " + "  ".join(f"{k} {v[k]:.4f}" for k in keys if v.get(k) is not None) + f"  (n={v.get('n')})")
-    print(f"skipped files: {len(res.get('skipped_files', []))}" + "".join(f"\n  {p}" for p in res.get("skipped_files", [])))
+    print(f"skipped files: {len(res.get('skipped_files', []))}")
     print(f"written: {res['output']}")
-    return 0
+    return _report_skipped(res.get("skipped_files", []), int(ov.get("n") or 0), "evaluation")
 
 
 # --- predict ----------------------------------------------------------------------------------------
@@ -206,9 +253,7 @@ def _predict_run(a: argparse.Namespace) -> int:
 
     res = predict(a.run, a.input, a.output)
     print(f"segmented {len(res['written'])} images ({res['already_done']} already done, {len(res['skipped'])} unreadable skipped) into {a.output}")
-    for p in res["skipped"]:
-        print(f"  skipped: {p}")
-    return 0
+    return _report_skipped(res["skipped"], len(res["written"]) + res["already_done"], "segmentation")
 
 
 # --- normalize --------------------------------------------------------------------------------------
@@ -229,8 +274,11 @@ def _normalize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", type=Path, help="an image, a slide (SVS, NDPI, tiled TIFF, ...), or a folder tree")
     p.add_argument("output", type=Path, help="output folder (layout and names preserved; slides become pyramidal .tif)")
     p.add_argument("--shard", help="K/N: process every N-th file starting with the K-th (split work over N processes)")
-    p.add_argument("--window", type=int, help="normalise regular images window by window above this size (default: whole)")
-    p.add_argument("--tile", type=int, default=2048, help="slide processing tile (a multiple of 256; default 2048)")
+    p.add_argument("--window", type=positive_int, help="normalise regular images window by window above this size (default: whole)")
+    p.add_argument("--tile", type=positive_int, default=2048, help="slide processing tile (rounded to a multiple of 256; default 2048)")
+    p.add_argument("--tissue-stats", action=argparse.BooleanOptionalAction, default=True,
+                   help="statistics over tissue, glass and black left as they are (default); --no-tissue-stats: all pixels, as inside a trained network")
+    p.add_argument("--force", action="store_true", help="redo every output, also those made with other settings")
 
 
 def _normalize_run(a: argparse.Namespace) -> int:
@@ -241,14 +289,13 @@ def _normalize_run(a: argparse.Namespace) -> int:
         norm, window = norm_from_run(a.run)
     else:
         norm, window = norm_from_template(a.template, a.space), None
-    res = normalize_path(norm, a.input, a.output, window=a.window, slide_window=window, shard=shard, tile=a.tile)
+    res = normalize_path(norm, a.input, a.output, window=a.window, slide_window=window, shard=shard, tile=a.tile,
+                         tissue_stats=a.tissue_stats, force=a.force)
     print(
         f"normalised {len(res['written'])} of {res['files']} files ({len(res['slides'])} slides) into {a.output}; "
         f"{res['already_done']} already done, {len(res['skipped'])} unreadable skipped"
     )
-    for p in res["skipped"]:
-        print(f"  skipped: {p}")
-    return 0
+    return _report_skipped(res["skipped"], len(res["written"]) + res["already_done"], "output")
 
 
 # --- export -----------------------------------------------------------------------------------------
@@ -263,7 +310,7 @@ def _normalize_run(a: argparse.Namespace) -> int:
 def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", type=Path, help="run directory or checkpoint")
     p.add_argument("-o", "--output", type=Path, required=True, help="norm.onnx or norm.pt")
-    p.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed difference to the PyTorch layer (default 1e-4)")
+    p.add_argument("--tolerance", type=positive_float, default=1e-4, help="largest allowed difference to the PyTorch layer (default 1e-4)")
 
 
 def _export_run(a: argparse.Namespace) -> int:
@@ -320,8 +367,8 @@ def _report_run(a: argparse.Namespace) -> int:
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (data, runs, results.md)")
     p.add_argument("--methods", nargs="+", default=None, help="norm modes to compare (default: none template learnable lstainnorm)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs per method (default from configs/demo.yaml)")
-    p.add_argument("--per-class", type=int, default=None, help="synthetic tiles per class and centre")
+    p.add_argument("--epochs", type=positive_int, default=None, help="epochs per method (default from configs/demo.yaml)")
+    p.add_argument("--per-class", type=positive_int, default=None, help="synthetic tiles per class and centre")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override for every method, repeatable (e.g. --set trainer.progress=false)")
 
@@ -346,24 +393,25 @@ def _demo_run(a: argparse.Namespace) -> int:
     """,
 )
 def _bench_args(p: argparse.ArgumentParser) -> None:
-    from .experiments.runner import benchmark_methods
-    from .experiments.segmentation import SEGMENTATION_METHODS
-
     p.add_argument("kind", choices=["speed", "accuracy", "segmentation"])
     p.add_argument("--out", type=Path, default=Path("bench_out"), help="folder for the tables (speed.md / accuracy/accuracy.md)")
     g = p.add_argument_group("speed")
     g.add_argument("--tiles", type=Path, help="folder of images to crop tiles from (default: $LSTAINNORM_SHARED_DATA/monuseg-train/images if set, else synthetic)")
-    g.add_argument("--n", type=int, default=64, help="tiles (default 64)")
-    g.add_argument("--size", type=int, default=None, help="tile side (default 224 for speed, 96 for accuracy)")
-    g.add_argument("--threads", type=int, default=2)
-    g.add_argument("--repeats", type=int, default=3)
+    g.add_argument("--n", type=positive_int, default=64, help="tiles (default 64)")
+    g.add_argument("--size", type=int_range(16, 4096), default=None, help="tile side (default 224 for speed, 96 for accuracy)")
+    g.add_argument("--threads", type=positive_int, default=2)
+    g.add_argument("--repeats", type=positive_int, default=3)
     g.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
-    g.add_argument("--slow-n", type=int, default=8, help="tiles for the slow per-tile methods (Vahadane)")
+    g.add_argument("--slow-n", type=positive_int, default=8, help="tiles for the slow per-tile methods (Vahadane)")
     g = p.add_argument_group("accuracy and segmentation")
-    g.add_argument("--methods", nargs="+", help=f"subset of: {' '.join(benchmark_methods())} (segmentation default: {' '.join(SEGMENTATION_METHODS)})")
+    # Named from the registries (python -c "from lstainnorm.experiments.runner import benchmark_methods; print(benchmark_methods())"):
+    # not imported here, so that parsing stays light.
+    g.add_argument("--methods", nargs="+", help="subset of: none, each baseline of lstainnorm.list_norms() (reinhard, macenko, vahadane), "
+                   "randstainna, hed-jitter, template, learnable-<space> for each colour space, lstainnorm "
+                   "(default: all for accuracy; none template learnable-lab lstainnorm macenko for segmentation)")
     g.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    g.add_argument("--epochs", type=int, default=8)
-    g.add_argument("--per-class", type=int, default=200)
+    g.add_argument("--epochs", type=positive_int, default=8)
+    g.add_argument("--per-class", type=positive_int, default=200)
     g.add_argument("--backbone", default="resnet18")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override for every run")
     g = p.add_argument_group("segmentation")

@@ -311,6 +311,21 @@ def _check_choices(cfg: DictConfig) -> None:
         sec, name = key.split(".")
         if not cfg[sec][name] >= 0:
             raise ConfigError(f"{key} must be >= 0, got {cfg[sec][name]}")
+    positive = {"data.image_size": cfg.data.image_size, "data.eval_batch_size": cfg.data.eval_batch_size,
+                "segmentation.crop": cfg.segmentation.crop, "segmentation.window": cfg.segmentation.window,
+                "segmentation.samples_per_image": cfg.segmentation.samples_per_image}
+    for key, v in positive.items():
+        if v is not None and v < 1:
+            raise ConfigError(f"{key} must be at least 1 (pixels or items), got {v}")
+    for key, v in {"data.num_workers": cfg.data.num_workers, "trainer.patience": cfg.trainer.patience}.items():
+        if v < 0:
+            raise ConfigError(f"{key} must be >= 0, got {v}")
+    if not 0.0 <= cfg.segmentation.overlap < 1.0:
+        raise ConfigError(f"segmentation.overlap must be in [0, 1), got {cfg.segmentation.overlap}")
+    if not 0.0 < cfg.segmentation.threshold < 1.0:
+        raise ConfigError(f"segmentation.threshold must be in (0, 1), got {cfg.segmentation.threshold}")
+    if not cfg.segmentation.scale > 0:
+        raise ConfigError(f"segmentation.scale must be > 0, got {cfg.segmentation.scale}")
     if cfg.norm.mu0 is not None and len(cfg.norm.mu0) != 3:
         raise ConfigError(f"norm.mu0 must have 3 values, got {list(cfg.norm.mu0)}")
     if cfg.norm.sigma0 is not None and len(cfg.norm.sigma0) != 3:

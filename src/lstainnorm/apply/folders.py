@@ -1,15 +1,21 @@
 """``lstainnorm normalize``: a trained layer (or a template) applied to images, folders and slides.
 
 - A single image, a folder tree (layout and file names preserved) or whole slides.
-- Resumable: outputs that exist are finished (every write is atomic) and are skipped.
-- An input is never overwritten; OUTPUT may not be, or lie inside, INPUT.
-- Unreadable inputs are reported, skipped and counted.
+- Resumable: outputs that exist are finished (every write is atomic) and are skipped; they are
+  tied to the settings that made them (``OUTPUT/.lstainnorm-normalize.json``), so a rerun with
+  other settings is refused (or, with ``force``, redoes every file) instead of mixing.
+- Tissue statistics by default: glass and black stay as they are.
+- An input is never overwritten; OUTPUT may not be, or lie inside, INPUT; every input has its
+  own output file, inside OUTPUT.
+- Unreadable inputs are reported by name, skipped and counted.
 - ``shard=(k, n)`` processes every n-th file starting at the k-th, so n processes (or GPUs)
   together cover every file exactly once.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -18,6 +24,8 @@ import torch
 from torch import nn
 
 from ..data.io import IMAGE_EXTENSIONS, ImageReadError, find_images, image_to_tensor, read_rgb, tensor_to_image, write_image
+from ..files import atomic_write_bytes, confined, unique_names
+from ..layers.fusion import LStainNorm
 from ..layers.norm import StainNorm
 from ..layers.template import Template
 from ..runs import load_norm
@@ -71,11 +79,51 @@ def norm_from_template(template: str | Path, space: str = "lab") -> nn.Module:
     return StainNorm(space, *t[space], learnable=False).eval()
 
 
-def _output_path(src: Path, base: Path, out: Path, single: bool, slide: bool) -> Path:
-    rel = Path(src.name) if single else src.relative_to(base)
-    if slide or rel.suffix.lower() not in IMAGE_EXTENSIONS:
-        rel = rel.with_suffix(".tif")
-    return out / rel
+def set_tissue_stats(norm: nn.Module, on: bool) -> nn.Module:
+    """Switch a layer (and its branches) to tissue statistics with glass left as it is, or back."""
+    for m in norm.modules():
+        if isinstance(m, (StainNorm, LStainNorm)):
+            m.tissue_stats = bool(on)
+    return norm
+
+
+def layer_fingerprint(norm: nn.Module) -> str:
+    """A hash of what the layer computes: its class, settings and every parameter and buffer."""
+    h = hashlib.sha256(f"{type(norm).__name__}:{norm.extra_repr()}".encode())
+    for k, v in sorted(norm.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+SETTINGS_FILE = ".lstainnorm-normalize.json"
+
+
+def _check_settings(out: Path, settings: dict, force: bool) -> None:
+    """Tie the outputs in ``out`` to the settings that made them (``out/.lstainnorm-normalize.json``)."""
+    path = out / SETTINGS_FILE
+    if path.is_file() and not force:
+        try:
+            old = json.loads(path.read_text())
+        except ValueError:
+            old = None
+        if old != settings:
+            diff = sorted(k for k in set(settings) | set(old or {}) if (old or {}).get(k) != settings.get(k))
+            raise ValueError(
+                f"OUTPUT {out} holds outputs made with other settings (differing: {', '.join(diff) or 'unreadable settings file'}); "
+                "choose another output folder, or pass --force (force=True) to redo every file with the new settings"
+            )
+    atomic_write_bytes(path, json.dumps(settings, indent=2, sort_keys=True).encode())
+
+
+def output_names(files: Sequence[Path], base: Path, single: bool) -> dict[Path, Path]:
+    """Each input's output name relative to OUTPUT: layout and names kept, slides and other
+    formats as ``.tif``; inputs whose names would collide keep their suffix in the name."""
+    wanted = {}
+    for src in files:
+        rel = Path(src.name) if single else src.relative_to(base)
+        wanted[src] = rel if rel.suffix.lower() in IMAGE_EXTENSIONS else rel.with_suffix(".tif")
+    return unique_names(wanted)
 
 
 @torch.no_grad()
@@ -88,35 +136,47 @@ def normalize_path(
     slide_window: int | None = None,
     shard: tuple[int, int] = (1, 1),
     tile: int = 2048,
+    tissue_stats: bool = True,
+    force: bool = False,
     progress: bool = True,
 ) -> dict:
     """Normalise an image, a folder tree or slides into ``out``; returns a summary.
 
     Regular images are normalised whole with their own statistics (``window`` splits larger
     ones window by window); slides go through :func:`normalize_slide` with slide statistics and
-    ``slide_window``.
+    ``slide_window``. ``tissue_stats`` (default) takes statistics over tissue and leaves glass
+    and black as they are, as a person looking at the output expects. Outputs are tied to the
+    settings that made them: a folder made with other settings is refused unless ``force``,
+    which redoes every file.
     """
     from tqdm.auto import tqdm
 
+    if window is not None and window < 1:
+        raise ValueError(f"window must be a positive number of pixels, got {window}")
+    if tile < 1:
+        raise ValueError(f"tile must be a positive number of pixels, got {tile}")
     inp, out = Path(inp), Path(out)
     r_in, r_out = inp.resolve(), out.resolve()
     if r_out == r_in or (inp.is_dir() and r_in in r_out.parents):
         raise ValueError(f"OUTPUT {out} must not be INPUT or lie inside it: inputs are never overwritten")
-    files = shard_files(list_inputs(inp), shard)
+    all_files = list_inputs(inp)
     single = inp.is_file()
-    base = inp.parent if single else inp
+    names = output_names(all_files, inp.parent if single else inp, single)
+    files = shard_files(all_files, shard)
+    set_tissue_stats(norm, tissue_stats)
+    settings = {"layer": type(norm).__name__, "fingerprint": layer_fingerprint(norm), "window": window,
+                "slide_window": slide_window, "tile": tile, "tissue_stats": bool(tissue_stats)}
+    _check_settings(out, settings, force)
     done, written, skipped, slides = 0, [], [], []
-    bar = tqdm(files, desc="normalising", unit="file", disable=not progress)
-    for src in bar:
-        slide = src.suffix.lower() in SLIDE_EXTENSIONS and is_slide(src)
-        dst = _output_path(src, base, out, single, slide)
+    for src in tqdm(files, desc="normalising", unit="file", disable=not progress):
+        dst = confined(out, names[src])
         if dst.resolve() == src.resolve():
             raise ValueError(f"refusing to overwrite the input {src}")
-        if dst.is_file() and dst.stat().st_size > 0:
+        if not force and dst.is_file() and dst.stat().st_size > 0:
             done += 1
             continue
         try:
-            if slide:
+            if src.suffix.lower() in SLIDE_EXTENSIONS and is_slide(src):
                 normalize_slide(norm, src, dst, tile=tile, window=slide_window, progress=False)
                 slides.append(str(src))
             else:

@@ -7,6 +7,7 @@ nothing from training.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..data.io import ImageReadError, find_images, image_to_tensor, read_rgb, write_image
+from ..files import confined, unique_names
 from .instances import postprocess
 
 __all__ = ["overlay", "predict_folder"]
@@ -47,19 +49,23 @@ def predict_folder(
 
     ``segment`` maps ``(1, 3, H, W)`` RGB in [0, 1] to logits ``(1, 1, H, W)``; images are
     resized by ``scale`` first (the training scale) and masks returned at the input's size.
-    Finished outputs are kept (resumable); unreadable inputs are reported and skipped.
+    Finished outputs are kept (resumable); unreadable inputs are reported and skipped. Every
+    input has its own outputs (``a.png`` and ``a.jpg`` become ``a-png_*`` and ``a-jpg_*``), inside
+    ``output``; an ``output`` inside ``inp`` is not read as input.
     """
     from tqdm.auto import tqdm
 
     inp, output = Path(inp), Path(output)
     if output.resolve() == inp.resolve():
         raise ValueError("OUTPUT must differ from INPUT (inputs are never overwritten)")
-    files = find_images(inp)
+    # An OUTPUT inside INPUT is skipped while listing: a rerun never reads its own masks.
+    files = find_images(inp, exclude=[output])
     base = inp if inp.is_dir() else inp.parent
+    names = unique_names({f: f.relative_to(base).with_suffix("") for f in files})
     done, skipped, written = 0, [], []
     for f in tqdm(files, desc="segmenting", unit="image", disable=not progress):
-        rel = f.relative_to(base).with_suffix("")
-        outs = [output / f"{rel}_{k}.png" for k in ("mask", "instances", "overlay")]
+        rel = names[f]
+        outs = [confined(output, f"{rel}_{k}.png") for k in ("mask", "instances", "overlay")]
         if all(p.is_file() for p in outs):
             done += 1
             continue
@@ -67,7 +73,7 @@ def predict_folder(
             img = read_rgb(f)
         except ImageReadError as err:
             skipped.append(str(f))
-            print(f"skipping unreadable image: {err}")
+            warnings.warn(f"skipping unreadable image: {err}", stacklevel=2)
             continue
         x = image_to_tensor(img).unsqueeze(0)
         if scale != 1.0:  # predict at the training scale, return masks at the input's size

@@ -191,6 +191,8 @@ def normalize_windowed(norm: nn.Module, x: Tensor, stats: dict, window: int | No
     StainNorm is per pixel given the statistics, so windows do not matter for it; LStainNorm's
     attention sees one ``window`` x ``window`` block at a time. Same-size windows run as a batch.
     """
+    if window is not None and window < 1:
+        raise ValueError(f"window must be a positive number of pixels, got {window}")
     st = _layer_stats(norm, stats)
     if window is None or not isinstance(norm, LStainNorm):
         return norm(x, stats=st)

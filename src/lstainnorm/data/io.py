@@ -3,6 +3,7 @@ conversion pair between uint8 images (H, W, 3) and the float tensors (3, H, W) i
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -20,6 +21,7 @@ __all__ = [
     "write_image",
     "is_image_file",
     "find_images",
+    "walk_files",
     "image_to_tensor",
     "tensor_to_image",
 ]
@@ -91,9 +93,35 @@ def to_uint8_rgb(arr: np.ndarray, where: str = "image") -> np.ndarray:
     return (np.clip(f, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
-def find_images(root: str | Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[Path]:
-    """Every file under ``root`` whose suffix is in ``extensions`` (recursively, sorted; hidden
-    files skipped), or ``[root]`` for a single such file. The one way lstainnorm lists inputs."""
+def walk_files(root: str | Path, extensions: Sequence[str], exclude: Sequence[str | Path] = ()) -> list[Path]:
+    """Files under the folder ``root`` with a suffix in ``extensions``, sorted; hidden files and
+    folders skipped.
+
+    Symlinked sub-folders are followed, each real folder once (a link back to an ancestor
+    cannot loop); folders in ``exclude`` (e.g. an output folder inside the input) are skipped.
+    """
+    exts = {e.lower() for e in extensions}
+    skip = {os.path.realpath(e) for e in exclude}
+    seen: set[str] = set()
+    out: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen or real in skip:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for f in filenames:
+            p = Path(dirpath) / f
+            if not f.startswith(".") and p.suffix.lower() in exts and p.is_file():
+                out.append(p)
+    return sorted(out)
+
+
+def find_images(root: str | Path, extensions: Sequence[str] = IMAGE_EXTENSIONS, exclude: Sequence[str | Path] = ()) -> list[Path]:
+    """Every file under ``root`` whose suffix is in ``extensions`` (:func:`walk_files`: recursive,
+    sorted, symlinked folders followed once, ``exclude`` skipped), or ``[root]`` for a single such
+    file. The one way lstainnorm lists inputs."""
     root = Path(root)
     exts = {e.lower() for e in extensions}
     if root.is_file():
@@ -102,7 +130,7 @@ def find_images(root: str | Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) 
         return [root]
     if not root.is_dir():
         raise FileNotFoundError(f"not found: {root}")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in exts and not p.name.startswith("."))
+    files = walk_files(root, extensions, exclude)
     if not files:
         raise ValueError(f"no images found under {root}")
     return files

@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..files import atomic_write_bytes
-from .io import ImageReadError, find_images, image_to_tensor, is_image_file, read_rgb
+from .io import IMAGE_EXTENSIONS, ImageReadError, find_images, image_to_tensor, is_image_file, read_rgb, walk_files
 
 __all__ = [
     "TileRecord",
@@ -73,7 +73,7 @@ def scan_image_folder(root: str | Path, classes: Sequence[str] | None = None) ->
         found = list(classes)
     records = []
     for idx, name in enumerate(found):
-        files = sorted(p for p in (root / name).rglob("*") if p.is_file() and is_image_file(p))
+        files = walk_files(root / name, IMAGE_EXTENSIONS)
         if not files:
             raise ValueError(f"class folder {root / name} holds no images ({', '.join(e for e in ('.png', '.jpg', '.tif', '.bmp'))} ...)")
         records += [TileRecord(str(p), idx) for p in files]

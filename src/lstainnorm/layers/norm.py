@@ -207,6 +207,8 @@ class _CompilableNorm(nn.Module, ABC):
 
     def _run(self, x: Tensor, stats=None) -> Tensor:
         x = self._prepare(x)
+        if x.shape[0] == 0:  # an empty batch, as PyTorch modules allow: an empty result
+            return x.clone()
         fn = self._compiled if self._compiled is not None else self._forward_impl
         # Statistics and colour conversions stay in float32 under autocast.
         with torch.autocast(device_type=x.device.type, enabled=False):

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..files import atomic_write_bytes
 from .color import get_space
-from .tissue import channel_stats
+from .tissue import TISSUE_MIN_PIXELS, channel_stats
 from .tissue import tissue_mask as _tissue_mask_fn
 
 __all__ = ["Template", "estimate_template", "resolve_templates", "REFERENCE_TEMPLATES", "load_template"]
@@ -148,8 +148,19 @@ class Template:
             stats["lab"] = (cfg["mu0"], cfg["sigma0"])
         if not stats:
             raise ValueError("no template found: expected keys like mu0_lab / sigma0_lab")
-        meta = {k: v for k, v in cfg.items() if k in ("n_images", "tissue_mask", "source", "n_skipped")}
-        return cls(stats, fusion=cfg.get("fusion_weights"), meta=meta)
+        meta = {k: v for k, v in cfg.items() if k in ("n_images", "tissue_mask", "source", "n_skipped", "n_without_tissue")}
+        tpl = cls(stats, fusion=cfg.get("fusion_weights"), meta=meta)
+        tpl.check_sigma()
+        return tpl
+
+    def check_sigma(self) -> "Template":
+        """Raise ValueError unless every std is > 0: a zero or negative std would turn every
+        image into one flat colour (or invert its contrast)."""
+        for name, (_, sigma) in self.stats.items():
+            bad = [v for v in sigma if not v > 0]
+            if bad:
+                raise ValueError(f"sigma0_{name} must be > 0 in every channel (a template std), got {sigma}")
+        return self
 
     def save(self, path: str | Path) -> Path:
         """Write the template as YAML (atomically: a temporary file, then a rename)."""
@@ -320,7 +331,7 @@ def estimate_template(
         raise ValueError("spaces must name at least one colour space")
     batches, total = _iter_image_batches(source, batch_size)
     sums = {sp.name: torch.zeros(2, 3, dtype=torch.float64) for sp in sps}
-    n = 0
+    n = n_glass = 0
     bar = tqdm(batches, total=total, desc="estimating template", unit="batch", disable=not progress)
     for bi, batch in enumerate(bar):
         if isinstance(batch, Tensor) and batch.dim() == 4:
@@ -349,6 +360,13 @@ def estimate_template(
                     f"[{float(x.min()):.4g}, {float(x.max()):.4g}]; scale to [0, 1]"
                 )
             mask = _tissue_mask_fn(x) if tissue_mask else None
+            if mask is not None:
+                # Images (nearly) without tissue would pull the template towards glass: left out.
+                has = mask.flatten(1).sum(1) >= min(TISSUE_MIN_PIXELS, x.shape[-1] * x.shape[-2])
+                n_glass += int((~has).sum())
+                x, mask = x[has], mask[has]
+                if x.shape[0] == 0:
+                    continue
             for sp in sps:
                 mean, sd = channel_stats(sp.to_space(x), weight=mask)
                 sums[sp.name][0] += mean.flatten(1).double().sum(0).cpu()
@@ -357,7 +375,15 @@ def estimate_template(
         if max_images is not None and n >= max_images:
             break
     bar.close()
+    if n == 0 and n_glass:
+        raise ValueError(
+            f"none of the {n_glass} images holds tissue (all glass or black): a template estimated from them would "
+            "paint every tile one colour; estimate it from images with tissue"
+        )
     if n == 0:
         raise ValueError("no images found in source: cannot estimate a template")
     stats = {name: ((s[0] / n).tolist(), (s[1] / n).tolist()) for name, s in sums.items()}
-    return Template(stats, meta={"n_images": n, "tissue_mask": bool(tissue_mask)})
+    meta = {"n_images": n, "tissue_mask": bool(tissue_mask)}
+    if n_glass:
+        meta["n_without_tissue"] = n_glass
+    return Template(stats, meta=meta).check_sigma()

@@ -9,13 +9,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["tissue_mask", "tissue_weight", "channel_stats", "WHITE_THRESHOLD", "BLACK_THRESHOLD"]
+__all__ = ["tissue_mask", "tissue_weight", "channel_stats", "WHITE_THRESHOLD", "BLACK_THRESHOLD", "TISSUE_MIN_PIXELS"]
 
 # A pixel is background when every channel is at least this bright (optical density below
 # -log10(0.86) = 0.065 in every channel: glass and empty slide), ...
 WHITE_THRESHOLD = 0.86
 # ... and "black" (pen marks, out-of-focus voids, padding) when every channel is this dark.
 BLACK_THRESHOLD = 0.04
+# Fewer tissue pixels than this and an image's tissue statistics are not trusted.
+TISSUE_MIN_PIXELS = 16
 
 
 def tissue_mask(x: Tensor, white: float = WHITE_THRESHOLD, black: float = BLACK_THRESHOLD) -> Tensor:
@@ -34,23 +36,27 @@ def tissue_mask(x: Tensor, white: float = WHITE_THRESHOLD, black: float = BLACK_
     return (lo < white) & (hi > black)
 
 
-def tissue_weight(x: Tensor, lo: float = 0.80, hi: float = 0.92) -> Tensor:
-    """Soft tissue weight for blending: 1 where the darkest channel is <= ``lo``, 0 where it is
-    >= ``hi`` (glass), linear between, shape ``(*, 1, H, W)``.
+def tissue_weight(x: Tensor, lo: float = 0.80, hi: float = 0.92, black: float = BLACK_THRESHOLD) -> Tensor:
+    """Soft tissue weight for blending, shape ``(*, 1, H, W)``: 0 on glass and on black, 1 on tissue.
 
+    Glass: 1 where the darkest channel is <= ``lo``, 0 where it is >= ``hi``, linear between.
+    Black: 0 where the brightest channel is <= ``black``, 1 from ``2 * black`` on, linear between.
     Layers with ``tissue_stats=True`` blend ``w * normalised + (1 - w) * input`` so that glass
-    stays glass (statistics taken over tissue alone would otherwise push it to extreme
-    colours), without a hard seam at the tissue edge.
+    stays glass and black stays black (statistics taken over tissue alone would otherwise push
+    them to extreme or flat colours), without a hard seam at the tissue edge.
     """
     lo_c = x.amin(dim=-3, keepdim=True)
-    return ((hi - lo_c) / (hi - lo)).clamp(0.0, 1.0)
+    hi_c = x.amax(dim=-3, keepdim=True)
+    glass = ((hi - lo_c) / (hi - lo)).clamp(0.0, 1.0)
+    dark = ((hi_c - black) / black).clamp(0.0, 1.0)
+    return glass * dark
 
 
 def channel_stats(
     y: Tensor,
     weight: Tensor | None = None,
     std_floor: Tensor | None = None,
-    min_pixels: int = 16,
+    min_pixels: int = TISSUE_MIN_PIXELS,
 ) -> tuple[Tensor, Tensor]:
     """Per-image, per-channel mean and (unbiased) std over H and W.
 

@@ -27,6 +27,9 @@ class Task(Protocol):
     monitor: ClassVar[str]
     """The validation metric that picks the best checkpoint (higher is better)."""
 
+    metrics: ClassVar[tuple[str, ...]]
+    """Every metric the task logs (what ``trainer.monitor`` may name)."""
+
     def __init__(self, cfg: "Config", classes: list[str], centres: list[str]) -> None: ...
 
     def build_net(self) -> nn.Module:

@@ -44,6 +44,7 @@ class ClassificationTask:
     accuracy / balanced accuracy / macro-F1 / AUROC overall and per centre."""
 
     monitor: ClassVar[str] = "val/acc"
+    metrics: ClassVar[tuple[str, ...]] = ("train/loss", "val/loss", "val/acc", "val/bal_acc", "val/f1", "val/auroc")
 
     def __init__(self, cfg: Config, classes: Sequence[str], centres: Sequence[str]) -> None:
         self.cfg = cfg

@@ -6,6 +6,8 @@ Checkpoints are read through :mod:`lstainnorm.runs` (as data only); the whole mo
 
 from __future__ import annotations
 
+import hashlib
+import json
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -56,6 +58,12 @@ def _with_centres(module: StainNormModule, centres: Sequence[str]) -> None:
     module.task.centres = module.centres
 
 
+def _eval_name(data: Path, split: str | None, centres: Sequence[str] | None) -> str:
+    """``eval_<data name>-<hash>.json``: one file per data set and selection, never shared by two."""
+    key = json.dumps([str(data.resolve()), split, sorted(centres) if centres else None])
+    return f"eval_{data.stem if data.suffix else data.name}-{hashlib.sha256(key.encode()).hexdigest()[:8]}.json"
+
+
 def evaluate(
     run_or_ckpt: str | Path,
     data: str | Path,
@@ -71,7 +79,7 @@ def evaluate(
     Classification: a class-folder tree or a manifest CSV (``split``, ``centres`` select from
     it). Segmentation: a folder with ``images/`` and ``masks/`` (or MoNuSeg's layout).
     Unreadable images are skipped with a warning and listed in the result. The JSON goes to
-    ``out`` (default ``RUN_DIR/eval_<data name>.json``).
+    ``out`` (default ``RUN_DIR/eval_<data name>-<hash of data, split, centres>.json``).
     """
     ckpt = find_checkpoint(run_or_ckpt)
     module = load_module(ckpt)
@@ -94,7 +102,7 @@ def evaluate(
     res["checkpoint"] = str(ckpt)
     res["data"] = str(data)
     res["skipped_files"] = sorted(module.skipped)
-    out = Path(out) if out else run_dir_of(ckpt) / f"eval_{data.stem if data.suffix else data.name}.json"
+    out = Path(out) if out else run_dir_of(ckpt) / _eval_name(data, split, centres)
     write_json(out, res)
     res["output"] = str(out)
     return res

@@ -105,6 +105,7 @@ class SegmentationTask:
     sliding-window inference, Dice/IoU per validation image, AJI and PQ per test image."""
 
     monitor: ClassVar[str] = "val/dice"
+    metrics: ClassVar[tuple[str, ...]] = ("train/loss", "val/loss", "val/dice", "val/iou")
 
     def __init__(self, cfg: Config, classes: Sequence[str], centres: Sequence[str]) -> None:
         self.cfg = cfg

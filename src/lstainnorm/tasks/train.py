@@ -16,7 +16,10 @@ Run directory ``output_path/<YYYYmmdd_HHMMSS>_<postfix>/``::
 from __future__ import annotations
 
 import csv
+import difflib
+import json
 import logging
+import shutil
 import math
 import os
 import sys
@@ -33,17 +36,17 @@ from torch.utils.data import DataLoader
 
 from ..baselines.augment import stain_statistics
 from ..baselines.classical import mosaic_indices, training_mosaic
-from ..config import Config, to_dict
+from ..config import Config, ConfigError, to_dict
 from ..data.io import tensor_to_image, write_image
 from ..data.tiles import save_class_map
 from ..files import atomic_write_bytes
 from ..layers.template import Template, estimate_template
-from ..runs import RUN_DIR_ENV, new_run_dir, resolve_template_setting, write_json
+from ..runs import RUN_DIR_ENV, load_checkpoint, new_run_dir, resolve_template_setting, write_json
 from .callbacks import AtomicCheckpointIO, DDPConsistencyCallback, HistoryCallback, InterruptAfterEpochs
 from .classify import in_cross_summary
 from .evaluate import load_module
 from .loaders import ClassificationData, SegmentationData, build_data, sample_tiles
-from .module import StainNormModule
+from .module import TASKS, StainNormModule
 
 __all__ = ["train", "RUN_DIR_ENV"]
 
@@ -79,9 +82,7 @@ def _quiet_lightning() -> None:
 def _setup_logging(run_dir: Path) -> None:
     _quiet_lightning()
     log.setLevel(logging.INFO)
-    for h in list(log.handlers):
-        if isinstance(h, logging.FileHandler):
-            log.removeHandler(h)
+    _close_log()
     fh = logging.FileHandler(run_dir / "train.log")
     fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(fh)
@@ -90,6 +91,13 @@ def _setup_logging(run_dir: Path) -> None:
         sh.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(sh)
     log.propagate = False
+
+
+def _close_log() -> None:
+    for h in list(log.handlers):
+        if isinstance(h, logging.FileHandler):
+            h.close()
+            log.removeHandler(h)
 
 
 def _template_spaces(cfg: Config) -> list[str]:
@@ -240,6 +248,42 @@ def _all_skipped(trainer: L.Trainer, *modules: StainNormModule) -> list[str]:
     return skipped
 
 
+def _suggest(name: str, names: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, list(names), n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+
+def preflight(cfg: Config) -> None:
+    """Checks of values the schema cannot know (backbone names, the monitored metric, the GPU),
+    before anything is written: a failed start leaves no half-made run folder."""
+    import timm
+
+    name = cfg.model.backbone
+    if cfg.task == "segmentation":
+        import segmentation_models_pytorch as smp
+
+        encoders = smp.encoders.get_encoder_names()
+        if name not in encoders and not (name.startswith("tu-") and timm.is_model(name[3:])):
+            raise ConfigError(f"model.backbone: unknown segmentation encoder {name!r}{_suggest(name, encoders)} "
+                              "(any segmentation-models-pytorch encoder, or tu-<timm model>)")
+    elif not timm.is_model(name):
+        raise ConfigError(f"model.backbone: unknown timm model {name!r}{_suggest(name, timm.list_models())}")
+    task = TASKS[cfg.task]
+    monitor = cfg.trainer.monitor
+    if cfg.task != "classification" and monitor == "val/acc":  # the schema's default follows the task
+        monitor = task.monitor
+    if monitor not in task.metrics:
+        raise ConfigError(f"trainer.monitor: {cfg.task} logs no metric {monitor!r}{_suggest(monitor, task.metrics)}; choose one of {list(task.metrics)}")
+    if str(cfg.trainer.accelerator).lower() in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.accelerator={cfg.trainer.accelerator} but no CUDA GPU is visible on this machine; use auto or cpu")
+
+
+def _finished(run_dir: Path) -> dict | None:
+    """The results of a run that already ended (its metrics.json), or None."""
+    path = run_dir / "metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def train(
     cfg: Config,
     notes: Sequence[str] = (),
@@ -248,28 +292,40 @@ def train(
 ) -> dict:
     """Train (and test) one run; returns the content of ``metrics.json`` plus ``run_dir``."""
     t0 = time.time()
+    if resume is not None and (done := _finished(Path(resume))) is not None:
+        print(f"{resume} has already finished (metrics.json): nothing to resume, nothing changed")
+        return {**done, "run_dir": str(resume)}
+    if resume is not None:
+        last = Path(resume) / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            raise FileNotFoundError(f"cannot resume {resume}: no checkpoints/last.ckpt (nothing to resume)")
+        load_checkpoint(last)  # refuses a file that is not plain data before Lightning reads it
+    preflight(cfg)
+    data = build_data(cfg)  # before the run folder: bad data leaves nothing behind
     run_dir, last = _start(cfg, resume)
-    _setup_logging(run_dir)
-    for n in notes:
-        log.info(n)
-    if cfg.trainer.threads:
-        torch.set_num_threads(int(cfg.trainer.threads))
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-
-    data = build_data(cfg)
-    for n in data.notes:
-        log.info(n)
-    template = resolve_initial_template(cfg, data, run_dir)
-    tpl_arg = template.to_config() if isinstance(template, Template) else template
-    module = StainNormModule(to_dict(cfg), data.classes, data.centres, tpl_arg, resolve_augment_stats(cfg, data, run_dir))
-    fit_classical(cfg, module, data, run_dir)
-    if _rank() == 0:
-        atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
-        save_class_map(run_dir / "classes.json", data.classes)
-    train_loader, val_loader, test_loader = data.loaders(cfg, cfg.seed)
-
-    monitor = cfg.trainer.monitor if cfg.task == "classification" or cfg.trainer.monitor != "val/acc" else module.task.monitor
-    trainer, ckpt, stop = _make_trainer(cfg, run_dir, monitor, extra_callbacks)
+    try:
+        _setup_logging(run_dir)
+        for n in list(notes) + list(data.notes):
+            log.info(n)
+        if cfg.trainer.threads:
+            torch.set_num_threads(int(cfg.trainer.threads))
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        template = resolve_initial_template(cfg, data, run_dir)
+        tpl_arg = template.to_config() if isinstance(template, Template) else template
+        module = StainNormModule(to_dict(cfg), data.classes, data.centres, tpl_arg, resolve_augment_stats(cfg, data, run_dir))
+        fit_classical(cfg, module, data, run_dir)
+        if _rank() == 0:
+            atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
+            save_class_map(run_dir / "classes.json", data.classes)
+        train_loader, val_loader, test_loader = data.loaders(cfg, cfg.seed)
+        monitor = cfg.trainer.monitor if cfg.task == "classification" or cfg.trainer.monitor != "val/acc" else module.task.monitor
+        trainer, ckpt, stop = _make_trainer(cfg, run_dir, monitor, extra_callbacks)
+    except BaseException:
+        if resume is None and _rank() == 0:  # a start that failed leaves no half-made run folder
+            _close_log()
+            shutil.rmtree(run_dir, ignore_errors=True)
+            os.environ.pop(RUN_DIR_ENV, None)
+        raise
     log.info("run directory: %s", run_dir)
     trainer.fit(module, train_loader, val_loader, ckpt_path=str(last) if last else None)
 
@@ -351,7 +407,7 @@ def summary(res: dict) -> str:
     for name in ("in_centre", "cross_centre"):
         if name in res:
             lines.append(f"{name.replace('_', '-'):<14}: acc {_f(res[name]['acc'])} over centres {res[name]['centres']}")
-    lines.append(f"skipped files : {len(res.get('skipped_files', []))}")
+    lines.append(f"skipped files : {len(res.get('skipped_files', []))}" + "".join(f"\n  unreadable: {p}" for p in res.get("skipped_files", [])))
     if res.get("norm_fallbacks"):
         fb = res["norm_fallbacks"]
         lines.append(
