@@ -80,16 +80,35 @@ def _emit(row: dict) -> None:
             fh.write(json.dumps(row) + "\n")
 
 
+class _ExactAttention(torch.nn.Module):
+    """LStainNorm with the exact N x N attention (the layer before the linear-time attention)."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        from lstainnorm.layers import fusion
+
+        saved, fusion.MAX_RANK = fusion.MAX_RANK, 0
+        try:
+            return self.inner(x)
+        finally:
+            fusion.MAX_RANK = saved
+
+
 def _layer(name: str, device: torch.device) -> torch.nn.Module:
-    m = lstainnorm.StainNorm("lab") if name == "StainNorm(lab)" else lstainnorm.LStainNorm()
-    return m.to(device)
+    if name == "StainNorm(lab)":
+        return lstainnorm.StainNorm("lab").to(device)
+    m = lstainnorm.LStainNorm().to(device)
+    return _ExactAttention(m) if name == "LStainNorm, exact attention" else m
 
 
 def layer_table(x_all: torch.Tensor, device: torch.device, batches: list[int], precisions: list[str], compile_batches: list[int], repeats: int) -> list[dict]:
     rows = []
     for b in batches:
         # Each new batch size recompiles (about a minute per graph on a GPU): compiled only where asked.
-        variants = [("StainNorm(lab)", "eager"), ("LStainNorm", "eager")] + ([("LStainNorm", "compiled")] if b in compile_batches else [])
+        variants = [("StainNorm(lab)", "eager"), ("LStainNorm, exact attention", "eager"), ("LStainNorm", "eager")] + ([("LStainNorm", "compiled")] if b in compile_batches else [])
         x = x_all[:b].to(device)
         for precision in precisions:
             for name, mode in variants:
@@ -126,7 +145,7 @@ def training_table(x_all: torch.Tensor, device: torch.device, batch: int, precis
     x = x_all[:batch].to(device)
     y = torch.arange(batch, device=device) % 9
     rows = []
-    variants = ["ResNet-18 alone", "with LStainNorm (eager)"] + (["with LStainNorm (compiled)"] if compile else [])
+    variants = ["ResNet-18 alone", "with LStainNorm, exact attention (eager)", "with LStainNorm (eager)"] + (["with LStainNorm (compiled)"] if compile else [])
     for precision in precisions:
         base = None
         for variant in variants:
@@ -136,6 +155,8 @@ def training_table(x_all: torch.Tensor, device: torch.device, batch: int, precis
                 norm = lstainnorm.LStainNorm()
                 if "compiled" in variant:
                     norm.enable_compile()
+                if "exact" in variant:
+                    norm = _ExactAttention(norm)
                 net = lstainnorm.with_stain_norm(net, norm)
             net = net.to(device).train()
             opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
@@ -165,6 +186,7 @@ def training_table(x_all: torch.Tensor, device: torch.device, batch: int, precis
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     ap.add_argument("--batches", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--train-batch", type=int, default=64)
     ap.add_argument("--size", type=int, default=224)
@@ -182,7 +204,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     n = max(a.batches + [a.train_batch])
     x_all, source = load_tiles(n, a.size)
-    precisions = ["fp32", "bf16"]
+    precisions = a.precisions
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     global _PARTIAL
     a.out.mkdir(parents=True, exist_ok=True)

@@ -52,3 +52,16 @@ def test_compiled_module_pickles():
     clone = copy.deepcopy(norm)
     assert not clone.is_compiled
     assert torch.equal(clone.mu0, norm.mu0)
+
+
+@pytest.mark.skipif(not _dynamo_ok(), reason="torch.compile unavailable")
+def test_compiled_attention_outside_its_bound_falls_back_to_exact():
+    torch._dynamo.reset()
+    norm = LStainNorm()
+    with torch.no_grad():
+        norm.attention.query.weight.mul_(2000.0)  # logits spread far beyond the compiled rank's bound
+        norm.attention.key.weight.mul_(2000.0)
+    x = he_like(2, 24, 16)
+    eager = norm(x)
+    norm.enable_compile(dynamic=False)
+    assert torch.allclose(norm(x), eager, atol=1e-5)

@@ -100,6 +100,11 @@ def test_every_parameter_gets_a_gradient():
     norm(he_like(2, 16, 16)).square().mean().backward()
     for name, p in norm.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        if name == "attention.key.bias":
+            # softmax_j(q_i (k_j + b)) does not depend on b: the method gives the key bias no gradient
+            # (the exact N x N path showed float rounding there; the linear-time path gives 0).
+            assert float(p.grad.abs().sum()) < 1e-6
+            continue
         assert p.grad.abs().sum() > 0, f"{name} gets no gradient"
 
 
@@ -194,3 +199,71 @@ def test_upsample_equals_interpolate(hw):
     a = torch.randn(2, 3, *hw, generator=torch.Generator().manual_seed(0))
     ref = torch.nn.functional.interpolate(a, scale_factor=8, mode="bilinear", align_corners=False)
     assert torch.allclose(_upsample(a, 8), ref, atol=1e-6)
+
+
+# -- the attention in linear time ---------------------------------------------------------------------
+from lstainnorm.layers import fusion as _fusion  # noqa: E402
+
+
+def _qkv(n, scale, b=2, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(b, n, generator=g, dtype=dtype) * scale for _ in range(2))
+    return q, k, torch.randn(b, 3, n, generator=g, dtype=dtype)
+
+
+@pytest.mark.parametrize("n,scale", [(49, 0.01), (784, 0.1), (784, 1.0), (2048, 0.5), (3, 2.0)])
+def test_linear_attention_equals_exact(n, scale):
+    q, k, v = _qkv(n, scale)
+    r = _fusion.attention_rank(q, k)
+    assert r is not None
+    exact = _fusion._attend_exact(q, k, v)
+    assert torch.allclose(_fusion.attend(q, k, v), exact, rtol=0, atol=1e-9 * float(exact.abs().max()))
+    q32, k32, v32 = q.float(), k.float(), v.float()
+    got = _fusion.attend(q32, k32, v32).double()
+    assert float((got - exact).abs().max() / exact.abs().max()) < 1e-5
+
+
+def test_linear_attention_error_bound_holds():
+    for scale in (0.3, 1.0, 2.0):
+        q, k, v = _qkv(500, scale, seed=3)
+        rho = float(_fusion._rho(q, k))
+        exact = _fusion._attend_exact(q, k, v)
+        for r in (8, 16, 24):
+            # Each output is a sum over rows i of v_i-weighted softmax rows, each exact to the bound
+            # relative to its row sum (>= 1): the error is at most about bound * sum_i |v_i|.
+            err = float((_fusion._attend_lowrank(q, k, v, r) - exact).abs().max())
+            bound = _fusion.lowrank_error(rho, 500, r)
+            assert err <= 4 * bound * float(v.abs().sum(dim=2).max()) + 1e-12, (scale, r, err, bound)
+
+
+def test_linear_attention_gradcheck_float64():
+    q, k, v = (t.requires_grad_() for t in _qkv(30, 1.0, b=1))
+    assert torch.autograd.gradcheck(lambda q, k, v: _fusion._attend_lowrank(q, k, v, 40), (q, k, v))
+    out = _fusion.attend(q, k, v)
+    g = torch.autograd.grad(out.square().sum(), (q, k, v))
+    g_exact = torch.autograd.grad(_fusion._attend_exact(q, k, v).square().sum(), (q, k, v))
+    for a, b in zip(g, g_exact):
+        assert float((a - b).abs().max() / b.abs().max()) < 1e-8
+
+
+def test_attention_falls_back_to_exact_beyond_the_bound():
+    q, k, v = _qkv(784, 30.0)  # logits spread over thousands: no rank meets the bound
+    assert _fusion.attention_rank(q, k) is None
+    assert torch.equal(_fusion.attend(q, k, v), _fusion._attend_exact(q, k, v))
+
+
+def test_layer_with_linear_attention_equals_exact_layer():
+    torch.manual_seed(0)
+    norm = LStainNorm()
+    with torch.no_grad():
+        for p in norm.attention.parameters():
+            p.mul_(8.0)  # a trained-looking, less uniform attention
+    x = torch.rand(2, 3, 256, 192, dtype=torch.float64) * 0.8 + 0.1
+    norm = norm.double()
+    fast = norm(x)
+    saved, _fusion.MAX_RANK = _fusion.MAX_RANK, 0
+    try:
+        exact = norm(x)
+    finally:
+        _fusion.MAX_RANK = saved
+    assert float((fast - exact).abs().max() / exact.abs().max()) < 1e-8

@@ -23,10 +23,10 @@ def test_bench_gpu_quick_on_cpu(tmp_path):
     )
     assert res.returncode == 0, res.stderr[-2000:]
     data = json.loads((tmp_path / "gpu_tables.json").read_text())
-    assert {(r["layer"], r["precision"]) for r in data["layers"]} == {(n, p) for n in ("StainNorm(lab)", "LStainNorm") for p in ("fp32", "bf16")}
+    assert {(r["layer"], r["precision"]) for r in data["layers"]} == {(n, p) for n in ("StainNorm(lab)", "LStainNorm, exact attention", "LStainNorm") for p in ("fp32", "bf16")}
     assert all(r["infer_ms_per_tile"] > 0 and r["train_ms_per_tile"] > 0 for r in data["layers"])
     steps = {(r["precision"], r["pipeline"]): r for r in data["training_step"]}
     assert steps[("fp32", "ResNet-18 alone")]["overhead_pct"] == 0.0
     assert "overhead_pct" in steps[("bf16", "with LStainNorm (eager)")]
     assert "Training step" in (tmp_path / "gpu_tables.md").read_text()
-    assert len((tmp_path / "gpu_rows.jsonl").read_text().splitlines()) == 8
+    assert len((tmp_path / "gpu_rows.jsonl").read_text().splitlines()) == 12

@@ -24,6 +24,7 @@ the literal transcription in :mod:`lstainnorm.reference`).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -36,7 +37,7 @@ from .norm import DEFAULT_EPS, StainNorm, _CompilableNorm, _normalize
 from .registry import register_norm
 from .template import Template, resolve_templates
 
-__all__ = ["LStainNorm", "SharedAttention", "POOL"]
+__all__ = ["LStainNorm", "SharedAttention", "POOL", "attend", "lowrank_error"]
 
 POOL = 8
 
@@ -91,18 +92,80 @@ def _upsample(a: Tensor, k: int) -> Tensor:
 # N x N attention matrix of a batch is never materialised whole (at 224 x 224 and batch 64
 # the whole matrix of three branches would be 470 MB; blocks that stay in cache run ~6x faster).
 ATTENTION_BLOCK = 1 << 21
+# The attention in linear time (see attend): largest interpolation error allowed, as a fraction
+# of a softmax row's normaliser, and the ranks tried.
+LOWRANK_TOL = 1e-7
+MAX_RANK = 64
+COMPILED_RANK = 48
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, block: int = ATTENTION_BLOCK) -> Tensor:
-    """``bmm(v, softmax(q^T k, dim=-1))`` for scalar tokens, computed block by block.
+def lowrank_error(rho: float, n: int, r: int) -> float:
+    """Bound on the error of :func:`attend`'s rank-``r`` path relative to each softmax row's sum:
+    ``n * 2 (rho / 2)^r / r!``, with ``rho = max_i |q_i| * (max k - min k) / 2``.
 
-    Args:
-        q, k: ``(B, N)`` query and key of each token.
-        v: ``(B, C, N)`` values.
-
-    Returns:
-        ``(B, C, N)``: ``out[b, c, j] = sum_i v[b, c, i] * softmax_j(q[b, i] * k[b, :])[j]``.
+    It is the Chebyshev interpolation bound of ``k -> exp(q k - max_j q k_j)`` (r-th derivative at
+    most ``|q|^r``, the function at most 1) summed over the ``n`` keys; every row's sum is >= 1.
     """
+    if rho <= 0.0:
+        return 0.0
+    return n * 2.0 * math.exp(r * math.log(rho / 2.0) - math.lgamma(r + 1))
+
+
+def _rho_limit(n: int, r: int, tol: float = LOWRANK_TOL) -> float:
+    """The largest ``rho`` for which :func:`lowrank_error` stays below ``tol``."""
+    return 2.0 * math.exp((math.log(tol / (2.0 * n)) + math.lgamma(r + 1)) / r)
+
+
+def _rho(q: Tensor, k: Tensor) -> Tensor:
+    return (q.abs() * (k.amax(dim=1, keepdim=True) - k.amin(dim=1, keepdim=True)) / 2).amax()
+
+
+def attention_rank(q: Tensor, k: Tensor, tol: float = LOWRANK_TOL, max_rank: int | None = None) -> int | None:
+    """The smallest rank (a multiple of 4, at most ``max_rank``, default :data:`MAX_RANK`) whose
+    error bound meets ``tol``, or None (use the exact path)."""
+    rho, n = float(_rho(q.detach(), k.detach())), q.shape[1]
+    for r in range(4, (MAX_RANK if max_rank is None else max_rank) + 1, 4):
+        if lowrank_error(rho, n, r) <= tol:
+            return r
+    return None
+
+
+def _attend_lowrank(q: Tensor, k: Tensor, v: Tensor, r: int) -> Tensor:
+    """``bmm(v, softmax(q^T k))`` in O(N r).
+
+    ``exp(q_i k_j)`` is interpolated in ``k`` at ``r`` Chebyshev points ``k_l`` of each image's key
+    range: ``exp(q_i k_j) ~ sum_l exp(q_i k_l) L_l(k_j)`` (Lagrange basis in barycentric form:
+    stable, and elementwise, so torch.compile fuses it). Both the row sums ``Z_i`` and
+    ``sum_i v_i exp(q_i k_j) / Z_i`` then factor through the ``r`` nodes. The interpolated part
+    is the deviation from the value at the range's centre (``expm1``), so that a nearly uniform
+    attention keeps its small gradients accurate. Autograd's backward is the same kind of sum:
+    memory O(N r).
+    """
+    n = k.shape[1]
+    kmax = k.amax(dim=1, keepdim=True)
+    kmin = k.amin(dim=1, keepdim=True)
+    centre, half = (kmax + kmin) / 2, (kmax - kmin) / 2
+    t = ((k - centre) / half.clamp(min=torch.finfo(k.dtype).tiny)).clamp(-1.0, 1.0)
+    idx = torch.arange(r, device=q.device, dtype=q.dtype)
+    angle = (2.0 * idx + 1.0) * (math.pi / (2 * r))
+    nodes = torch.cos(angle)  # Chebyshev points of the first kind on [-1, 1]
+    bary = torch.where(idx % 2 == 0, 1.0, -1.0) * torch.sin(angle)  # their barycentric weights
+    diff = t.unsqueeze(2) - nodes
+    tiny = torch.finfo(q.dtype).eps ** 2  # a key exactly on a node: its basis function is 1 there
+    diff = torch.where(diff.abs() < tiny, torch.full_like(diff, tiny), diff)
+    c = bary / diff
+    lag = c / c.sum(dim=2, keepdim=True)  # (B, N, r): L_l(t_j)
+    rowmax = q * torch.where(q > 0, kmax, kmin)  # max_j q_i k_j, in closed form
+    base = torch.exp(q * centre - rowmax)  # (B, N): exp(q_i c - m_i)
+    dev = base.unsqueeze(2) * torch.expm1(q.unsqueeze(2) * (half * nodes).unsqueeze(1))  # exp(q_i k_l - m_i) - base
+    z = n * base + (dev * lag.sum(dim=1, keepdim=True)).sum(dim=2)  # softmax denominators
+    vz = v / z.unsqueeze(1)
+    const = (vz * base.unsqueeze(1)).sum(dim=2, keepdim=True)
+    return const + torch.bmm(torch.bmm(vz, dev), lag.transpose(1, 2))
+
+
+def _attend_exact(q: Tensor, k: Tensor, v: Tensor, block: int = ATTENTION_BLOCK) -> Tensor:
+    """The N x N attention, block by block (never materialised whole)."""
     bsz, n = q.shape
     rows = max(1, min(n, block // n))
     chunk = max(1, block // (rows * n))
@@ -128,6 +191,32 @@ def attend(q: Tensor, k: Tensor, v: Tensor, block: int = ATTENTION_BLOCK) -> Ten
             acc = part if acc is None else acc + part
         outs.append(acc)
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, block: int = ATTENTION_BLOCK, rank: int | None = None, exact: bool = False) -> Tensor:
+    """``bmm(v, softmax(q^T k, dim=-1))`` for scalar tokens: the published attention, in linear time.
+
+    The logits are rank one (``q_i * k_j``), so the attention is a one-dimensional kernel sum:
+    :func:`_attend_lowrank` evaluates it in O(N r) with an error bound checked at run time
+    (:func:`lowrank_error` <= :data:`LOWRANK_TOL` of each row's sum, i.e. float32 rounding); where
+    no rank up to :data:`MAX_RANK` meets it (very spread logits), or with ``exact=True``, the exact
+    N x N path runs, block by block. ``rank`` fixes the rank and skips the check: the compiled
+    layer does so and checks the bound itself (:meth:`LStainNorm._forward_impl`).
+
+    Args:
+        q, k: ``(B, N)`` query and key of each token.
+        v: ``(B, C, N)`` values.
+
+    Returns:
+        ``(B, C, N)``: ``out[b, c, j] = sum_i v[b, c, i] * softmax_j(q[b, i] * k[b, :])[j]``.
+    """
+    if exact:
+        return _attend_exact(q, k, v, block)
+    if rank is None:
+        rank = attention_rank(q, k)
+        if rank is None:
+            return _attend_exact(q, k, v, block)
+    return _attend_lowrank(q, k, v, rank)
 
 
 class SharedAttention(nn.Module):
@@ -156,11 +245,17 @@ class SharedAttention(nn.Module):
         maps = [_maxpool(r * weight[o, 0] + g * weight[o, 1] + b * weight[o, 2] + bias[o], self.pool) for o in range(5)]
         return torch.stack(maps, dim=1)
 
-    def attend(self, pooled: Tensor) -> Tensor:
-        """Attention output on the pooled grid, ``(B, 3, h, w)``."""
+    def attend(self, pooled: Tensor, rank: int | None = None) -> Tensor:
+        """Attention output on the pooled grid, ``(B, 3, h, w)`` (``rank``: see :func:`attend`)."""
         b, _, hp, wp = pooled.shape
         flat = pooled.flatten(2)
-        return attend(flat[:, 0], flat[:, 1], flat[:, 2:]).view(b, 3, hp, wp)
+        return attend(flat[:, 0], flat[:, 1], flat[:, 2:], rank=rank).view(b, 3, hp, wp)
+
+    @staticmethod
+    def bound_holds(pooled: Tensor, rank: int) -> Tensor:
+        """Whether the rank-``rank`` attention meets :data:`LOWRANK_TOL` on ``pooled`` (a bool tensor)."""
+        flat = pooled.flatten(2)
+        return _rho(flat[:, 0], flat[:, 1]) <= _rho_limit(flat.shape[-1], rank)
 
     def expand(self, a: Tensor, size: tuple[int, int]) -> Tensor:
         """Upsample the pooled-grid output by ``pool`` (bilinear) and crop to ``size``."""
@@ -246,13 +341,15 @@ class LStainNorm(_CompilableNorm):
             outs.append(_normalize(x, br.space, br.mu, br.sigma, self.eps, self.tissue_stats, st).abs())
         return outs
 
-    def _weights(self, xs: list[Tensor]) -> list[Tensor]:
+    def _weights(self, xs: list[Tensor], rank: int | None = None) -> tuple[list[Tensor], Tensor | None]:
+        """The fusion weights ``w_s``, and (with a fixed ``rank``) whether its error bound held."""
         n = len(xs)
         dtype = xs[0].dtype
         # The attention is shared: pool each branch, then one attention call on the small
         # pooled maps stacked along the batch, then upsample each branch's map.
         pooled = torch.cat([self.attention.pooled(xi) for xi in xs], dim=0)
-        small = self.attention.attend(pooled).chunk(n, dim=0)
+        ok = None if rank is None else self.attention.bound_holds(pooled, rank)
+        small = self.attention.attend(pooled, rank=rank).chunk(n, dim=0)
         size = xs[0].shape[-2:]
         att = [self.attention.expand(s, size).abs() for s in small]
         delta = (1.0 + self.delta).to(dtype)
@@ -263,7 +360,7 @@ class LStainNorm(_CompilableNorm):
         for t in big[1:]:
             total = total + t
         a, b = self.a.to(dtype), self.b.to(dtype)
-        return [a[i] * (big[i] / (total + self.eps)) + b[i] for i in range(n)]
+        return [a[i] * (big[i] / (total + self.eps)) + b[i] for i in range(n)], ok
 
     @staticmethod
     def _safe_div(num: Tensor, den: Tensor, eps: float) -> Tensor:
@@ -272,16 +369,20 @@ class LStainNorm(_CompilableNorm):
         sign = torch.where(den < 0, -torch.ones_like(den), torch.ones_like(den))
         return num / (sign * den.abs().clamp(min=eps))
 
-    def _forward_impl(self, x: Tensor, stats) -> Tensor:
+    def _forward_impl(self, x: Tensor, stats):
+        # Compiled, the attention's rank is fixed (no data-dependent branch in the graph) and
+        # whether its error bound held is returned with the output: _run recomputes eagerly if not.
+        rank = COMPILED_RANK if torch.compiler.is_compiling() else None
         xs = self._branch_images(x, stats)
-        ws = self._weights(xs)
+        ws, ok = self._weights(xs, rank)
         num = ws[0] * xs[0]
         den = ws[0]
         for w, xi in zip(ws[1:], xs[1:]):
             num = num + w * xi
             den = den + w
         out = self._safe_div(num, den, 1e-6)
-        return out.clamp(0.0, 1.0) if self.clamp else out
+        out = out.clamp(0.0, 1.0) if self.clamp else out
+        return out if ok is None else (out, ok)
 
     def forward(self, x: Tensor, stats: Mapping[str, tuple[Tensor, Tensor]] | None = None) -> Tensor:
         """Normalise and fuse ``x``; ``stats`` optionally gives ``{space: (mean, std)}``."""
@@ -300,7 +401,7 @@ class LStainNorm(_CompilableNorm):
         """
         x = self._prepare(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            ws = self._weights(self._branch_images(x, None))
+            ws, _ = self._weights(self._branch_images(x, None))
             den = ws[0]
             for w in ws[1:]:
                 den = den + w

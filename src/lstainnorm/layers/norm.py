@@ -209,16 +209,23 @@ class _CompilableNorm(nn.Module, ABC):
         x = self._prepare(x)
         if x.shape[0] == 0:  # an empty batch, as PyTorch modules allow: an empty result
             return x.clone()
-        fn = self._compiled if self._compiled is not None else self._forward_impl
         # Statistics and colour conversions stay in float32 under autocast.
         with torch.autocast(device_type=x.device.type, enabled=False):
             step = _cpu_chunk(x)
             if step >= x.shape[0]:
-                return fn(x, stats)
-            outs = [
-                fn(x[i : i + step], _slice_stats(stats, i, step)) for i in range(0, x.shape[0], step)
-            ]
+                return self._call(x, stats)
+            outs = [self._call(x[i : i + step], _slice_stats(stats, i, step)) for i in range(0, x.shape[0], step)]
             return torch.cat(outs, dim=0)
+
+    def _call(self, x: Tensor, stats) -> Tensor:
+        if self._compiled is None:
+            return self._forward_impl(x, stats)
+        out = self._compiled(x, stats)
+        if isinstance(out, tuple):  # (output, whether an approximation's error bound held)
+            out, ok = out
+            if not bool(ok):
+                return self._forward_impl(x, stats)  # eager: checks the bound, exact where needed
+        return out
 
 
 class StainNorm(_CompilableNorm):
