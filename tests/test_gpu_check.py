@@ -30,3 +30,12 @@ def test_bench_gpu_quick_on_cpu(tmp_path):
     assert "overhead_pct" in steps[("bf16", "with LStainNorm (eager)")]
     assert "Training step" in (tmp_path / "gpu_tables.md").read_text()
     assert len((tmp_path / "gpu_rows.jsonl").read_text().splitlines()) == 12
+
+
+def test_bench_tile_size_runs(tmp_path):
+    res = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_tile_size.py"), "--small", "32", "--large", "64", "--memory-side", "64", "--repeats", "1"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "ratio to small tiles" in res.stdout and "peak RSS growth" in res.stdout
