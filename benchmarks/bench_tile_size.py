@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import markdown_table, save  # noqa: E402
+from _common import markdown_table, save, time_ms  # noqa: E402
 
 import lstainnorm  # noqa: E402
 
@@ -31,13 +31,7 @@ def _fwd_bwd_ms(norm, x, repeats: int) -> float:
         norm.zero_grad(set_to_none=True)
         norm(x).mean().backward()
 
-    step()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - t) * 1000)
-    return sorted(times)[len(times) // 2]
+    return time_ms(step, repeats)
 
 
 def _peak_child(side: int) -> None:

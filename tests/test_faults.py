@@ -208,6 +208,9 @@ def test_normalize_python_api_rejects_bad_window(tmp_path):
 
     with pytest.raises(ValueError, match="window must be a positive"):
         normalize_path(lstainnorm.StainNorm("lab"), tmp_path / "in", tmp_path / "out", window=0, progress=False)
+    norm = lstainnorm.LStainNorm()  # the caller's layer keeps its own setting afterwards
+    normalize_path(norm, tmp_path / "in", tmp_path / "out", tissue_stats=True, progress=False)
+    assert not norm.tissue_stats and not any(b.tissue_stats for b in norm.branches.values())
 
 
 @pytest.mark.parametrize("content", [b"", b"\x89PNG\r\n\x1a\n-truncated", b"GIF89a not really", b"plain text"], ids=["empty", "truncated", "mislabeled", "text"])

@@ -17,8 +17,9 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -79,12 +80,19 @@ def norm_from_template(template: str | Path, space: str = "lab") -> nn.Module:
     return StainNorm(space, *t[space], learnable=False).eval()
 
 
-def set_tissue_stats(norm: nn.Module, on: bool) -> nn.Module:
-    """Switch a layer (and its branches) to tissue statistics with glass left as it is, or back."""
-    for m in norm.modules():
-        if isinstance(m, (StainNorm, LStainNorm)):
-            m.tissue_stats = bool(on)
-    return norm
+@contextmanager
+def tissue_stats_as(norm: nn.Module, on: bool) -> Iterator[nn.Module]:
+    """The layer (and its branches) with tissue statistics switched on or off for the block;
+    the caller's setting is restored afterwards."""
+    layers = [m for m in norm.modules() if isinstance(m, (StainNorm, LStainNorm))]
+    saved = [m.tissue_stats for m in layers]
+    for m in layers:
+        m.tissue_stats = bool(on)
+    try:
+        yield norm
+    finally:
+        for m, v in zip(layers, saved):
+            m.tissue_stats = v
 
 
 def layer_fingerprint(norm: nn.Module) -> str:
@@ -149,8 +157,6 @@ def normalize_path(
     settings that made them: a folder made with other settings is refused unless ``force``,
     which redoes every file.
     """
-    from tqdm.auto import tqdm
-
     if window is not None and window < 1:
         raise ValueError(f"window must be a positive number of pixels, got {window}")
     if tile < 1:
@@ -163,10 +169,17 @@ def normalize_path(
     single = inp.is_file()
     names = output_names(all_files, inp.parent if single else inp, single)
     files = shard_files(all_files, shard)
-    set_tissue_stats(norm, tissue_stats)
-    settings = {"layer": type(norm).__name__, "fingerprint": layer_fingerprint(norm), "window": window,
-                "slide_window": slide_window, "tile": tile, "tissue_stats": bool(tissue_stats)}
-    _check_settings(out, settings, force)
+    with tissue_stats_as(norm, tissue_stats):
+        settings = {"layer": type(norm).__name__, "fingerprint": layer_fingerprint(norm), "window": window,
+                    "slide_window": slide_window, "tile": tile, "tissue_stats": bool(tissue_stats)}
+        _check_settings(out, settings, force)
+        return _normalize_files(norm, files, names, out, window, slide_window, tile, force, progress)
+
+
+def _normalize_files(norm: nn.Module, files: Sequence[Path], names: dict[Path, Path], out: Path, window: int | None,
+                     slide_window: int | None, tile: int, force: bool, progress: bool) -> dict:
+    from tqdm.auto import tqdm
+
     done, written, skipped, slides = 0, [], [], []
     for src in tqdm(files, desc="normalising", unit="file", disable=not progress):
         dst = confined(out, names[src])

@@ -193,14 +193,14 @@ def _attend_exact(q: Tensor, k: Tensor, v: Tensor, block: int = ATTENTION_BLOCK)
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, block: int = ATTENTION_BLOCK, rank: int | None = None, exact: bool = False) -> Tensor:
+def attend(q: Tensor, k: Tensor, v: Tensor, block: int = ATTENTION_BLOCK, rank: int | None = None) -> Tensor:
     """``bmm(v, softmax(q^T k, dim=-1))`` for scalar tokens: the published attention, in linear time.
 
     The logits are rank one (``q_i * k_j``), so the attention is a one-dimensional kernel sum:
     :func:`_attend_lowrank` evaluates it in O(N r) with an error bound checked at run time
     (:func:`lowrank_error` <= :data:`LOWRANK_TOL` of each row's sum, i.e. float32 rounding); where
-    no rank up to :data:`MAX_RANK` meets it (very spread logits), or with ``exact=True``, the exact
-    N x N path runs, block by block. ``rank`` fixes the rank and skips the check: the compiled
+    no rank up to :data:`MAX_RANK` meets it (very spread logits), the exact N x N path runs,
+    block by block. ``rank`` fixes the rank and skips the check: the compiled
     layer does so and checks the bound itself (:meth:`LStainNorm._forward_impl`).
 
     Args:
@@ -210,8 +210,6 @@ def attend(q: Tensor, k: Tensor, v: Tensor, block: int = ATTENTION_BLOCK, rank: 
     Returns:
         ``(B, C, N)``: ``out[b, c, j] = sum_i v[b, c, i] * softmax_j(q[b, i] * k[b, :])[j]``.
     """
-    if exact:
-        return _attend_exact(q, k, v, block)
     if rank is None:
         rank = attention_rank(q, k)
         if rank is None:
