@@ -140,6 +140,9 @@ def layer_table(x_all: torch.Tensor, device: torch.device, batches: list[int], p
 
 
 def training_table(x_all: torch.Tensor, device: torch.device, batch: int, precisions: list[str], compile: bool, repeats: int) -> list[dict]:
+    """ms per tile of a training step for each pipeline. The pipelines are built and warmed up
+    (compiled) first, then timed in interleaved rounds (one step of each per round, median over
+    rounds), so that a slow spell of a shared machine hits every pipeline alike."""
     import timm
 
     x = x_all[:batch].to(device)
@@ -147,7 +150,7 @@ def training_table(x_all: torch.Tensor, device: torch.device, batch: int, precis
     rows = []
     variants = ["ResNet-18 alone", "with LStainNorm, exact attention (eager)", "with LStainNorm (eager)"] + (["with LStainNorm (compiled)"] if compile else [])
     for precision in precisions:
-        base = None
+        steps, errors = {}, {}
         for variant in variants:
             torch.manual_seed(0)
             net = timm.create_model("resnet18", pretrained=False, num_classes=9)
@@ -160,24 +163,33 @@ def training_table(x_all: torch.Tensor, device: torch.device, batch: int, precis
                 net = lstainnorm.with_stain_norm(net, norm)
             net = net.to(device).train()
             opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
-            print(f"[training step] {precision} {variant}", file=sys.stderr, flush=True)
+            print(f"[training step] {precision} {variant}: warm-up", file=sys.stderr, flush=True)
 
-            def step():
+            def step(net=net, opt=opt):
                 opt.zero_grad(set_to_none=True)
                 with _autocast(device, precision):
                     loss = torch.nn.functional.cross_entropy(net(x).float(), y)
                 loss.backward()
                 opt.step()
 
-            row = {"precision": precision, "pipeline": variant, "batch": batch}
             try:
-                ms = timed_ms(step, device, repeats) / batch
-                row["ms_per_tile"] = ms
-                if base is None:
-                    base = ms
-                row["overhead_pct"] = 100.0 * (ms / base - 1.0)
+                timed_ms(step, device, 1, warmup=2)
+                steps[variant] = step
             except Exception as err:
-                row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
+                errors[variant] = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
+        times: dict[str, list[float]] = {v: [] for v in steps}
+        for _ in range(repeats):
+            for variant, step in steps.items():
+                times[variant].append(timed_ms(step, device, 1, warmup=0))
+        base = statistics.median(times[variants[0]]) / batch if variants[0] in times else None
+        for variant in variants:
+            row = {"precision": precision, "pipeline": variant, "batch": batch}
+            if variant in times:
+                row["ms_per_tile"] = statistics.median(times[variant]) / batch
+                if base:
+                    row["overhead_pct"] = 100.0 * (row["ms_per_tile"] / base - 1.0)
+            else:
+                row["error"] = errors[variant]
             rows.append(row)
             _emit(row)
     return rows

@@ -12,6 +12,9 @@ import torch
 
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Training runs compile the layer by default (norm.compile=auto); tests train for a few steps on
+# tiny images, where a compilation would cost more than it saves. test_compile.py checks auto.
+os.environ.setdefault("LSTAINNORM_COMPILE", "0")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("LSTAINNORM_SHARED_DATA", REPO.parent / "shared" / "data"))

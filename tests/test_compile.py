@@ -1,5 +1,7 @@
 """The optional torch.compile switch: same numbers as eager, no graph breaks in the hot path."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import he_like
@@ -65,3 +67,70 @@ def test_compiled_attention_outside_its_bound_falls_back_to_exact():
     eager = norm(x)
     norm.enable_compile(dynamic=False)
     assert torch.allclose(norm(x), eager, atol=1e-5)
+
+
+def test_compile_mode_auto_compiles_for_training_only(monkeypatch):
+    from lstainnorm.runs import COMPILE_ENV, compile_mode
+
+    monkeypatch.delenv(COMPILE_ENV, raising=False)
+    assert compile_mode("auto", training=True) == "fallback"
+    assert compile_mode("auto", training=False) == "eager"
+    assert compile_mode("true", training=False) == "compile"
+    assert compile_mode("false", training=True) == "eager"
+    monkeypatch.setenv(COMPILE_ENV, "0")
+    assert compile_mode("auto", training=True) == "eager"
+    assert compile_mode("true", training=True) == "compile"  # an explicit setting wins
+    monkeypatch.setenv(COMPILE_ENV, "1")
+    assert compile_mode("auto", training=False) == "fallback"
+
+
+def test_config_compile_accepts_yaml_booleans_and_rejects_others():
+    from lstainnorm.config import ConfigError, make_config
+
+    assert make_config({})[0].norm.compile == "auto"
+    assert make_config({"norm": {"compile": True}})[0].norm.compile == "true"
+    assert make_config({}, ["norm.compile=false"])[0].norm.compile == "false"
+    with pytest.raises(ConfigError, match="norm.compile"):
+        make_config({}, ["norm.compile=sometimes"])
+
+
+def test_failed_compilation_falls_back_to_eager_with_a_warning():
+    norm = StainNorm("lab").enable_compile(fallback=True)
+
+    def broken(*args):
+        raise RuntimeError("InductorError: no C++ compiler found")
+
+    norm._compiled = broken
+    x = he_like(2, 16, 16)
+    with pytest.warns(UserWarning, match="torch.compile failed.*runs eagerly"):
+        out = norm(x)
+    assert not norm.is_compiled
+    assert torch.allclose(out, StainNorm("lab")(x))
+    strict = StainNorm("lab").enable_compile()
+    strict._compiled = broken
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
+        strict(x)
+
+
+@pytest.mark.skipif(not _dynamo_ok(), reason="torch.compile unavailable")
+def test_train_with_default_compile_setting_compiles_the_layer(tmp_path, monkeypatch):
+    """norm.compile=auto (the default) trains through the compiled layer and logs it."""
+    from lstainnorm.config import make_config
+    from lstainnorm.data.synthetic import write_synthetic
+    from lstainnorm.tasks.train import RUN_DIR_ENV, train
+
+    monkeypatch.delenv("LSTAINNORM_COMPILE", raising=False)
+    monkeypatch.delenv(RUN_DIR_ENV, raising=False)
+    torch._dynamo.reset()
+    write_synthetic(tmp_path / "d", centres=1, per_class=4, size=32, seed=0, classes=2, workers=1, progress=False)
+    cfg, notes = make_config({
+        "output_path": str(tmp_path / "runs"),
+        "data": {"manifest": str(tmp_path / "d" / "manifest.csv"), "batch_size": 4},
+        "norm": {"mode": "learnable"}, "model": {"backbone": "test_resnet"},
+        "trainer": {"max_epochs": 1, "accelerator": "cpu", "progress": False},
+    })
+    assert cfg.norm.compile == "auto"
+    res = train(cfg, notes)
+    log = (Path(res["run_dir"]) / "train.log").read_text()
+    assert "runs through torch.compile" in log
+    assert 0.0 <= res["test"]["overall"]["acc"] <= 1.0

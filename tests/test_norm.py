@@ -184,3 +184,47 @@ def test_cuda_matches_cpu():
     x = he_like(2, 24, 24)
     norm = StainNorm("lab")
     assert torch.allclose(norm.cuda()(x.cuda()).cpu(), norm.cpu()(x), atol=1e-4)
+
+
+@pytest.mark.parametrize("tissue", [False, True])
+@pytest.mark.parametrize("make", ["lab", "hsv", "lstainnorm"])
+def test_large_images_run_in_strips_with_the_same_result(monkeypatch, make, tissue):
+    """Inference on an image above LARGE_IMAGE_PIXELS runs strip by strip: same output as whole."""
+    from lstainnorm import LStainNorm
+    from lstainnorm.layers import norm as norm_mod
+
+    torch.manual_seed(0)
+    layer = LStainNorm(tissue_stats=tissue) if make == "lstainnorm" else StainNorm(make, tissue_stats=tissue)
+    x = he_like(2, 203, 157, seed=3)
+    x[..., :40, :] = 0.95  # a band of glass
+    calls = []
+    with torch.no_grad():
+        whole = layer(x)
+        monkeypatch.setattr(norm_mod, "LARGE_IMAGE_PIXELS", 1000)
+        monkeypatch.setattr(norm_mod, "CPU_CHUNK_PIXELS", 157 * 20)  # 16-row strips (a multiple of 8)
+        original = layer._forward_strips
+        monkeypatch.setattr(layer, "_forward_strips", lambda *a: calls.append(a[2]) or original(*a))
+        strips = layer(x)
+    assert calls and calls[0] % layer._strip_multiple == 0 and calls[0] < x.shape[-2]
+    assert torch.allclose(strips, whole, atol=2e-6), (strips - whole).abs().max()
+    # With autograd on, the whole-image path runs (strips would not save memory there).
+    calls.clear()
+    layer(x.requires_grad_()).sum().backward()
+    assert not calls and torch.isfinite(x.grad).all()
+
+
+def test_strip_stats_equal_whole_image_stats_and_fall_back_without_tissue():
+    from lstainnorm.layers.color import get_space
+    from lstainnorm.layers.norm import space_stats, strip_stats
+    from lstainnorm.layers.tissue import tissue_mask
+
+    x = he_like(3, 45, 33, seed=1)
+    x[1] = 0.97  # all glass: tissue statistics fall back to all pixels, as space_stats does
+    for name in ("lab", "hsv", "rgb"):
+        sp = get_space(name)
+        for tissue in (False, True):
+            ref = space_stats(sp.to_space(x), sp, tissue_mask(x) if tissue else None)
+            got = strip_stats(x, sp, tissue, rows=7)
+            for r, g in zip(ref, got):
+                assert g.shape == (3, 3, 1, 1)
+                assert torch.allclose(g, r, rtol=1e-5, atol=1e-5), (name, tissue, (g - r).abs().max())

@@ -41,6 +41,9 @@ __all__ = [
     "load_checkpoint",
     "resolve_template_setting",
     "build_norm",
+    "compile_mode",
+    "compile_norm",
+    "COMPILE_ENV",
     "load_norm",
     "new_run_dir",
     "write_json",
@@ -126,12 +129,36 @@ def _norm_kwargs(ncfg: NormConfig, template: Template | str | None) -> dict[str,
     return {"target": ncfg.target, "cache_dir": ncfg.cache_dir}
 
 
-def build_norm(ncfg: NormConfig, template: Template | str | None = None) -> nn.Module:
-    """The normalisation layer of ``norm.mode`` (from the registry) with the resolved template."""
-    norm = create_norm(ncfg.mode, **_norm_kwargs(ncfg, template))
-    if ncfg.compile and hasattr(norm, "enable_compile"):
-        norm.enable_compile()
+def build_norm(ncfg: NormConfig, template: Template | str | None = None, training: bool = False) -> nn.Module:
+    """The normalisation layer of ``norm.mode`` (from the registry) with the resolved template,
+    compiled as ``norm.compile`` says (``auto``: for ``training`` only, see :func:`compile_mode`)."""
+    return compile_norm(create_norm(ncfg.mode, **_norm_kwargs(ncfg, template)), ncfg.compile, training)
+
+
+def compile_norm(norm: nn.Module, setting: str | bool, training: bool) -> nn.Module:
+    """Compile ``norm`` (in place) if ``setting`` (``norm.compile``) asks for it; returns it."""
+    mode = compile_mode(setting, training)
+    if mode != "eager" and hasattr(norm, "enable_compile") and not norm.is_compiled:
+        norm.enable_compile(fallback=mode == "fallback")
     return norm
+
+
+COMPILE_ENV = "LSTAINNORM_COMPILE"
+
+
+def compile_mode(setting: str | bool, training: bool) -> str:
+    """``eager``, ``compile`` (errors raise) or ``fallback`` (compile, eager with a warning if
+    compilation fails) for a ``norm.compile`` setting. ``auto`` compiles for training, where the
+    batch shape is fixed and the compilation pays off within a few steps, and not for the apply
+    commands, whose images of varying size would each recompile; ``$LSTAINNORM_COMPILE=0``
+    turns ``auto`` off (``1`` makes it compile outside training too)."""
+    value = str(setting).lower()
+    if value == "auto":
+        env = os.environ.get(COMPILE_ENV, "").strip().lower()
+        if env in ("0", "false", "no", "off"):
+            return "eager"
+        return "fallback" if training or env in ("1", "true", "yes", "on") else "eager"
+    return "compile" if value == "true" else "eager"
 
 
 @dataclass

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .color import get_space
-from .norm import DEFAULT_EPS, StainNorm, _CompilableNorm, _normalize
+from .norm import DEFAULT_EPS, StainNorm, _CompilableNorm, _normalize, strip_stats
 from .registry import register_norm
 from .template import Template, resolve_templates
 
@@ -72,7 +72,7 @@ def _linear_weights(n: int, k: int, dtype: torch.dtype, device: torch.device):
     return i0, i1, 1.0 - w1, w1
 
 
-def _upsample(a: Tensor, k: int) -> Tensor:
+def _upsample(a: Tensor, k: int, rows: tuple[int, int] | None = None) -> Tensor:
     """``F.interpolate(a, scale_factor=k, mode="bilinear", align_corners=False)``, separably.
 
     Along W a small matrix product, along H a gather of whole rows: both vectorise, where
@@ -85,6 +85,9 @@ def _upsample(a: Tensor, k: int) -> Tensor:
     mat = (cols == j0).to(a.dtype) * v0 + (cols == j1).to(a.dtype) * v1  # (w, w*k)
     aw = torch.matmul(a, mat)  # (B, C, h, w*k)
     i0, i1, u0, u1 = _linear_weights(h, k, a.dtype, a.device)
+    if rows is not None:  # only output rows r0 <= o < r1
+        sl = slice(*rows)
+        i0, i1, u0, u1 = i0[sl], i1[sl], u0[sl], u1[sl]
     return aw[:, :, i0] * u0.view(-1, 1) + aw[:, :, i1] * u1.view(-1, 1)
 
 
@@ -255,10 +258,11 @@ class SharedAttention(nn.Module):
         flat = pooled.flatten(2)
         return _rho(flat[:, 0], flat[:, 1]) <= _rho_limit(flat.shape[-1], rank)
 
-    def expand(self, a: Tensor, size: tuple[int, int]) -> Tensor:
-        """Upsample the pooled-grid output by ``pool`` (bilinear) and crop to ``size``."""
-        up = _upsample(a, self.pool)
-        return up[..., : size[0], : size[1]]
+    def expand(self, a: Tensor, size: tuple[int, int], rows: tuple[int, int] | None = None) -> Tensor:
+        """Upsample the pooled-grid output by ``pool`` (bilinear) and crop to ``size``;
+        ``rows=(r0, r1)`` gives only those output rows (the same values, for strip-wise use)."""
+        up = _upsample(a, self.pool, rows)
+        return up[..., :, : size[1]] if rows is not None else up[..., : size[0], : size[1]]
 
     def forward(self, x: Tensor) -> Tensor:
         return self.expand(self.attend(self.pooled(x)), x.shape[-2:])
@@ -289,6 +293,8 @@ class LStainNorm(_CompilableNorm):
         >>> norm(torch.rand(1, 3, 50, 37)).shape
         torch.Size([1, 3, 50, 37])
     """
+
+    _strip_multiple = POOL  # strips of a large image start on pooling-cell boundaries
 
     def __init__(
         self,
@@ -339,26 +345,37 @@ class LStainNorm(_CompilableNorm):
             outs.append(_normalize(x, br.space, br.mu, br.sigma, self.eps, self.tissue_stats, st).abs())
         return outs
 
-    def _weights(self, xs: list[Tensor], rank: int | None = None) -> tuple[list[Tensor], Tensor | None]:
-        """The fusion weights ``w_s``, and (with a fixed ``rank``) whether its error bound held."""
-        n = len(xs)
-        dtype = xs[0].dtype
-        # The attention is shared: pool each branch, then one attention call on the small
-        # pooled maps stacked along the batch, then upsample each branch's map.
+    def _attention_maps(self, xs: list[Tensor], rank: int | None = None) -> tuple[list[Tensor], Tensor | None]:
+        """The attention output of each branch on the pooled grid, and (with a fixed ``rank``)
+        whether its error bound held. The attention is shared: pool each branch, then one
+        attention call on the small pooled maps stacked along the batch."""
         pooled = torch.cat([self.attention.pooled(xi) for xi in xs], dim=0)
         ok = None if rank is None else self.attention.bound_holds(pooled, rank)
-        small = self.attention.attend(pooled, rank=rank).chunk(n, dim=0)
-        size = xs[0].shape[-2:]
-        att = [self.attention.expand(s, size).abs() for s in small]
-        delta = (1.0 + self.delta).to(dtype)
+        return list(self.attention.attend(pooled, rank=rank).chunk(len(xs), dim=0)), ok
+
+    def _weights(self, xs: list[Tensor], att: list[Tensor]) -> list[Tensor]:
+        """The fusion weights ``w_s`` from the branch images and their upsampled ``|A_s|``."""
+        n = len(xs)
+        delta = (1.0 + self.delta).to(xs[0].dtype)
         big = [
             (delta[i].view(1, 3, 1, 1) * att[i] + xs[i]) / (xs[i] + self.eps) for i in range(n)
         ]
         total = big[0]
         for t in big[1:]:
             total = total + t
-        a, b = self.a.to(dtype), self.b.to(dtype)
-        return [a[i] * (big[i] / (total + self.eps)) + b[i] for i in range(n)], ok
+        a, b = self.a.to(xs[0].dtype), self.b.to(xs[0].dtype)
+        return [a[i] * (big[i] / (total + self.eps)) + b[i] for i in range(n)]
+
+    def _fuse(self, xs: list[Tensor], att: list[Tensor]) -> Tensor:
+        """``sum_s w_s x_s / sum_s w_s``, clamped if asked."""
+        ws = self._weights(xs, att)
+        num = ws[0] * xs[0]
+        den = ws[0]
+        for w, xi in zip(ws[1:], xs[1:]):
+            num = num + w * xi
+            den = den + w
+        out = self._safe_div(num, den, 1e-6)
+        return out.clamp(0.0, 1.0) if self.clamp else out
 
     @staticmethod
     def _safe_div(num: Tensor, den: Tensor, eps: float) -> Tensor:
@@ -372,15 +389,32 @@ class LStainNorm(_CompilableNorm):
         # whether its error bound held is returned with the output: _run recomputes eagerly if not.
         rank = COMPILED_RANK if torch.compiler.is_compiling() else None
         xs = self._branch_images(x, stats)
-        ws, ok = self._weights(xs, rank)
-        num = ws[0] * xs[0]
-        den = ws[0]
-        for w, xi in zip(ws[1:], xs[1:]):
-            num = num + w * xi
-            den = den + w
-        out = self._safe_div(num, den, 1e-6)
-        out = out.clamp(0.0, 1.0) if self.clamp else out
+        small, ok = self._attention_maps(xs, rank)
+        size = x.shape[-2:]
+        out = self._fuse(xs, [self.attention.expand(a, size).abs() for a in small])
         return out if ok is None else (out, ok)
+
+    def _forward_strips(self, x: Tensor, stats, rows: int) -> Tensor:
+        """The same result as :meth:`_forward_impl`, ``rows`` image rows at a time (inference on
+        large images: memory and cache footprint of one strip). Pass 1 collects the statistics
+        and the pooled maps strip by strip, the attention runs once on the whole pooled grid,
+        pass 2 recomputes each strip's branches and fuses them."""
+        h, w = x.shape[-2:]
+        if stats is None:
+            stats = {s: strip_stats(x, self.branches[s].space, self.tissue_stats, rows) for s in self.spaces}
+        parts: list[list[Tensor]] = [[] for _ in self.spaces]
+        for r0 in range(0, h, rows):
+            for i, xi in enumerate(self._branch_images(x[..., r0 : r0 + rows, :], stats)):
+                parts[i].append(self.attention.pooled(xi))
+        pooled = torch.cat([torch.cat(p, dim=2) for p in parts], dim=0)
+        small = self.attention.attend(pooled).chunk(len(self.spaces), dim=0)
+        out = torch.empty_like(x)
+        for r0 in range(0, h, rows):
+            r1 = min(h, r0 + rows)
+            xs = self._branch_images(x[..., r0:r1, :], stats)
+            att = [self.attention.expand(a, (h, w), rows=(r0, r1)).abs() for a in small]
+            out[..., r0:r1, :] = self._fuse(xs, att)
+        return out
 
     def forward(self, x: Tensor, stats: Mapping[str, tuple[Tensor, Tensor]] | None = None) -> Tensor:
         """Normalise and fuse ``x``; ``stats`` optionally gives ``{space: (mean, std)}``."""
@@ -399,7 +433,9 @@ class LStainNorm(_CompilableNorm):
         """
         x = self._prepare(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            ws, _ = self._weights(self._branch_images(x, None))
+            xs = self._branch_images(x, None)
+            small, _ = self._attention_maps(xs)
+            ws = self._weights(xs, [self.attention.expand(a, x.shape[-2:]).abs() for a in small])
             den = ws[0]
             for w in ws[1:]:
                 den = den + w

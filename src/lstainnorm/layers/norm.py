@@ -23,6 +23,7 @@ glass passes through unchanged (:func:`lstainnorm.tissue.tissue_weight`).
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from typing import Sequence
 
@@ -33,9 +34,9 @@ from .checks import check_image, check_rgb_range, compute_dtype
 from .color import ColorSpace, get_space
 from .registry import register_norm
 from .template import Template
-from .tissue import channel_stats, tissue_mask, tissue_weight
+from .tissue import TISSUE_MIN_PIXELS, channel_stats, tissue_mask, tissue_weight
 
-__all__ = ["StainNorm", "stain_norm", "space_stats", "DEFAULT_EPS"]
+__all__ = ["StainNorm", "stain_norm", "space_stats", "strip_stats", "DEFAULT_EPS", "LARGE_IMAGE_PIXELS"]
 
 DEFAULT_EPS = 1e-7
 
@@ -57,6 +58,41 @@ def space_stats(
     """Per-image channel mean and floored std of ``y`` (already in ``space``), shapes (B, 3, 1, 1)."""
     floor = torch.tensor(space.std_floor, dtype=y.dtype, device=y.device)
     return channel_stats(y, weight=mask, std_floor=floor)
+
+
+def strip_stats(x: Tensor, space: ColorSpace, tissue: bool, rows: int) -> tuple[Tensor, Tensor]:
+    """:func:`space_stats` of ``to_space(x)`` (over tissue if ``tissue``), accumulated ``rows``
+    rows at a time in float64, so that a large image is never converted whole.
+
+    Equal to the whole-image statistics up to float rounding (tested); no autograd graph.
+    """
+    b, _, h, w = x.shape
+    n = float(h * w)
+    sums = torch.zeros(2, b, 3, dtype=torch.float64, device=x.device)  # sum y, sum y^2 (all pixels)
+    wsums = torch.zeros(2, b, 3, dtype=torch.float64, device=x.device)  # the same over tissue
+    cnt = torch.zeros(b, 1, dtype=torch.float64, device=x.device)
+    with torch.no_grad():
+        for r0 in range(0, h, rows):
+            xs = x[..., r0 : r0 + rows, :]
+            y = space.to_space(xs).to(torch.float64)
+            sums[0] += y.sum(dim=(-2, -1))
+            sums[1] += y.square().sum(dim=(-2, -1))
+            if tissue:
+                m = tissue_mask(xs).to(torch.float64)
+                cnt += m.sum(dim=(-2, -1))
+                wsums[0] += (m * y).sum(dim=(-2, -1))
+                wsums[1] += (m * y.square()).sum(dim=(-2, -1))
+    # As channel_stats: too few tissue pixels and all pixels count.
+    use = (cnt >= min(TISSUE_MIN_PIXELS, n)) if tissue else torch.zeros_like(cnt, dtype=torch.bool)
+    total = torch.where(use, cnt, torch.full_like(cnt, n))
+    s1 = torch.where(use, wsums[0], sums[0])
+    s2 = torch.where(use, wsums[1], sums[1])
+    mean = s1 / total
+    var = (s2 - total * mean.square()) / (total - 1.0).clamp(min=1.0)
+    floor = torch.tensor(space.std_floor, dtype=torch.float64, device=x.device).square()
+    sd = torch.maximum(var, floor).sqrt()
+    dtype = x.dtype
+    return mean.to(dtype).view(b, 3, 1, 1), sd.to(dtype).view(b, 3, 1, 1)
 
 
 def _normalize(
@@ -134,10 +170,21 @@ def stain_norm(
 CPU_CHUNK_PIXELS = 1 << 19
 
 
+# Above this many pixels per image, inference (no autograd) runs in horizontal strips: the
+# result is the same, but memory and cache hold one strip of the full-size intermediates, so
+# a 4000 x 4000 or 8000 x 8000 region costs what its pixels cost.
+LARGE_IMAGE_PIXELS = 1 << 21
+
+
 def _cpu_chunk(x: Tensor) -> int:
     if x.device.type != "cpu":
         return x.shape[0]
     return max(1, CPU_CHUNK_PIXELS // (x.shape[-1] * x.shape[-2]))
+
+
+def _strip_rows(x: Tensor, multiple: int) -> int:
+    pixels = CPU_CHUNK_PIXELS if x.device.type == "cpu" else LARGE_IMAGE_PIXELS
+    return max(multiple, (pixels // x.shape[-1]) // multiple * multiple)
 
 
 def _slice_stats(stats, start: int, step: int):
@@ -154,18 +201,25 @@ def _slice_stats(stats, start: int, step: int):
 class _CompilableNorm(nn.Module, ABC):
     """Shared plumbing: input checks outside, an optionally compiled hot path inside."""
 
+    # Strips of a large image must start on multiples of this many rows (LStainNorm's pooling).
+    _strip_multiple = 1
+
     def __init__(self) -> None:
         super().__init__()
         self._compiled = None
+        self._compile_fallback = False
         self.validate = True
 
-    def enable_compile(self, **compile_kwargs) -> "_CompilableNorm":
+    def enable_compile(self, fallback: bool = False, **compile_kwargs) -> "_CompilableNorm":
         """Compile the hot path with ``torch.compile(fullgraph=True)`` (input checks stay eager).
 
         On a CPU this fuses the colour conversions, statistics and fusion into a few loops
         (3-5x faster than eager, see BENCHMARKS.md); the first call pays the compilation
-        (tens of seconds) and each new input shape may recompile. Returns ``self``.
+        (tens of seconds) and each new input shape may recompile. With ``fallback``, a
+        compilation that fails (no C compiler, an unsupported backend) warns once and the
+        layer runs eagerly from then on. Returns ``self``.
         """
+        self._compile_fallback = bool(fallback)
         import torch._dynamo
 
         compile_kwargs.setdefault("fullgraph", True)
@@ -199,6 +253,10 @@ class _CompilableNorm(nn.Module, ABC):
     def _forward_impl(self, x: Tensor, stats) -> Tensor:
         """The layer's computation on a validated float batch (what ``enable_compile`` compiles)."""
 
+    @abstractmethod
+    def _forward_strips(self, x: Tensor, stats, rows: int) -> Tensor:
+        """The same result as :meth:`_forward_impl`, ``rows`` rows at a time (inference only)."""
+
     def _prepare(self, x: Tensor) -> Tensor:
         check_image(x)
         if self.validate:
@@ -211,16 +269,28 @@ class _CompilableNorm(nn.Module, ABC):
             return x.clone()
         # Statistics and colour conversions stay in float32 under autocast.
         with torch.autocast(device_type=x.device.type, enabled=False):
+            call = self._call
+            if x.shape[-1] * x.shape[-2] > LARGE_IMAGE_PIXELS and not torch.is_grad_enabled():
+                rows = _strip_rows(x, self._strip_multiple)
+                call = lambda xb, st: self._forward_strips(xb, st, rows)  # noqa: E731
             step = _cpu_chunk(x)
             if step >= x.shape[0]:
-                return self._call(x, stats)
-            outs = [self._call(x[i : i + step], _slice_stats(stats, i, step)) for i in range(0, x.shape[0], step)]
+                return call(x, stats)
+            outs = [call(x[i : i + step], _slice_stats(stats, i, step)) for i in range(0, x.shape[0], step)]
             return torch.cat(outs, dim=0)
 
     def _call(self, x: Tensor, stats) -> Tensor:
         if self._compiled is None:
             return self._forward_impl(x, stats)
-        out = self._compiled(x, stats)
+        try:
+            out = self._compiled(x, stats)
+        except Exception as err:  # noqa: BLE001 - any compiler failure; eager re-raises real input errors
+            if not self._compile_fallback:
+                raise
+            warnings.warn(f"torch.compile failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                          f"{type(self).__name__} runs eagerly (set norm.compile=false to skip compiling)", stacklevel=3)
+            self._compiled = None
+            return self._forward_impl(x, stats)
         if isinstance(out, tuple):  # (output, whether an approximation's error bound held)
             out, ok = out
             if not bool(ok):
@@ -306,6 +376,14 @@ class StainNorm(_CompilableNorm):
     def _forward_impl(self, x: Tensor, stats) -> Tensor:
         out = _normalize(x, self.space, self.mu, self.sigma, self.eps, self.tissue_stats, stats)
         return out.clamp(0.0, 1.0) if self.clamp else out
+
+    def _forward_strips(self, x: Tensor, stats, rows: int) -> Tensor:
+        if stats is None:
+            stats = strip_stats(x, self.space, self.tissue_stats, rows)
+        out = torch.empty_like(x)
+        for r0 in range(0, x.shape[-2], rows):
+            out[..., r0 : r0 + rows, :] = self._forward_impl(x[..., r0 : r0 + rows, :], stats)
+        return out
 
     def forward(self, x: Tensor, stats: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """Normalise ``x``; ``stats`` optionally replaces the per-image (mean, std)."""

@@ -41,7 +41,7 @@ from ..data.io import tensor_to_image, write_image
 from ..data.tiles import save_class_map
 from ..files import atomic_write_bytes
 from ..layers.template import Template, estimate_template
-from ..runs import RUN_DIR_ENV, load_checkpoint, new_run_dir, resolve_template_setting, write_json
+from ..runs import RUN_DIR_ENV, compile_norm, load_checkpoint, new_run_dir, resolve_template_setting, write_json
 from .callbacks import AtomicCheckpointIO, DDPConsistencyCallback, HistoryCallback, InterruptAfterEpochs
 from .classify import in_cross_summary
 from .evaluate import load_module
@@ -314,6 +314,9 @@ def train(
         tpl_arg = template.to_config() if isinstance(template, Template) else template
         module = StainNormModule(to_dict(cfg), data.classes, data.centres, tpl_arg, resolve_augment_stats(cfg, data, run_dir))
         fit_classical(cfg, module, data, run_dir)
+        compile_norm(module.norm, cfg.norm.compile, training=True)
+        if getattr(module.norm, "is_compiled", False):
+            log.info("norm.compile=%s: the normalisation layer runs through torch.compile (the first steps compile it)", cfg.norm.compile)
         if _rank() == 0:
             atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
             save_class_map(run_dir / "classes.json", data.classes)
