@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from lstainnorm import LStainNorm, StainNorm
-from lstainnorm.apply.export import export_norm
+from lstainnorm.apply.export import export_norm, norm_metadata
 from lstainnorm.apply.folders import list_inputs, normalize_path, shard_files
 from lstainnorm.apply.slides import SlideReader, iter_normalized_tiles, normalize_slide, normalize_windowed, slide_statistics
 from lstainnorm.cli import main
@@ -184,6 +184,43 @@ def test_export_parity(tmp_path, suffix, make):
     assert torch.allclose(got, ref, atol=1e-4)
 
 
+@pytest.mark.parametrize("suffix", [".onnx", ".pt"])
+def test_exported_files_carry_their_provenance(tmp_path, suffix):
+    from lstainnorm.apply.export import config_hash, read_metadata
+
+    norm = _perturbed(LStainNorm(), seed=5)
+    cfg = {"norm": {"mode": "lstainnorm"}, "seed": 3}
+    meta = norm_metadata(norm, cfg, run=tmp_path / "runs" / "20261126_000000_x")
+    export_norm(norm, tmp_path / f"n{suffix}", metadata=meta)
+    got = read_metadata(tmp_path / f"n{suffix}")
+    assert got["layer"] == "LStainNorm" and got["spaces"] == ["lab", "hsv", "rgb"]
+    assert got["run"] == "20261126_000000_x" and got["config_sha256"] == config_hash(cfg) != config_hash({**cfg, "seed": 4})
+    assert got["lstainnorm_version"] and got["lstainnorm_version"] != "unknown"
+    tpl = norm.template()
+    for space, (mu, sigma) in tpl.stats.items():
+        assert got["template"][f"mu0_{space}"] == pytest.approx(list(mu))
+        assert got["template"][f"sigma0_{space}"] == pytest.approx(list(sigma))
+    assert got["fusion_weights"]["hsv"]["a"] == pytest.approx(tpl.fusion["hsv"]["a"])
+    if suffix == ".onnx":  # what onnxruntime users see
+        import onnxruntime as ort
+
+        custom = ort.InferenceSession(str(tmp_path / "n.onnx")).get_modelmeta().custom_metadata_map
+        assert custom["layer"] == "LStainNorm" and "template" in custom
+
+
+def test_read_metadata_refuses_foreign_files(tmp_path):
+    from lstainnorm.apply.export import read_metadata
+
+    torch.jit.save(torch.jit.script(torch.nn.Identity()), str(tmp_path / "other.pt"))
+    with pytest.raises(ValueError, match="without lstainnorm metadata"):
+        read_metadata(tmp_path / "other.pt")
+    (tmp_path / "junk.onnx").write_bytes(b"not a model at all")
+    with pytest.raises(ValueError, match="neither an ONNX nor a TorchScript"):
+        read_metadata(tmp_path / "junk.onnx")
+    with pytest.raises(FileNotFoundError, match="no such exported file"):
+        read_metadata(tmp_path / "missing.onnx")
+
+
 def test_export_rejects_what_it_cannot_export(tmp_path):
     with pytest.raises(ValueError, match="tissue_stats"):
         export_norm(LStainNorm(tissue_stats=True), tmp_path / "x.onnx")
@@ -192,7 +229,7 @@ def test_export_rejects_what_it_cannot_export(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_export_report_and_normalize_from_a_run(tmp_path):
+def test_cli_export_report_and_normalize_from_a_run(tmp_path, capsys):
     from lstainnorm.config import make_config
     from lstainnorm.data.synthetic import write_synthetic
     from lstainnorm.tasks.train import RUN_DIR_ENV, train
@@ -205,6 +242,10 @@ def test_cli_export_report_and_normalize_from_a_run(tmp_path):
     os.environ.pop(RUN_DIR_ENV, None)
     assert main(["export", run, "-o", str(tmp_path / "norm.onnx")]) == 0
     assert main(["export", run, "-o", str(tmp_path / "norm.pt")]) == 0
+    capsys.readouterr()
+    assert main(["export", "--info", str(tmp_path / "norm.onnx")]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["run"] == Path(run).name and len(info["config_sha256"]) == 64 and info["spaces"] == ["lab", "hsv", "rgb"]
     assert main(["report", run]) == 0
     report = Path(run) / "report"
     page = (report / "index.html").read_text()

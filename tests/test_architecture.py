@@ -25,7 +25,7 @@ LAYERS = [
     ["baselines"],
     ["config"],
     ["runs"],
-    ["apply"],
+    ["apply", "transforms"],
     ["tasks"],
     ["experiments"],
     ["cli", "__init__", "__main__"],

@@ -318,7 +318,8 @@ def _normalize_cmd(inp: Path, out: Path, t: Path) -> list[str]:
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
 def test_normalize_interrupted_then_rerun_is_byte_identical(tmp_path, sig):
-    tiles(tmp_path / "in", n=40, size=128)
+    n = 80  # enough that the signal lands mid-run on a fast machine too
+    tiles(tmp_path / "in", n=n, size=128)
     t = template_yaml(tmp_path / "t.yaml")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     subprocess.run(_normalize_cmd(tmp_path / "in", tmp_path / "ref", t), check=True, capture_output=True, env=env)
@@ -330,7 +331,7 @@ def test_normalize_interrupted_then_rerun_is_byte_identical(tmp_path, sig):
     code = proc.wait(60)
     assert code != 0  # it was stopped mid-run
     partial = len(list((tmp_path / "out").glob("*.png")))
-    assert partial < 40
+    assert partial < n
     assert subprocess.run(_normalize_cmd(tmp_path / "in", tmp_path / "out", t), capture_output=True, env=env).returncode == 0
     ref = {p.name: p.read_bytes() for p in (tmp_path / "ref").glob("*.png")}
     got = {p.name: p.read_bytes() for p in (tmp_path / "out").glob("*.png")}

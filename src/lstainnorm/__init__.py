@@ -25,6 +25,7 @@ from .layers import (
     register_norm,
     stain_norm,
     tissue_mask,
+    norm_param_groups,
     with_stain_norm,
 )
 
@@ -36,6 +37,7 @@ __all__ = [
     "LStainNorm",
     "stain_norm",
     "with_stain_norm",
+    "norm_param_groups",
     "StainNormalized",
     "estimate_template",
     "Template",

@@ -305,19 +305,31 @@ def _normalize_run(a: argparse.Namespace) -> int:
     """
     lstainnorm export runs/20261125_101500_demo -o norm.onnx
     lstainnorm export runs/20261125_101500_demo -o norm.pt        # TorchScript
+    lstainnorm export --info norm.onnx                            # provenance stored in the file
     """,
 )
 def _export_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", type=Path, help="run directory or checkpoint")
-    p.add_argument("-o", "--output", type=Path, required=True, help="norm.onnx or norm.pt")
+    p.add_argument("run", type=Path, nargs="?", help="run directory or checkpoint")
+    p.add_argument("-o", "--output", type=Path, help="norm.onnx or norm.pt")
     p.add_argument("--tolerance", type=positive_float, default=1e-4, help="largest allowed difference to the PyTorch layer (default 1e-4)")
+    p.add_argument("--info", type=Path, metavar="FILE", help="print the metadata of an exported file (version, template, run, config hash) and exit")
 
 
 def _export_run(a: argparse.Namespace) -> int:
-    from .apply.export import export_norm
+    import json
+
+    from .apply.export import export_norm, norm_metadata, read_metadata
+    from .config import to_dict
     from .runs import load_norm
 
-    res = export_norm(load_norm(a.run).norm, a.output, tolerance=a.tolerance)
+    if a.info is not None:
+        print(json.dumps(read_metadata(a.info), indent=2))
+        return 0
+    if a.run is None or a.output is None:
+        raise SystemExit("lstainnorm export: give a RUN and -o OUTPUT (or --info FILE)")
+    trained = load_norm(a.run)
+    meta = norm_metadata(trained.norm, to_dict(trained.config), trained.checkpoint.parent.parent if trained.checkpoint.parent.name == "checkpoints" else a.run)
+    res = export_norm(trained.norm, a.output, tolerance=a.tolerance, metadata=meta)
     print(f"exported {res['format']} to {res['path']}: batch, height and width dynamic; max difference to PyTorch {res['max_abs_difference']:.1e}")
     return 0
 

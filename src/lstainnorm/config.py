@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, cast, get_args
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from .baselines.augment import AUGMENT_MODES
@@ -38,6 +38,8 @@ __all__ = [
     "REFERENCE_KEYS",
     "TaskName",
     "TASKS",
+    "LOGGER_CHOICES",
+    "logger_names",
 ]
 
 # Closed choices are Literals; open ones come from their registries (norm.mode from
@@ -45,6 +47,24 @@ __all__ = [
 # OmegaConf types the fields as str; _check_choices validates them against these.
 TaskName = Literal["classification", "segmentation"]
 TASKS: tuple[str, ...] = get_args(TaskName)
+# trainer.logger: Lightning's experiment loggers (lstainnorm.tasks.loggers builds them).
+LOGGER_CHOICES = ("csv", "tensorboard", "mlflow", "wandb")
+
+
+def logger_names(setting: Any) -> list[str]:
+    """``trainer.logger`` (a name, a comma-separated string, a list, ``none`` or null) as a list."""
+    if setting is None:
+        return []
+    items = [setting] if isinstance(setting, str) else list(setting)
+    names: list[str] = []
+    for item in items:
+        for name in str(item).split(","):
+            name = name.strip().lower()
+            if name and name not in ("none", "false") and name not in names:
+                names.append(name)
+    return names
+
+
 # norm.compile: "auto" compiles the layer for training where torch.compile works (eager otherwise).
 COMPILE_CHOICES = ("auto", "true", "false")
 
@@ -143,7 +163,12 @@ class OptimConfig:
 
 @dataclass
 class TrainerConfig:
-    """Lightning Trainer settings (``devices=2 strategy=ddp`` for multi-GPU or multi-process)."""
+    """Lightning Trainer settings (``devices=2 strategy=ddp`` for multi-GPU or multi-process).
+
+    ``logger``: Lightning experiment loggers, one name or a list of ``csv`` (default; ``history.csv``
+    is written whatever this says), ``tensorboard``, ``mlflow``, ``wandb``, or ``none``; each writes
+    under ``RUN/logs/`` and works offline (the last three need ``pip install 'lstainnorm[NAME]'``).
+    """
 
     max_epochs: int = 100
     patience: int = 8
@@ -159,6 +184,7 @@ class TrainerConfig:
     limit_val_batches: Optional[float] = None
     progress: bool = True
     threads: Optional[int] = None
+    logger: Any = "csv"
 
 
 @dataclass
@@ -310,6 +336,9 @@ def _check_choices(cfg: DictConfig) -> None:
     choose("norm.compile", cfg.norm.compile, COMPILE_CHOICES)
     choose("optim.scheduler", cfg.optim.scheduler, ("cosine", "none"))
     choose("data.augment", cfg.data.augment, AUGMENT_MODES)
+    lg = cfg.trainer.logger
+    for name in logger_names(list(lg) if isinstance(lg, ListConfig) else lg):
+        choose("trainer.logger", name, LOGGER_CHOICES)
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
     for key in ("data.batch_size", "trainer.max_epochs", "optim.T_max", "norm.step_size"):

@@ -5,13 +5,22 @@ The export graph is :class:`ExportableNorm`: the same computation as
 keeps batch size and image size dynamic (counts as tensors, ceil-mode max-pooling, one
 softmax over all tokens instead of cache-sized blocks, no input checks). ``export_norm``
 checks that the exported file reproduces the PyTorch layer to ``tolerance`` on inputs of
-several sizes before it reports success.
+several sizes before it reports success. The file carries its provenance (:func:`norm_metadata`:
+lstainnorm version, layer, spaces, template values, fusion weights, the run and its config hash)
+as ONNX ``metadata_props`` or a TorchScript extra file; :func:`read_metadata` reads it back as
+data (``lstainnorm export --info FILE``).
 """
 
 from __future__ import annotations
 
+import datetime as _dt
+import hashlib
+import json
 import warnings
+import zipfile
+from importlib import metadata as _metadata
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +31,77 @@ from ..layers.fusion import LStainNorm
 from ..layers.identity import Identity
 from ..layers.norm import StainNorm
 
-__all__ = ["ExportableNorm", "export_norm", "check_parity"]
+__all__ = ["ExportableNorm", "export_norm", "check_parity", "norm_metadata", "read_metadata", "config_hash"]
+
+# The TorchScript extra file that holds the metadata.
+TORCHSCRIPT_META = "lstainnorm.json"
+
+
+def _version() -> str:
+    try:
+        return _metadata.version("lstainnorm")
+    except _metadata.PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "unknown"
+
+
+def config_hash(config: dict) -> str:
+    """SHA-256 of a run's config (canonical JSON): the same training setup, the same hash."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def norm_metadata(norm: nn.Module, config: dict | None = None, run: str | Path | None = None) -> dict[str, Any]:
+    """What an exported layer records about itself: lstainnorm version, layer class, spaces, the
+    template (internal units, as in a template YAML, and natural units), fusion weights, and,
+    when it comes from a run, the run's folder name and config hash."""
+    meta: dict[str, Any] = {
+        "lstainnorm_version": _version(),
+        "layer": type(norm).__name__,
+        "exported": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if isinstance(norm, LStainNorm):
+        meta["spaces"] = list(norm.spaces)
+    elif isinstance(norm, StainNorm):
+        meta["spaces"] = [norm.space.name]
+    if hasattr(norm, "template"):
+        tpl = norm.template()
+        meta["template"] = {k: v for k, v in tpl.to_config().items() if k != "fusion_weights"}
+        meta["template_natural"] = tpl.natural()
+        if tpl.fusion:
+            meta["fusion_weights"] = {k: dict(v) for k, v in tpl.fusion.items()}
+    if run is not None:
+        meta["run"] = Path(run).name
+    if config is not None:
+        meta["config_sha256"] = config_hash(config)
+    return meta
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The metadata of an exported ``.onnx`` or TorchScript file, read as data (no code runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such exported file: {path}")
+    if zipfile.is_zipfile(path):  # TorchScript archives are zip files; the extra file is plain JSON
+        with zipfile.ZipFile(path) as zf:
+            names = [n for n in zf.namelist() if n.endswith("/extra/" + TORCHSCRIPT_META)]
+            if not names:
+                raise ValueError(f"{path} is a TorchScript file without lstainnorm metadata (exported by another tool?)")
+            return json.loads(zf.read(names[0]))
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as err:  # noqa: BLE001 - protobuf errors have no common base
+        raise ValueError(f"{path} is neither an ONNX nor a TorchScript file: {err}") from None
+    props = {p.key: p.value for p in model.metadata_props}
+    if "lstainnorm_version" not in props:
+        raise ValueError(f"{path} is an ONNX file without lstainnorm metadata (exported by another tool?)")
+    out: dict[str, Any] = {}
+    for k, v in props.items():
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
 
 
 class _Branch(nn.Module):
@@ -122,12 +201,15 @@ def check_parity(norm: nn.Module, run_exported, tolerance: float = 1e-4) -> floa
     return worst
 
 
-def export_norm(norm: nn.Module, path: str | Path, tolerance: float = 1e-4, opset: int = 17) -> dict:
+def export_norm(norm: nn.Module, path: str | Path, tolerance: float = 1e-4, opset: int = 17,
+                metadata: dict[str, Any] | None = None) -> dict:
     """Export ``norm`` to ``path`` (``.onnx`` or ``.pt`` TorchScript) and check its parity.
 
-    The file is written atomically; batch size, height and width are dynamic.
+    The file is written atomically; batch size, height and width are dynamic. ``metadata``
+    (default :func:`norm_metadata` of the layer) is stored in the file.
     """
     path = Path(path)
+    meta = norm_metadata(norm) if metadata is None else metadata
     module = ExportableNorm(norm).eval()
     example = torch.rand(2, 3, 64, 64) * 0.8 + 0.1
     suffix = path.suffix.lower()
@@ -136,27 +218,35 @@ def export_norm(norm: nn.Module, path: str | Path, tolerance: float = 1e-4, opse
     # Written to a temporary file that becomes ``path`` only once the parity check passed.
     with atomic_path(path) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        run = _export_onnx(module, example, tmp, opset) if suffix == ".onnx" else _export_torchscript(module, example, tmp)
+        run = _export_onnx(module, example, tmp, opset, meta) if suffix == ".onnx" else _export_torchscript(module, example, tmp, meta)
         worst = check_parity(norm, run, tolerance)
-    return {"path": str(path), "format": "onnx" if suffix == ".onnx" else "torchscript", "max_abs_difference": worst, "tolerance": tolerance}
+    return {"path": str(path), "format": "onnx" if suffix == ".onnx" else "torchscript", "max_abs_difference": worst,
+            "tolerance": tolerance, "metadata": meta}
 
 
-def _export_onnx(module: nn.Module, example: Tensor, path: Path, opset: int):
+def _export_onnx(module: nn.Module, example: Tensor, path: Path, opset: int, meta: dict[str, Any]):
     torch.onnx.export(
         module, (example,), str(path), input_names=["rgb"], output_names=["normalised"],
         dynamic_axes={"rgb": {0: "batch", 2: "height", 3: "width"}, "normalised": {0: "batch", 2: "height", 3: "width"}},
         opset_version=opset, dynamo=False,
     )
+    import onnx
     import onnxruntime as ort
+
+    model = onnx.load(str(path))
+    for key, value in meta.items():  # strings as they are, the rest as JSON (onnxruntime: custom_metadata_map)
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
+    onnx.save(model, str(path))
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return lambda x: sess.run(None, {"rgb": x.numpy()})[0]
 
 
-def _export_torchscript(module: nn.Module, example: Tensor, path: Path):
+def _export_torchscript(module: nn.Module, example: Tensor, path: Path, meta: dict[str, Any]):
     with torch.no_grad():
         traced = torch.jit.trace(module, (example,), check_trace=False)
-    traced.save(str(path))
+    traced.save(str(path), _extra_files={TORCHSCRIPT_META: json.dumps(meta)})
     loaded = torch.jit.load(str(path))
 
     def run(x: Tensor):

@@ -10,13 +10,13 @@ Nothing here imports from the application (data loading, tasks, apply, the CLI):
 - :mod:`.fusion`    :class:`LStainNorm`, branches fused by self-attention (method.md section 2)
 - :mod:`.identity`  the ``none`` layer
 - :mod:`.registry`  ``create_norm`` / ``register_norm`` / ``list_norms``
-- :mod:`.model`     ``with_stain_norm``: a layer in front of any network
+- :mod:`.model`     ``with_stain_norm``: a layer in front of any network; ``norm_param_groups``
 """
 
 from . import color
 from .fusion import LStainNorm, SharedAttention
 from .identity import Identity
-from .model import StainNormalized, with_stain_norm
+from .model import StainNormalized, norm_param_groups, with_stain_norm
 from .norm import StainNorm, stain_norm
 from .registry import create_norm, list_norms, register_norm
 from .template import Template, estimate_template, load_template
@@ -30,6 +30,7 @@ __all__ = [
     "Identity",
     "stain_norm",
     "with_stain_norm",
+    "norm_param_groups",
     "StainNormalized",
     "estimate_template",
     "Template",

@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from .registry import create_norm
 
-__all__ = ["StainNormalized", "with_stain_norm"]
+__all__ = ["StainNormalized", "with_stain_norm", "norm_param_groups"]
 
 
 class StainNormalized(nn.Module):
@@ -58,3 +58,35 @@ def with_stain_norm(model: nn.Module, norm: nn.Module | str = "lstainnorm", **no
     elif norm_kwargs:
         raise TypeError("norm_kwargs are only used when norm is given by name")
     return StainNormalized(model, norm)
+
+
+def norm_param_groups(norm: nn.Module, lr: float = 5e-3, weight_decay: float = 0.0) -> list[dict]:
+    """Optimiser groups for a normalisation layer, to add to your network's own groups.
+
+    Each colour-space branch gets ``lr * mean(sigma0)``: Adam steps are in parameter units,
+    and a template offset in Lab (std ~10) must move ~100x further than one in RGB (std ~0.1).
+    The remaining parameters (attention, fusion weights) get ``lr``. The default ``lr=5e-3`` is
+    what ``lstainnorm train`` uses (``norm.lr``), with AdamW at 5e-4 for the network.
+
+    Example:
+        >>> net = with_stain_norm(torch.nn.Conv2d(3, 4, 1), "lstainnorm")
+        >>> groups = [{"params": net.model.parameters(), "lr": 5e-4}] + norm_param_groups(net.norm)
+        >>> opt = torch.optim.AdamW(groups)
+    """
+    # Imported here: fusion imports norm, and model sits beside both.
+    from .fusion import LStainNorm
+    from .norm import StainNorm
+
+    groups, seen = [], set()
+    branches = [norm] if isinstance(norm, StainNorm) else list(norm.branches.values()) if isinstance(norm, LStainNorm) else []
+    for br in branches:
+        params = [p for p in (br.dmu, br.dsigma) if isinstance(p, nn.Parameter) and p.requires_grad]
+        if not params:
+            continue
+        scale = float(br.sigma0.abs().mean().clamp(min=1e-3))
+        groups.append({"params": params, "lr": lr * scale, "weight_decay": 0.0, "name": f"norm.{br.space.name}"})
+        seen.update(id(p) for p in params)
+    rest = [p for p in norm.parameters() if p.requires_grad and id(p) not in seen]
+    if rest:
+        groups.append({"params": rest, "lr": lr, "weight_decay": weight_decay, "name": "norm.fusion"})
+    return groups

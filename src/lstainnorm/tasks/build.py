@@ -10,10 +10,8 @@ import os
 from torch import nn
 
 from ..config import Config, ModelConfig
-from ..layers.fusion import LStainNorm
-from ..layers.norm import StainNorm
 
-__all__ = ["build_classifier", "norm_param_groups", "lr_lambdas"]
+__all__ = ["build_classifier", "lr_lambdas"]
 
 
 def build_classifier(mcfg: ModelConfig, n_classes: int) -> nn.Module:
@@ -42,28 +40,6 @@ def build_classifier(mcfg: ModelConfig, n_classes: int) -> nn.Module:
             f"pretrained weights for '{mcfg.backbone}' are not available locally ({type(err).__name__}); "
             "set model.weights to a local weights file, or model.pretrained=false"
         ) from None
-
-
-def norm_param_groups(norm: nn.Module, lr: float, weight_decay: float) -> list[dict]:
-    """Optimiser groups for the normalisation layer.
-
-    Each colour-space branch gets ``lr * mean(sigma0)``: Adam steps are in parameter units,
-    and a template offset in Lab (std ~10) must move ~100x further than one in RGB (std ~0.1).
-    The remaining parameters (attention, fusion weights) get ``lr``.
-    """
-    groups, seen = [], set()
-    branches = [norm] if isinstance(norm, StainNorm) else list(norm.branches.values()) if isinstance(norm, LStainNorm) else []
-    for br in branches:
-        params = [p for p in (br.dmu, br.dsigma) if isinstance(p, nn.Parameter) and p.requires_grad]
-        if not params:
-            continue
-        scale = float(br.sigma0.abs().mean().clamp(min=1e-3))
-        groups.append({"params": params, "lr": lr * scale, "weight_decay": 0.0, "name": f"norm.{br.space.name}"})
-        seen.update(id(p) for p in params)
-    rest = [p for p in norm.parameters() if p.requires_grad and id(p) not in seen]
-    if rest:
-        groups.append({"params": rest, "lr": lr, "weight_decay": weight_decay, "name": "norm.fusion"})
-    return groups
 
 
 def lr_lambdas(cfg: Config, groups: list[dict]) -> list:

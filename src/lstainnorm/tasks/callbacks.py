@@ -6,7 +6,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +17,11 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from ..files import atomic_path, atomic_write_bytes
+from .loggers import template_scalars
 
-__all__ = ["HistoryCallback", "AtomicCheckpointIO", "DDPConsistencyCallback", "InterruptAfterEpochs"]
+__all__ = ["HistoryCallback", "AtomicCheckpointIO", "DDPConsistencyCallback", "InterruptAfterEpochs", "epoch_line"]
+
+log = logging.getLogger("lstainnorm")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -35,9 +40,26 @@ def _scalar(v: Any) -> Any:
     return v
 
 
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def epoch_line(row: dict, max_epochs: int | None, record: dict | None, seconds: float) -> str:
+    """The one line per epoch of ``train.log``: losses, validation metrics, the learned template
+    (mean per channel, natural units) and the epoch's seconds, progress bar or not."""
+    metrics = [f"{k} {_fmt(v)}" for k, v in row.items() if k.startswith(("train/", "val/"))]
+    parts = [f"epoch {row['epoch'] + 1}/{max_epochs}", ", ".join(metrics)]
+    if record is not None:
+        tpl = [f"{space} mu ({', '.join(f'{m:.3g}' for m in d['mu'])})" for space, d in record["natural"].items()]
+        parts.append("template " + "; ".join(tpl))
+    parts.append(f"{seconds:.1f} s")
+    return " | ".join(p for p in parts if p)
+
+
 class HistoryCallback(L.Callback):
-    """Writes ``history.csv`` (one row per epoch: losses, metrics, learning rates, template)
-    and ``template_history.jsonl`` (the template in natural units and the fusion weights)."""
+    """Writes ``history.csv`` (one row per epoch: losses, metrics, learning rates, template),
+    ``template_history.jsonl`` (the template in natural units and the fusion weights) and one
+    line per epoch to ``train.log`` (:func:`epoch_line`)."""
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = Path(run_dir)
@@ -60,6 +82,7 @@ class HistoryCallback(L.Callback):
                 atomic_write_bytes(self.run_dir / "template_history.jsonl", (json.dumps({"epoch": -1, **rec}) + "\n").encode())
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._t0 = time.perf_counter()
         # The learning rates used during this epoch (the scheduler steps at its end).
         self._lrs = {f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(trainer.optimizers[0].param_groups)}
 
@@ -74,17 +97,12 @@ class HistoryCallback(L.Callback):
                 row[k] = s
         row.update(getattr(self, "_lrs", {}))
         rec = pl_module.template_record()
+        row.update(template_scalars(rec))
         if rec is not None:
-            for space, d in rec["natural"].items():
-                for ch, mu, sd in zip(d["channels"], d["mu"], d["sigma"]):
-                    row[f"template/{space}/{ch}/mu"] = mu
-                    row[f"template/{space}/{ch}/sigma"] = sd
-            for space, f in (rec.get("fusion") or {}).items():
-                row[f"fusion/{space}/a"] = f["a"]
-                row[f"fusion/{space}/b"] = f["b"]
             self._append_jsonl({"epoch": trainer.current_epoch, **rec})
         self.rows = [r for r in self.rows if int(r["epoch"]) != trainer.current_epoch] + [row]
         self._write_csv()
+        log.info(epoch_line(row, trainer.max_epochs, rec, time.perf_counter() - getattr(self, "_t0", time.perf_counter())))
 
     def _append_jsonl(self, rec: dict) -> None:
         path = self.run_dir / "template_history.jsonl"

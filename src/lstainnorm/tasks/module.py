@@ -19,7 +19,8 @@ from ..layers.model import StainNormalized
 from ..layers.template import Template
 from ..runs import build_norm, resolve_template_setting
 from .base import Task
-from .build import lr_lambdas, norm_param_groups
+from ..layers.model import norm_param_groups
+from .build import lr_lambdas
 from .classify import ClassificationTask
 from .segment import SegmentationTask
 

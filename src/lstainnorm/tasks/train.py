@@ -45,6 +45,7 @@ from ..runs import RUN_DIR_ENV, compile_norm, load_checkpoint, new_run_dir, reso
 from .callbacks import AtomicCheckpointIO, DDPConsistencyCallback, HistoryCallback, InterruptAfterEpochs
 from .classify import in_cross_summary
 from .evaluate import load_module
+from .loggers import ExperimentLogCallback, build_loggers, check_logger_extras, logger_names
 from .loaders import ClassificationData, SegmentationData, build_data, sample_tiles
 from .module import TASKS, StainNormModule
 
@@ -210,6 +211,9 @@ def _make_trainer(cfg: Config, run_dir: Path, monitor: str, extra_callbacks: Seq
     )
     stop = L.pytorch.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=cfg.trainer.patience)
     callbacks: list[L.Callback] = [ckpt, last_ckpt, stop, HistoryCallback(run_dir), DDPConsistencyCallback(run_dir), *extra_callbacks]
+    loggers = build_loggers(logger_names(cfg.trainer.logger), run_dir)
+    if loggers:
+        callbacks += [L.pytorch.callbacks.LearningRateMonitor(logging_interval="epoch"), ExperimentLogCallback()]
     if os.environ.get("LSTAINNORM_INTERRUPT_AFTER_EPOCHS"):
         callbacks.append(InterruptAfterEpochs(int(os.environ["LSTAINNORM_INTERRUPT_AFTER_EPOCHS"])))
     tr = cfg.trainer
@@ -225,7 +229,7 @@ def _make_trainer(cfg: Config, run_dir: Path, monitor: str, extra_callbacks: Seq
         limit_train_batches=tr.limit_train_batches,
         limit_val_batches=tr.limit_val_batches,
         callbacks=callbacks,
-        logger=False,
+        logger=loggers or False,
         enable_progress_bar=tr.progress,
         enable_model_summary=False,
         default_root_dir=str(run_dir),
@@ -274,6 +278,10 @@ def preflight(cfg: Config) -> None:
         monitor = task.monitor
     if monitor not in task.metrics:
         raise ConfigError(f"trainer.monitor: {cfg.task} logs no metric {monitor!r}{_suggest(monitor, task.metrics)}; choose one of {list(task.metrics)}")
+    try:
+        check_logger_extras(logger_names(cfg.trainer.logger))
+    except ImportError as err:
+        raise ConfigError(str(err)) from None
     if str(cfg.trainer.accelerator).lower() in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(f"trainer.accelerator={cfg.trainer.accelerator} but no CUDA GPU is visible on this machine; use auto or cpu")
 
