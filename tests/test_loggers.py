@@ -67,9 +67,14 @@ def _tb_events(folder: Path):
     return acc
 
 
-def test_tensorboard_run_has_curves_template_trajectories_and_the_grid(tmp_path, synth):
-    res = train(_cfg(tmp_path, synth, "trainer.logger=[csv,tensorboard]"))
-    run = Path(res["run_dir"])
+def test_tensorboard_run_of_the_demo_has_curves_template_trajectories_and_the_grid(tmp_path):
+    """`lstainnorm demo --set trainer.logger=[csv,tensorboard]` (tiny): the event file holds them."""
+    from lstainnorm.cli import main
+
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--methods", "lstainnorm", "--epochs", "2", "--per-class", "5",
+                 "--set", "model.backbone=test_resnet", "--set", "trainer.progress=false", "--set", "data.batch_size=16",
+                 "--set", "trainer.logger=[csv,tensorboard]"]) == 0
+    run = next((tmp_path / "demo" / "runs").iterdir())
     acc = _tb_events(run / "logs" / "tensorboard")
     tags = acc.Tags()["scalars"]
     for tag in ("train/loss", "val/loss", "val/acc", "template/lab/L/mu", "template/hsv/S/sigma", "fusion/rgb/a"):
