@@ -213,7 +213,7 @@ def _train_run(a: argparse.Namespace) -> int:
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", type=Path, help="run directory (uses checkpoints/best.ckpt) or a checkpoint file")
     p.add_argument("--data", type=Path, required=True, help="class-folder tree, manifest CSV, or (segmentation) a folder with images/ and masks/")
-    p.add_argument("--split", help="with a manifest: the split to evaluate (train/val/test)")
+    p.add_argument("--split", help="the split to evaluate (train/val/test): of a manifest, or of a segmentation run's own split (split file or metadata column)")
     p.add_argument("--centres", nargs="+", help="with a manifest: only these centres")
     p.add_argument("-o", "--output", type=Path, help="result JSON (default RUN_DIR/eval_<data>-<hash>.json, one per data set and selection)")
     p.add_argument("--batch-size", type=positive_int)
@@ -366,6 +366,47 @@ def _report_run(a: argparse.Namespace) -> int:
     return 0
 
 
+# --- stress -----------------------------------------------------------------------------------------
+@command(
+    "stress",
+    "robustness curves: evaluate a trained run on re-stained copies of its data at graded severities",
+    """
+    lstainnorm stress runs/20261125_101500_demo --data data/synth/manifest.csv --split test
+    lstainnorm stress runs/<seg run> --data monuseg-test/ --axes hematoxylin-hue he-ratio jpeg
+    lstainnorm stress runs/<run> --data tiles/ --levels 0.5 1 --out stress_out/
+
+    Axes (severity 1 = the maximum): hematoxylin-hue, eosin-hue (25 degrees), stain-amount (2x),
+    he-ratio (4x), white-point, gamma, saturation, jpeg (quality 10), combined. Writes
+    stress.csv, stress.png, index.html and stress.json; resumes where it stopped.
+    """,
+)
+def _stress_args(p: argparse.ArgumentParser) -> None:
+    from .data.restain import AXES
+
+    p.add_argument("run", type=Path, help="run directory or checkpoint")
+    p.add_argument("--data", type=Path, required=True, help="what `lstainnorm evaluate` takes: class folders, a manifest CSV, or a segmentation folder")
+    p.add_argument("--split", help="the split to stress (e.g. test): of a manifest, or of a segmentation run's own split")
+    p.add_argument("--centres", nargs="+", help="manifest centres to use")
+    p.add_argument("--axes", nargs="+", choices=list(AXES), help="axes to run (default: all)")
+    p.add_argument("--levels", nargs="+", type=float, default=None, help="severities in (0, 1] (default 0.25 0.5 0.75 1); 0 is always run")
+    p.add_argument("--out", type=Path, help="output folder (default RUN/stress_<data>-<hash>)")
+    p.add_argument("--batch-size", type=positive_int, default=None)
+    p.add_argument("--seed", type=int, default=0, help="random draws of the combined axis")
+
+
+def _stress_run(a: argparse.Namespace) -> int:
+    from .tasks.stress import DEFAULT_LEVELS, stress
+
+    res = stress(a.run, a.data, axes=a.axes, levels=a.levels or DEFAULT_LEVELS, split=a.split, centres=a.centres,
+                 out=a.out, batch_size=a.batch_size, seed=a.seed)
+    width = max(len(k) for k in res["scores"])
+    print(f"robustness ({res['metric']}: area under the curve / value at severity 0; 1 = no loss):")
+    for axis, score in res["scores"].items():
+        print(f"  {axis:<{width}}  {score:.3f}")
+    print(f"written: {res['output']}/index.html")
+    return 0
+
+
 # --- demo -------------------------------------------------------------------------------------------
 @command(
     "demo",
@@ -402,6 +443,7 @@ def _demo_run(a: argparse.Namespace) -> int:
     lstainnorm bench accuracy --seeds 0 1 2         # every method, mean and std (about an hour on 2 cores)
     lstainnorm bench accuracy --methods none macenko lstainnorm --epochs 4 --per-class 60
     lstainnorm bench segmentation --config configs/segment_monuseg_cpu.yaml --seeds 0 1 2
+    lstainnorm bench segmentation --stress          # and the stress curves of every trained run
     """,
 )
 def _bench_args(p: argparse.ArgumentParser) -> None:
@@ -426,6 +468,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--per-class", type=positive_int, default=200)
     g.add_argument("--backbone", default="resnet18")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override for every run")
+    g.add_argument("--stress", action="store_true", help="then `lstainnorm stress` every trained run on its test split (severities 0, 0.5, 1)")
     g = p.add_argument_group("segmentation")
     g.add_argument("--config", type=Path, default=Path("configs/segment_monuseg_cpu.yaml"), help="segmentation config (default: configs/segment_monuseg_cpu.yaml of the repository)")
 
@@ -441,7 +484,8 @@ def _bench_run(a: argparse.Namespace) -> int:
     if a.kind == "segmentation":
         from .experiments.segmentation import SEGMENTATION_METHODS, segmentation_benchmark
 
-        res = segmentation_benchmark(a.config, a.out / "segmentation", methods=a.methods or SEGMENTATION_METHODS, seeds=a.seeds, overrides=a.overrides)
+        res = segmentation_benchmark(a.config, a.out / "segmentation", methods=a.methods or SEGMENTATION_METHODS, seeds=a.seeds,
+                                     overrides=a.overrides, stress=a.stress)
         print(res["text"])
         print(f"written: {a.out / 'segmentation' / 'segmentation.md'}")
         return 0
@@ -449,7 +493,7 @@ def _bench_run(a: argparse.Namespace) -> int:
 
     res = accuracy_benchmark(
         a.out / "accuracy", methods=a.methods, seeds=a.seeds, epochs=a.epochs,
-        per_class=a.per_class, backbone=a.backbone, size=a.size or 96, overrides=a.overrides,
+        per_class=a.per_class, backbone=a.backbone, size=a.size or 96, overrides=a.overrides, stress=a.stress,
     )
     print(res["text"])
     print(f"written: {a.out / 'accuracy' / 'accuracy.md'}")
@@ -463,6 +507,7 @@ _RUNNERS = {
     "train": _train_run,
     "evaluate": _evaluate_run,
     "demo": _demo_run,
+    "stress": _stress_run,
     "predict": _predict_run,
     "normalize": _normalize_run,
     "export": _export_run,

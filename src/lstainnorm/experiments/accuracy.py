@@ -20,6 +20,7 @@ from ..runs import write_json
 from ..tasks.train import train
 from .demo import demo_config
 from .runner import benchmark_methods, markdown_table, mean_std, method_overrides, run_resumable
+from .stress import stress_runs
 
 __all__ = ["accuracy_benchmark"]
 
@@ -44,9 +45,11 @@ def accuracy_benchmark(
     size: int = 96,
     overrides: Sequence[str] = (),
     progress: bool = True,
+    stress: bool = False,
 ) -> dict:
     """Train on centre A, test on A-D, for every method (default: all of
-    :func:`~lstainnorm.experiments.runner.benchmark_methods`) and seed; mean and std per method."""
+    :func:`~lstainnorm.experiments.runner.benchmark_methods`) and seed; mean and std per method.
+    With ``stress``, every trained run is then stressed on the test split (:mod:`.stress`)."""
     out = Path(out)
     methods = list(methods or benchmark_methods())
     manifest = _synthetic_set(out, per_class, size, progress)
@@ -95,6 +98,11 @@ def accuracy_benchmark(
         f"centre A, tested on A-D; mean ± std over seeds {list(seeds)} (%).\n\n" + table + ("\n\n" + "\n".join(f"- {n}" for n in notes) if notes else "")
     )
     result = {"summary": summary, "runs": sel, "text": text}
+    if stress and sel:
+        st = stress_runs(sel, manifest, out / "stress", split="test", progress=progress)
+        result["stress"] = st["scores"]
+        text += "\n\n" + st["text"] + f"\nCurves: {st['png']}"
+        result["text"] = text
     atomic_write_bytes(out / "accuracy.md", (text + "\n").encode())
     write_json(out / "accuracy.json", result)
     return result

@@ -17,6 +17,7 @@ from ..files import atomic_write_bytes
 from ..runs import write_json
 from ..tasks.train import train
 from .runner import markdown_table, mean_std, method_overrides, run_resumable
+from .stress import stress_runs
 
 __all__ = ["segmentation_benchmark", "SEGMENTATION_METHODS"]
 
@@ -31,8 +32,10 @@ def segmentation_benchmark(
     seeds: Sequence[int] = (0, 1, 2),
     overrides: Sequence[str] = (),
     progress: bool = True,
+    stress: bool = False,
 ) -> dict:
-    """Train ``config`` (a segmentation config) once per method and seed; tables of the test metrics."""
+    """Train ``config`` (a segmentation config) once per method and seed; tables of the test metrics.
+    With ``stress``, every trained run is then stressed on its test split (:mod:`.stress`)."""
     out = Path(out)
 
     def run(job: dict) -> dict:
@@ -70,6 +73,11 @@ def segmentation_benchmark(
         f"then mean ± std over seeds {list(seeds)}.\n\n{table}\n\nDice per held-out hospital (mean over seeds):\n\n{per}"
     )
     result = {"summary": summary, "runs": sel, "text": text}
+    if stress and sel:
+        st = stress_runs(sel, load_config(config, list(overrides))[0].segmentation.root, out / "stress", split="test", progress=progress)
+        result["stress"] = st["scores"]
+        text += "\n\n" + st["text"] + f"\nCurves: {st['png']}"
+        result["text"] = text
     atomic_write_bytes(out / "segmentation.md", (text + "\n").encode())
     write_json(out / "segmentation.json", result)
     return result

@@ -8,22 +8,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
 from ..apply.predict import predict_folder
-from ..data.segmentation import SegmentationDataset, collate_segmentation
+from ..data.segmentation import SegmentationDataset, collate_segmentation, split_records
 from ..data.tiles import TileFolder, collate_tiles
 from ..runs import find_checkpoint, load_checkpoint, run_dir_of, write_json
 from .classify import in_cross_summary
 from .loaders import resize_transform, segmentation_records
 from .module import StainNormModule
 
-__all__ = ["load_module", "evaluate", "predict"]
+__all__ = ["load_module", "evaluate", "predict", "evaluation_data"]
 
 
 def load_module(run_or_ckpt: str | Path) -> StainNormModule:
@@ -42,7 +43,23 @@ def load_module(run_or_ckpt: str | Path) -> StainNormModule:
     return module.eval()
 
 
+class _NoTips(logging.Filter):
+    """Drop Lightning's advertising and device banners from the console."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = str(record.getMessage())
+        return not (msg.startswith("💡") or " available: " in msg or msg.startswith("HPU available"))
+
+
+def quiet_lightning() -> None:
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        lg = logging.getLogger(name)
+        if not any(isinstance(f, _NoTips) for f in lg.filters):
+            lg.addFilter(_NoTips())
+
+
 def _test(module: StainNormModule, ds: Dataset, collate, batch_size: int, progress: bool) -> dict:
+    quiet_lightning()
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=0)
     trainer = L.Trainer(accelerator="auto", devices=1, logger=False, enable_progress_bar=progress, enable_model_summary=False)
     with warnings.catch_warnings():
@@ -56,6 +73,35 @@ def _with_centres(module: StainNormModule, centres: Sequence[str]) -> None:
     extra = sorted(set(centres) - set(module.centres))
     module.centres = module.centres + extra
     module.task.centres = module.centres
+
+
+def evaluation_data(
+    module: StainNormModule, data: Path, split: str | None = None, centres: Sequence[str] | None = None,
+    batch_size: int | None = None,
+) -> tuple[Dataset, Any, int]:
+    """``(dataset, collate, batch size)`` of ``data`` as the run's task evaluates it (tiles resized to
+    the training size; segmentation images whole, one per batch); adds the data's centres to the module."""
+    cfg = module.cfg
+    if cfg.task == "segmentation":
+        recs = segmentation_records(data, cfg)
+        if split is not None:  # the run's own split (split file or metadata column)
+            s = cfg.segmentation
+            if not (s.split_file or s.split_column):
+                raise ValueError("a split of a segmentation run needs the run's segmentation.split_file or split_column; "
+                                 "without one, give a folder that holds only the images to evaluate")
+            kw = {"split_file": s.split_file} if s.split_file else {"column": s.split_column, "test_values": list(s.test_values), "val_values": list(s.val_values)}
+            recs = split_records(recs, split, **kw)
+            if not recs:
+                raise ValueError(f"no images of split {split!r} in {data}")
+        _with_centres(module, [r.centre for r in recs])
+        return SegmentationDataset(recs, scale=cfg.segmentation.scale), collate_segmentation, 1
+    tf = resize_transform(cfg.data.image_size)
+    if data.suffix.lower() == ".csv":
+        ds = TileFolder.from_manifest(data, split=split, centres=centres, classes=module.classes, transform=tf)
+    else:
+        ds = TileFolder(data, classes=module.classes, transform=tf)
+    _with_centres(module, ds.centres)
+    return ds, collate_tiles, batch_size or cfg.data.eval_batch_size or cfg.data.batch_size
 
 
 def _eval_name(data: Path, split: str | None, centres: Sequence[str] | None) -> str:
@@ -85,20 +131,10 @@ def evaluate(
     module = load_module(ckpt)
     cfg = module.cfg
     data = Path(data)
-    if cfg.task == "segmentation":
-        recs = segmentation_records(data, cfg)
-        _with_centres(module, [r.centre for r in recs])
-        res = _test(module, SegmentationDataset(recs, scale=cfg.segmentation.scale), collate_segmentation, 1, progress)
-    else:
-        tf = resize_transform(cfg.data.image_size)
-        if data.suffix.lower() == ".csv":
-            ds = TileFolder.from_manifest(data, split=split, centres=centres, classes=module.classes, transform=tf)
-        else:
-            ds = TileFolder(data, classes=module.classes, transform=tf)
-        _with_centres(module, ds.centres)
-        res = _test(module, ds, collate_tiles, batch_size or cfg.data.eval_batch_size or cfg.data.batch_size, progress)
-        if cfg.data.train_centres:
-            res.update(in_cross_summary(res, list(cfg.data.train_centres)))
+    ds, collate, bs = evaluation_data(module, data, split=split, centres=centres, batch_size=batch_size)
+    res = _test(module, ds, collate, bs, progress)
+    if cfg.task != "segmentation" and cfg.data.train_centres:
+        res.update(in_cross_summary(res, list(cfg.data.train_centres)))
     res["checkpoint"] = str(ckpt)
     res["data"] = str(data)
     res["skipped_files"] = sorted(module.skipped)

@@ -44,7 +44,7 @@ from ..layers.template import Template, estimate_template
 from ..runs import RUN_DIR_ENV, compile_norm, load_checkpoint, new_run_dir, resolve_template_setting, write_json
 from .callbacks import AtomicCheckpointIO, DDPConsistencyCallback, HistoryCallback, InterruptAfterEpochs
 from .classify import in_cross_summary
-from .evaluate import load_module
+from .evaluate import load_module, quiet_lightning
 from .loggers import ExperimentLogCallback, build_loggers, check_logger_extras, logger_names
 from .loaders import ClassificationData, SegmentationData, build_data, sample_tiles
 from .module import TASKS, StainNormModule
@@ -65,23 +65,8 @@ def _rank() -> int:
     return 0
 
 
-class _NoTips(logging.Filter):
-    """Drop Lightning's advertising and device banners from the console."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        msg = str(record.getMessage())
-        return not (msg.startswith("💡") or " available: " in msg or msg.startswith("HPU available"))
-
-
-def _quiet_lightning() -> None:
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
-        lg = logging.getLogger(name)
-        if not any(isinstance(f, _NoTips) for f in lg.filters):
-            lg.addFilter(_NoTips())
-
-
 def _setup_logging(run_dir: Path) -> None:
-    _quiet_lightning()
+    quiet_lightning()
     log.setLevel(logging.INFO)
     _close_log()
     fh = logging.FileHandler(run_dir / "train.log")
