@@ -70,10 +70,13 @@ def test_compiled_attention_outside_its_bound_falls_back_to_exact():
 
 
 def test_compile_mode_auto_compiles_for_training_only(monkeypatch):
-    from lstainnorm.runs import COMPILE_ENV, compile_mode
+    from lstainnorm.runs import AUTO_COMPILE_MIN_STEPS, COMPILE_ENV, compile_mode
 
     monkeypatch.delenv(COMPILE_ENV, raising=False)
     assert compile_mode("auto", training=True) == "fallback"
+    assert compile_mode("auto", training=True, steps=AUTO_COMPILE_MIN_STEPS) == "fallback"
+    assert compile_mode("auto", training=True, steps=AUTO_COMPILE_MIN_STEPS - 1) == "eager"  # too short to pay off
+    assert compile_mode("true", training=True, steps=10) == "compile"
     assert compile_mode("auto", training=False) == "eager"
     assert compile_mode("true", training=False) == "compile"
     assert compile_mode("false", training=True) == "eager"
@@ -113,8 +116,9 @@ def test_failed_compilation_falls_back_to_eager_with_a_warning():
 
 
 @pytest.mark.skipif(not _dynamo_ok(), reason="torch.compile unavailable")
-def test_train_with_default_compile_setting_compiles_the_layer(tmp_path, monkeypatch):
-    """norm.compile=auto (the default) trains through the compiled layer and logs it."""
+def test_train_with_default_compile_setting_compiles_long_runs_only(tmp_path, monkeypatch):
+    """norm.compile=auto (the default): a short run stays eager, a long one trains compiled; both say so."""
+    from lstainnorm import runs
     from lstainnorm.config import make_config
     from lstainnorm.data.synthetic import write_synthetic
     from lstainnorm.tasks.train import RUN_DIR_ENV, train
@@ -131,6 +135,9 @@ def test_train_with_default_compile_setting_compiles_the_layer(tmp_path, monkeyp
     })
     assert cfg.norm.compile == "auto"
     res = train(cfg, notes)
-    log = (Path(res["run_dir"]) / "train.log").read_text()
-    assert "runs through torch.compile" in log
+    assert "runs eagerly (1 training steps" in (Path(res["run_dir"]) / "train.log").read_text()
+    monkeypatch.delenv(RUN_DIR_ENV, raising=False)
+    monkeypatch.setattr(runs, "AUTO_COMPILE_MIN_STEPS", 1)
+    res = train(cfg, notes)
+    assert "runs through torch.compile (1 training steps" in (Path(res["run_dir"]) / "train.log").read_text()
     assert 0.0 <= res["test"]["overall"]["acc"] <= 1.0

@@ -125,6 +125,7 @@ SECURITY_COMMANDS = {
     "report": lambda run, tmp: ["report", run, "-o", tmp / "rep", "--images", tmp / "in"],
     "predict": lambda run, tmp: ["predict", run, tmp / "in", tmp / "out"],
     "train": lambda run, tmp: ["train", "--resume", run],
+    "stress": lambda run, tmp: ["stress", run, "--data", tmp / "in"],
 }
 
 
@@ -457,6 +458,18 @@ def test_train_resume_of_a_finished_run_changes_nothing(trained, capsys):
     assert code == 0 and "already finished" in text
     assert snapshot(run) == before
 
+
+
+def test_stress_bad_levels_data_and_settings_are_named_errors(tmp_path, trained, capsys):
+    run, _ = trained
+    tiles(tmp_path / "in" / "a")
+    code, text = run_cli(capsys, "stress", run, "--data", tmp_path / "in", "--levels", "1.5")
+    assert code == 1 and "severity levels must be in [0, 1]" in text and "Traceback" not in text
+    code, text = run_cli(capsys, "stress", run, "--data", tmp_path / "missing")
+    assert code == 1 and "missing" in text and "Traceback" not in text
+    with pytest.raises(SystemExit):  # argparse names the valid axes
+        run_cli(capsys, "stress", run, "--data", tmp_path / "in", "--axes", "blur")
+    assert "invalid choice: 'blur'" in capsys.readouterr().err
 
 
 def test_evaluate_outputs_unique_per_data_set(tmp_path, trained, capsys):

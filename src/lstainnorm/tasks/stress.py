@@ -180,7 +180,9 @@ def stress(
     if levels[0] < 0.0 or levels[-1] > 1.0:
         raise ValueError(f"severity levels must be in [0, 1], got {levels}")
     ckpt = find_checkpoint(run_or_ckpt)
+    module = load_module(ckpt)  # first: a checkpoint that is not plain data stops here, nothing written
     data = Path(data)
+    ds, collate, bs = evaluation_data(module, data, split=split, centres=centres, batch_size=batch_size)
     out = Path(out) if out else _default_out(ckpt, data, split, centres)
     out.mkdir(parents=True, exist_ok=True)
     settings = {"checkpoint": str(ckpt.resolve()), "data": str(data.resolve()), "split": split,
@@ -190,8 +192,6 @@ def stress(
         raise ValueError(f"{out} holds stress results of other settings ({settings_path}); choose another --out")
     atomic_write_bytes(settings_path, json.dumps(settings, indent=2).encode())
 
-    module = load_module(ckpt)
-    ds, collate, bs = evaluation_data(module, data, split=split, centres=centres, batch_size=batch_size)
     metric = module.task.monitor.split("/", 1)[1]
     done_path = out / "results.jsonl"
     done: dict[tuple[str, float], dict] = {}

@@ -41,7 +41,7 @@ from ..data.io import tensor_to_image, write_image
 from ..data.tiles import save_class_map
 from ..files import atomic_write_bytes
 from ..layers.template import Template, estimate_template
-from ..runs import RUN_DIR_ENV, compile_norm, load_checkpoint, new_run_dir, resolve_template_setting, write_json
+from ..runs import AUTO_COMPILE_MIN_STEPS, RUN_DIR_ENV, compile_norm, load_checkpoint, new_run_dir, resolve_template_setting, write_json
 from .callbacks import AtomicCheckpointIO, DDPConsistencyCallback, HistoryCallback, InterruptAfterEpochs
 from .classify import in_cross_summary
 from .evaluate import load_module, quiet_lightning
@@ -242,6 +242,18 @@ def _suggest(name: str, names: Sequence[str]) -> str:
     return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
 
+def _planned_steps(cfg: Config, train_loader) -> int | None:
+    """Optimiser steps the run will take at most (epochs x batches per epoch), or None if unknown."""
+    try:
+        per_epoch = len(train_loader)
+    except TypeError:
+        return None
+    limit = cfg.trainer.limit_train_batches
+    if limit is not None:
+        per_epoch = min(per_epoch, int(limit) if limit > 1 else max(1, int(per_epoch * limit)))
+    return int(per_epoch * cfg.trainer.max_epochs)
+
+
 def preflight(cfg: Config) -> None:
     """Checks of values the schema cannot know (backbone names, the monitored metric, the GPU),
     before anything is written: a failed start leaves no half-made run folder."""
@@ -307,13 +319,18 @@ def train(
         tpl_arg = template.to_config() if isinstance(template, Template) else template
         module = StainNormModule(to_dict(cfg), data.classes, data.centres, tpl_arg, resolve_augment_stats(cfg, data, run_dir))
         fit_classical(cfg, module, data, run_dir)
-        compile_norm(module.norm, cfg.norm.compile, training=True)
-        if getattr(module.norm, "is_compiled", False):
-            log.info("norm.compile=%s: the normalisation layer runs through torch.compile (the first steps compile it)", cfg.norm.compile)
         if _rank() == 0:
             atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
             save_class_map(run_dir / "classes.json", data.classes)
         train_loader, val_loader, test_loader = data.loaders(cfg, cfg.seed)
+        steps = _planned_steps(cfg, train_loader)
+        compile_norm(module.norm, cfg.norm.compile, training=True, steps=steps)
+        if getattr(module.norm, "is_compiled", False):
+            log.info("norm.compile=%s: the normalisation layer runs through torch.compile (%s training steps; the first steps compile it)",
+                     cfg.norm.compile, steps if steps is not None else "unknown number of")
+        elif str(cfg.norm.compile) == "auto" and hasattr(module.norm, "enable_compile"):
+            log.info("norm.compile=auto: the normalisation layer runs eagerly (%s training steps, fewer than the %d where "
+                     "compiling pays off; norm.compile=true compiles anyway)", steps, AUTO_COMPILE_MIN_STEPS)
         monitor = cfg.trainer.monitor if cfg.task == "classification" or cfg.trainer.monitor != "val/acc" else module.task.monitor
         trainer, ckpt, stop = _make_trainer(cfg, run_dir, monitor, extra_callbacks)
     except BaseException:
