@@ -146,8 +146,8 @@ def compile_norm(norm: nn.Module, setting: str | bool, training: bool, steps: in
 
 COMPILE_ENV = "LSTAINNORM_COMPILE"
 # ``auto`` compiles a training run of at least this many steps: compiling LStainNorm's forward and
-# backward takes 1-4 minutes on a CPU and saves about a second per batch of 64 there, so a shorter
-# run (the demo: about 100 steps) would finish later compiled than eager.
+# backward takes 1-4 minutes on a CPU and saves about 0.4 s per batch of 64 there (BENCHMARKS.md),
+# so a shorter run (the demo: about 100 steps) would finish later compiled than eager.
 AUTO_COMPILE_MIN_STEPS = 500
 
 
