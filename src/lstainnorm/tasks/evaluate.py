@@ -104,10 +104,11 @@ def evaluation_data(
     return ds, collate_tiles, batch_size or cfg.data.eval_batch_size or cfg.data.batch_size
 
 
-def _eval_name(data: Path, split: str | None, centres: Sequence[str] | None) -> str:
-    """``eval_<data name>-<hash>.json``: one file per data set and selection, never shared by two."""
+def data_name(prefix: str, data: Path, split: str | None, centres: Sequence[str] | None) -> str:
+    """``<prefix>_<data name>-<hash>``: one name per data set and selection, never shared by two
+    (``eval_...json`` of evaluate, ``stress_...`` folders of stress)."""
     key = json.dumps([str(data.resolve()), split, sorted(centres) if centres else None])
-    return f"eval_{data.stem if data.suffix else data.name}-{hashlib.sha256(key.encode()).hexdigest()[:8]}.json"
+    return f"{prefix}_{data.stem if data.suffix else data.name}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
 
 
 def evaluate(
@@ -138,7 +139,7 @@ def evaluate(
     res["checkpoint"] = str(ckpt)
     res["data"] = str(data)
     res["skipped_files"] = sorted(module.skipped)
-    out = Path(out) if out else run_dir_of(ckpt) / _eval_name(data, split, centres)
+    out = Path(out) if out else run_dir_of(ckpt) / (data_name("eval", data, split, centres) + ".json")
     write_json(out, res)
     res["output"] = str(out)
     return res

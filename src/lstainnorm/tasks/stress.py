@@ -16,7 +16,6 @@ at graded severities, morphology kept, and the run is evaluated at every level, 
 from __future__ import annotations
 
 import csv
-import hashlib
 import html
 import io
 import json
@@ -29,7 +28,7 @@ from torch.utils.data import Dataset
 from ..data.restain import AXES, restain
 from ..files import atomic_write_bytes
 from ..runs import find_checkpoint, run_dir_of
-from .evaluate import _test, evaluation_data, load_module
+from .evaluate import _test, data_name, evaluation_data, load_module
 
 __all__ = ["stress", "Restained", "robustness_score", "DEFAULT_LEVELS"]
 
@@ -94,11 +93,6 @@ def robustness_score(severities: Sequence[float], values: Sequence[float]) -> fl
         return float("nan")
     area = sum((s1 - s0) * (v0 + v1) / 2.0 for (s0, v0), (s1, v1) in zip(pts, pts[1:]))
     return area / (pts[-1][0] - pts[0][0]) / pts[0][1]
-
-
-def _default_out(ckpt: Path, data: Path, split: str | None, centres: Sequence[str] | None) -> Path:
-    key = json.dumps([str(data.resolve()), split, sorted(centres) if centres else None])
-    return run_dir_of(ckpt) / f"stress_{data.stem if data.suffix else data.name}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
 
 
 def _plot(rows: list[dict], metric: str, axes: Sequence[str], path: Path) -> None:
@@ -183,7 +177,7 @@ def stress(
     module = load_module(ckpt)  # first: a checkpoint that is not plain data stops here, nothing written
     data = Path(data)
     ds, collate, bs = evaluation_data(module, data, split=split, centres=centres, batch_size=batch_size)
-    out = Path(out) if out else _default_out(ckpt, data, split, centres)
+    out = Path(out) if out else run_dir_of(ckpt) / data_name("stress", data, split, centres)
     out.mkdir(parents=True, exist_ok=True)
     settings = {"checkpoint": str(ckpt.resolve()), "data": str(data.resolve()), "split": split,
                 "centres": sorted(centres) if centres else None, "seed": seed}
