@@ -167,7 +167,9 @@ def _template(tmp_path):
 
 
 @pytest.mark.parametrize("suffix", [".onnx", ".pt"])
-@pytest.mark.parametrize("make", [lambda: LStainNorm(spaces=("lab", "hsv", "rgb", "hed")), lambda: StainNorm("hsv")])
+@pytest.mark.parametrize(
+    "make", [lambda: LStainNorm(spaces=("lab", "hsv", "rgb", "hed")), lambda: StainNorm("hsv"), lambda: LStainNorm(fusion="mean")]
+)
 def test_export_parity(tmp_path, suffix, make):
     norm = _perturbed(make(), seed=3)
     info = export_norm(norm, tmp_path / f"n{suffix}")

@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 import torch
+import yaml
 from conftest import he_like
 from PIL import Image
 
@@ -70,6 +71,32 @@ def test_state_dict_round_trip_restores_the_fit():
     b.load_state_dict(a.state_dict())
     x = _tiles(1, 2)
     assert b.is_fitted and torch.equal(a(x), b(x))
+
+
+def test_reinhard_fit_tiles_matches_the_frozen_lab_layer():
+    """Fitted to the mean of per-tile statistics over all pixels, Reinhard is the frozen Lab
+    template layer up to the two libraries' Lab conversions; the fit survives a state-dict round trip."""
+    from lstainnorm import StainNorm
+    from torch_staintools.functional.conversion.lab import rgb_to_lab as ts_lab
+
+    train = _tiles(0, 12)
+    norm = ClassicalNorm("reinhard", cache_mb=0, min_tissue=0.0).fit_tiles(iter([train[:5], train[5:]]))
+    lab = ts_lab(train)
+    expected = torch.stack([lab.mean(dim=(2, 3)).mean(0), lab.flatten(2).std(dim=2).mean(0)])
+    torch.testing.assert_close(norm.target_stats, expected, rtol=1e-4, atol=1e-4)
+    x = _tiles(3, 4)
+    out = norm(x)
+    layer = StainNorm("lab", *expected.tolist(), learnable=False).eval()
+    with torch.no_grad():
+        ref = layer(x)
+    assert (out - ref).abs().mean() < 2e-3  # 8-bit output; the Lab conversions differ slightly
+    b = ClassicalNorm("reinhard", cache_mb=0, min_tissue=0.0)
+    b.load_state_dict(norm.state_dict())
+    assert torch.equal(b(x), out)
+    with pytest.raises(ValueError, match="fit_tiles fits Reinhard"):
+        ClassicalNorm("macenko").fit_tiles(train)
+    with pytest.raises(ValueError, match="no images"):
+        ClassicalNorm("reinhard").fit_tiles([])
 
 
 def test_errors(tmp_path):
@@ -157,6 +184,11 @@ def test_training_with_macenko_and_randstainna(tmp_path):
     res = train(cfg)
     assert (tmp_path / "runs").exists() and res["norm_fallbacks"]["train"]["method"] == "macenko"
     assert os.path.isfile(os.path.join(res["run_dir"], "classical_target.png"))
+    os.environ.pop(RUN_DIR_ENV, None)
+    cfg, _ = make_config(base, ["norm.mode=reinhard"])  # fitted to the training tiles' statistics
+    res = train(cfg)
+    fitted = yaml.safe_load(open(os.path.join(res["run_dir"], "classical_target.yaml")))
+    assert fitted["n_tiles"] > 0 and len(fitted["lab_mean"]) == 3
     os.environ.pop(RUN_DIR_ENV, None)
     cfg, _ = make_config(base, ["norm.mode=none", "data.augment=randstainna"])
     res = train(cfg)

@@ -267,3 +267,38 @@ def test_layer_with_linear_attention_equals_exact_layer():
     finally:
         _fusion.MAX_RANK = saved
     assert float((fast - exact).abs().max() / exact.abs().max()) < 1e-8
+
+
+# -- ablation options (issue 14) ----------------------------------------------------------------
+def test_mean_fusion_is_the_plain_mean_of_the_branches():
+    norm = LStainNorm(fusion="mean")
+    x = torch.rand(2, 3, 40, 33) * 0.8 + 0.1
+    xs = norm.branch_images(x)
+    torch.testing.assert_close(norm(x), sum(xs.values()) / 3)
+    # no attention and no fusion weights: only the branch templates learn
+    names = {n for n, _ in norm.named_parameters()}
+    assert names and all(n.startswith("branches.") for n in names)
+    assert norm.template().fusion == {}
+    maps = norm.fusion_maps(x)
+    assert all(torch.allclose(m, torch.full_like(m, 1 / 3)) for m in maps.values())
+
+
+def test_mean_fusion_strips_equal_whole_image():
+    norm = LStainNorm(fusion="mean").eval()
+    x = torch.rand(1, 3, 70, 40) * 0.8 + 0.1
+    with torch.no_grad():
+        whole = norm._forward_impl(norm._prepare(x), None)
+        strips = norm._forward_strips(norm._prepare(x), None, rows=16)
+    torch.testing.assert_close(strips, whole)
+
+
+def test_frozen_templates_keep_fusion_learnable():
+    norm = LStainNorm(learnable=False)
+    names = {n for n, p in norm.named_parameters() if p.requires_grad}
+    assert not any(n.startswith("branches.") for n in names)
+    assert {"delta", "a", "b"} <= names and any(n.startswith("attention.") for n in names)
+
+
+def test_bad_fusion_is_a_clear_error():
+    with pytest.raises(ValueError, match="fusion must be one of"):
+        LStainNorm(fusion="max")

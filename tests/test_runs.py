@@ -89,3 +89,37 @@ def test_run_resumable_runs_each_job_once(tmp_path):
     assert [r["score"] for r in recs] == [10, 20]
     lines = (tmp_path / "results.jsonl").read_text().splitlines()
     assert [json.loads(x)["seed"] for x in lines] == [1, 2]
+
+
+def test_ablations_are_runnable_and_change_one_thing():
+    from pathlib import Path
+
+    from lstainnorm.config import make_config
+    from lstainnorm.experiments.runner import ABLATION_METHODS, ABLATIONS
+
+    cache = Path("cache")
+    base, _ = make_config({}, method_overrides("lstainnorm", cache))
+    for m in ABLATION_METHODS:
+        ov = method_overrides(m, cache, image="tile.png")
+        cfg, _ = make_config({}, ov)
+        if m in ABLATIONS:  # LStainNorm with exactly one norm.* key changed
+            diff = {k for k in base.norm if base.norm[k] != cfg.norm[k]}
+            assert len(diff) == 1, (m, diff)
+    assert method_overrides("lstainnorm-init-image", cache, image="t.png")[-1] == "norm.templates=t.png"
+    with pytest.raises(ValueError, match="needs the image"):
+        method_overrides("lstainnorm-init-image", cache)
+
+
+def test_paired_table_compares_seed_by_seed():
+    from lstainnorm.experiments.runner import paired_table
+
+    recs = [{"method": "lstainnorm", "seed": s, "acc": a} for s, a in ((0, 0.90), (1, 0.80), (2, 0.70))]
+    recs += [{"method": "better", "seed": s, "acc": a + 0.05 + 0.001 * s} for s, a in ((0, 0.90), (1, 0.80), (2, 0.70))]
+    recs += [{"method": "noisy", "seed": s, "acc": a + d} for (s, a), d in zip(((0, 0.90), (1, 0.80), (2, 0.70)), (0.1, -0.1, 0.02))]
+    text = paired_table(recs, "acc", scale=100)
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines()[2:]}
+    # a constant +5 points on every seed exceeds the noise even though the methods' spread (10 points) is larger
+    assert "+5.1" in rows["better"] and rows["better"].rstrip(" |").endswith("better")
+    assert "+5.0 / +5.1 / +5.2" in rows["better"]
+    assert rows["noisy"].rstrip(" |").endswith("within noise")
+    assert paired_table(recs, "acc", reference="absent") == ""

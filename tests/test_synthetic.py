@@ -1,4 +1,5 @@
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -101,3 +102,20 @@ def test_write_synthetic_tree_manifest_and_resume(tmp_path):
     assert (out / rows[1]["path"]).is_file()
     assert first.stat().st_mtime_ns == mtime and first.read_bytes() == before  # kept, not rewritten
     assert not list(out.rglob(".tmp-*"))
+
+
+def test_monuseg_preset_centres_differ_like_real_hospitals(tmp_path):
+    """The measured preset: the H/E ratio (scale_h / scale_e) varies over 2x between centres,
+    the hand-made centres by less than 1.2x; the preset is recorded and a wrong name is refused."""
+    from lstainnorm.data.synthetic import CENTRE_PRESETS, DEFAULT_CENTRES, MONUSEG_CENTRES
+
+    ratio = lambda cs: [c.scale_h / c.scale_e for c in cs]  # noqa: E731
+    assert max(ratio(MONUSEG_CENTRES)) / min(ratio(MONUSEG_CENTRES)) > 2.0
+    assert max(ratio(DEFAULT_CENTRES)) / min(ratio(DEFAULT_CENTRES)) < 1.2
+    assert [c.name for c in MONUSEG_CENTRES] == ["A", "B", "C", "D"] and CENTRE_PRESETS["monuseg"] is MONUSEG_CENTRES
+    write_synthetic(tmp_path / "m", centres=2, per_class=3, size=32, classes=2, workers=1, progress=False, preset="monuseg")
+    assert json.loads((tmp_path / "m" / "synthetic.json").read_text())["preset"] == "monuseg"
+    gen_d, gen_m = SyntheticHE(n_classes=2, size=32), SyntheticHE(n_classes=2, size=32, centres=MONUSEG_CENTRES)
+    assert not np.array_equal(gen_d.render(0, 1, 0)[0], gen_m.render(0, 1, 0)[0])  # same morphology, other colours
+    with pytest.raises(ValueError, match="preset must be one of"):
+        write_synthetic(tmp_path / "x", preset="real", progress=False)

@@ -69,6 +69,15 @@ def test_end_to_end_run_outputs_and_learning(tmp_path, synth):
     assert traj[0]["fusion"]["lab"]["a"] != traj[-1]["fusion"]["lab"]["a"]
     init = yaml.safe_load((run / "template_init.yaml").read_text())
     assert traj[0]["internal"]["lab"]["mu"] == pytest.approx(init["mu0_lab"])
+    # One row per test tile, in the test set's order, with a path from the manifest.
+    import csv
+
+    preds = list(csv.DictReader(open(run / "test_predictions.csv", newline="")))
+    assert len(preds) == metrics["test"]["overall"]["n"] and metrics["test_predictions"].endswith("test_predictions.csv")
+    acc = sum(p["label"] == p["prediction"] for p in preds) / len(preds)
+    assert acc == pytest.approx(metrics["test"]["overall"]["acc"], abs=1e-6)
+    assert {p["centre"] for p in preds} == {"A", "B"} and all(Path(p["path"]).is_file() for p in preds)
+    assert "predictions" not in metrics["test"] and "predictions" not in metrics["val"]
     # Rerunning the saved config reproduces the config.
     again, _ = load_config(run / "config.yaml")
     assert again.norm.mode == "lstainnorm"
@@ -107,6 +116,31 @@ def test_evaluate_folder_with_corrupt_image(tmp_path, synth):
     assert len(ev["skipped_files"]) == 1 and ev["skipped_files"][0].endswith("broken.png")
     assert ev["overall"]["n"] == sum(1 for _ in folder.rglob("*.png")) - 1
     assert Path(ev["output"]).is_file()
+    rows = Path(ev["predictions"]).read_text().splitlines()
+    assert len(rows) == 1 + ev["overall"]["n"] and not any("broken.png" in r for r in rows)
+
+
+def test_template_from_one_image_and_ablation_switches(tmp_path, synth):
+    """norm.templates may name one image (as a classical normaliser's target); norm.fusion and
+    norm.learn_template reach the layer a run trains."""
+    from lstainnorm.runs import resolve_template_setting
+    from lstainnorm.layers.template import estimate_template
+    from lstainnorm.data.io import read_rgb
+
+    image = sorted((synth / "A" / "train").rglob("*.png"))[0]
+    cfg, notes = _cfg(tmp_path, synth, f"norm.templates={image}", "norm.fusion=mean", "norm.learn_template=false", "trainer.max_epochs=1")
+    expected = estimate_template([read_rgb(image)], spaces=["lab", "hsv", "rgb"], tissue_mask=True, progress=False)
+    got = resolve_template_setting(cfg.norm)
+    for space in ("lab", "hsv", "rgb"):
+        assert got[space][0] == pytest.approx(expected[space][0]) and got[space][1] == pytest.approx(expected[space][1])
+    res = train(cfg, notes)
+    init = yaml.safe_load((Path(res["run_dir"]) / "template_init.yaml").read_text())
+    assert init["mu0_lab"] == pytest.approx(expected.stats["lab"][0])
+    module = load_module(res["run_dir"])
+    assert module.norm.fusion == "mean" and not any(p.requires_grad for p in module.norm.parameters())
+    bad, _ = _cfg(tmp_path, synth, f"norm.templates={tmp_path / 'missing.png'}")
+    with pytest.raises(FileNotFoundError, match="norm.templates: image not found"):
+        resolve_template_setting(bad.norm)
 
 
 def test_config_errors():

@@ -76,6 +76,7 @@ def _fmt(examples: str) -> str:
     """
     lstainnorm synth data/synth --centres 4 --per-class 200 --size 96 --seed 0
     lstainnorm synth data/synth --montage docs/images/synthetic_montage.png
+    lstainnorm synth data/synth-monuseg --preset monuseg     # centres measured on real hospitals
     """,
 )
 def _synth_args(p: argparse.ArgumentParser) -> None:
@@ -87,10 +88,12 @@ def _synth_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed; the same seed writes the same bytes (default 0)")
     p.add_argument("--workers", type=positive_int, default=2, help="worker processes (default 2)")
     p.add_argument("--montage", type=Path, help="also write a PNG grid (rows: classes, columns: centres)")
+    p.add_argument("--preset", choices=["default", "monuseg"], default="default",
+                   help="centres: hand-made (default, the demo's) or measured on MoNuSeg hospitals (monuseg: H/E ratios 1.3-3.0)")
 
 
 def _synth_run(a: argparse.Namespace) -> int:
-    from .data.synthetic import SyntheticHE, write_synthetic
+    from .data.synthetic import CENTRE_PRESETS, SyntheticHE, write_synthetic
 
     if a.montage:
         import io
@@ -99,13 +102,13 @@ def _synth_run(a: argparse.Namespace) -> int:
 
         from .files import atomic_write_bytes
 
-        gen = SyntheticHE(n_classes=a.classes, n_centres=a.centres, size=a.size, seed=a.seed)
+        gen = SyntheticHE(n_classes=a.classes, n_centres=a.centres, size=a.size, seed=a.seed, centres=CENTRE_PRESETS[a.preset])
         buf = io.BytesIO()  # a 256-colour PNG: small enough for a README
         Image.fromarray(gen.montage()).quantize(256, dither=Image.Dither.NONE).save(buf, format="PNG", optimize=True)
         atomic_write_bytes(a.montage, buf.getvalue())
         print(f"montage: {a.montage}")
     manifest = write_synthetic(
-        a.out, centres=a.centres, per_class=a.per_class, size=a.size, seed=a.seed, classes=a.classes, workers=a.workers
+        a.out, centres=a.centres, per_class=a.per_class, size=a.size, seed=a.seed, classes=a.classes, workers=a.workers, preset=a.preset
     )
     print(f"wrote {a.out} ({a.centres} centres x {a.classes} classes x {a.per_class} tiles); manifest: {manifest}")
     return 0
@@ -444,10 +447,12 @@ def _demo_run(a: argparse.Namespace) -> int:
     lstainnorm bench accuracy --methods none macenko lstainnorm --epochs 4 --per-class 60
     lstainnorm bench segmentation --config configs/segment_monuseg_cpu.yaml --seeds 0 1 2
     lstainnorm bench segmentation --stress          # and the stress curves of every trained run
+    lstainnorm bench accuracy --ablation            # LStainNorm's ablations, paired by seed
+    lstainnorm bench organ --seeds 0 1 2            # organ of origin on MoNuSeg crops, held-out hospitals
     """,
 )
 def _bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("kind", choices=["speed", "accuracy", "segmentation"])
+    p.add_argument("kind", choices=["speed", "accuracy", "segmentation", "organ"])
     p.add_argument("--out", type=Path, default=Path("bench_out"), help="folder for the tables (speed.md / accuracy/accuracy.md)")
     g = p.add_argument_group("speed")
     g.add_argument("--tiles", type=Path, help="folder of images to crop tiles from (default: $LSTAINNORM_SHARED_DATA/monuseg-train/images if set, else synthetic)")
@@ -461,14 +466,22 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     # Named from the registries (python -c "from lstainnorm.experiments.runner import benchmark_methods; print(benchmark_methods())"):
     # not imported here, so that parsing stays light.
     g.add_argument("--methods", nargs="+", help="subset of: none, each baseline of lstainnorm.list_norms() (reinhard, macenko, vahadane), "
-                   "randstainna, hed-jitter, template, learnable-<space> for each colour space, lstainnorm "
+                   "randstainna, hed-jitter, template, learnable-<space> for each colour space, lstainnorm, "
+                   "and the ablations lstainnorm-frozen, -init-reference, -init-image, -mean, -tissue "
                    "(default: all for accuracy; none template learnable-lab lstainnorm macenko for segmentation)")
     g.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    g.add_argument("--epochs", type=positive_int, default=8)
+    g.add_argument("--epochs", type=positive_int, help="training epochs (default 8 for accuracy, at most 20 with early stopping for organ)")
     g.add_argument("--per-class", type=positive_int, default=200)
     g.add_argument("--backbone", default="resnet18")
+    g.add_argument("--preset", choices=["default", "monuseg"], default="default", help="accuracy: the synthetic centres (see lstainnorm synth --preset)")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override for every run")
     g.add_argument("--stress", action="store_true", help="then `lstainnorm stress` every trained run on its test split (severities 0, 0.5, 1)")
+    g.add_argument("--ablation", action="store_true", help="the ablations of LStainNorm instead of the methods: frozen templates, "
+                   "initial template from the reference / one training image, mean fusion, tissue statistics, each single "
+                   "space, the frozen Lab template; each compared with lstainnorm seed by seed")
+    g = p.add_argument_group("organ")
+    g.add_argument("--root", type=Path, default=Path("../shared/data/monuseg-train"),
+                   help="MoNuSeg folder with metadata.csv (organ, tss_code) and images/ (default ../shared/data/monuseg-train)")
     g = p.add_argument_group("segmentation")
     g.add_argument("--config", type=Path, default=Path("configs/segment_monuseg_cpu.yaml"), help="segmentation config (default: configs/segment_monuseg_cpu.yaml of the repository)")
 
@@ -481,22 +494,35 @@ def _bench_run(a: argparse.Namespace) -> int:
         print(res["text"])
         print(f"written: {a.out / 'speed.md'}")
         return 0
+    report = "ablation" if a.ablation else a.kind
+    if a.ablation and a.kind != "speed":
+        from .experiments.runner import ABLATION_METHODS
+
+        a.methods = a.methods or list(ABLATION_METHODS)
     if a.kind == "segmentation":
         from .experiments.segmentation import SEGMENTATION_METHODS, segmentation_benchmark
 
         res = segmentation_benchmark(a.config, a.out / "segmentation", methods=a.methods or SEGMENTATION_METHODS, seeds=a.seeds,
-                                     overrides=a.overrides, stress=a.stress)
+                                     overrides=a.overrides, stress=a.stress, report=report)
         print(res["text"])
-        print(f"written: {a.out / 'segmentation' / 'segmentation.md'}")
+        print(f"written: {a.out / 'segmentation' / (report + '.md')}")
+        return 0
+    if a.kind == "organ":
+        from .experiments.organ import ORGAN_METHODS, organ_benchmark
+
+        res = organ_benchmark(a.root, a.out / "organ", methods=a.methods or ORGAN_METHODS, seeds=a.seeds, epochs=a.epochs or 20,
+                              backbone=a.backbone, overrides=a.overrides)
+        print(res["text"])
+        print(f"written: {a.out / 'organ' / 'organ.md'}")
         return 0
     from .experiments.accuracy import accuracy_benchmark
 
     res = accuracy_benchmark(
-        a.out / "accuracy", methods=a.methods, seeds=a.seeds, epochs=a.epochs,
-        per_class=a.per_class, backbone=a.backbone, size=a.size or 96, overrides=a.overrides, stress=a.stress,
+        a.out / "accuracy", methods=a.methods, seeds=a.seeds, epochs=a.epochs or 8,
+        per_class=a.per_class, backbone=a.backbone, size=a.size or 96, overrides=a.overrides, stress=a.stress, report=report, preset=a.preset,
     )
     print(res["text"])
-    print(f"written: {a.out / 'accuracy' / 'accuracy.md'}")
+    print(f"written: {a.out / 'accuracy' / (report + '.md')}")
     return 0
 
 

@@ -19,6 +19,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from .baselines.augment import AUGMENT_MODES
 from .layers.color import list_spaces
+from .layers.fusion import FUSIONS
 from .layers.registry import list_norms
 
 __all__ = [
@@ -107,11 +108,15 @@ class NormConfig:
 
     ``mode``: none | template | learnable | lstainnorm | reinhard | macenko | vahadane.
     ``templates``: null (each space's default), ``auto`` (estimated on the training split
-    before training), ``reference`` (the reference implementation's numbers), or the path
-    of a template YAML; ``template_values`` gives numbers directly (``mu0_lab: [...]``,
+    before training), ``reference`` (the reference implementation's numbers), the path
+    of a template YAML, or the path of one image (estimated on its tissue, as a classical
+    normaliser's target); ``template_values`` gives numbers directly (``mu0_lab: [...]``,
     ``sigma0_lab: [...]``, ...), and ``mu0``/``sigma0`` the template of a single-space
     layer. Classical modes (reinhard, macenko, vahadane) fit to the image ``target`` or, when it
-    is null, to a mosaic of training tiles; ``cache_dir`` keeps their normalised tiles between runs.
+    is null, to the training tiles (Reinhard: the mean of their Lab statistics, as ``template``;
+    Macenko, Vahadane: a mosaic of 16 tiles); ``cache_dir`` keeps their normalised tiles between runs.
+    ``fusion`` (lstainnorm): ``attention`` (the method) or ``mean`` (the plain mean of the branches,
+    an ablation); ``learn_template: false`` freezes LStainNorm's branch templates (fusion still learns).
     ``lr`` is relative: each branch's learning rate is ``lr`` times its
     template's mean std, so one value suits Lab (units ~10) and RGB (units ~0.1) alike.
     ``compile``: ``auto`` (default) runs the layer through ``torch.compile`` in training runs of at
@@ -129,6 +134,8 @@ class NormConfig:
     mu0: Optional[list[float]] = None
     sigma0: Optional[list[float]] = None
     tissue_stats: bool = False
+    fusion: str = "attention"
+    learn_template: bool = True
     lr: float = 5e-3
     weight_decay: float = 0.0
     schedule: str = "step"
@@ -331,6 +338,7 @@ def _check_choices(cfg: DictConfig) -> None:
     choose("norm.space", cfg.norm.space, list_spaces())
     for s in cfg.norm.spaces:
         choose("norm.spaces", s, list_spaces())
+    choose("norm.fusion", cfg.norm.fusion, FUSIONS)
     choose("norm.schedule", cfg.norm.schedule, ("step", "cosine", "none"))
     # YAML true/false arrive as "True"/"False" in this str field.
     cfg.norm.compile = str(cfg.norm.compile).lower()

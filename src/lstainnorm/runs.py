@@ -23,7 +23,7 @@ import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -31,7 +31,8 @@ from torch import nn
 from .config import Config, NormConfig, config_from_dict
 from .files import atomic_write_bytes
 from .layers.registry import create_norm
-from .layers.template import REFERENCE_TEMPLATES, Template
+from .data.io import is_image_file, read_rgb
+from .layers.template import REFERENCE_TEMPLATES, Template, estimate_template
 
 __all__ = [
     "RUN_DIR_ENV",
@@ -106,7 +107,23 @@ def resolve_template_setting(ncfg: NormConfig) -> Template | str | None:
         return None
     if t == "reference":
         return "reference"
+    if is_image_file(t):  # one target image, as for a classical normaliser
+        return template_from_image(t, spaces=_template_spaces_of(ncfg))
     return Template.load(t)
+
+
+def _template_spaces_of(ncfg: NormConfig) -> list[str]:
+    return list(ncfg.spaces) if ncfg.mode == "lstainnorm" else [ncfg.space]
+
+
+def template_from_image(path: str | Path, spaces: Sequence[str]) -> Template:
+    """The template of one image's tissue (what a classical normaliser fits to: one target image)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"norm.templates: image not found: {path}")
+    tpl = estimate_template([read_rgb(path)], spaces=spaces, tissue_mask=True, progress=False)
+    tpl.meta["source"] = f"image {path.name}"
+    return tpl
 
 
 def _norm_kwargs(ncfg: NormConfig, template: Template | str | None) -> dict[str, Any]:
@@ -125,7 +142,10 @@ def _norm_kwargs(ncfg: NormConfig, template: Template | str | None) -> dict[str,
             sigma0 = list(ncfg.sigma0)
         return {"space": ncfg.space, "mu0": mu0, "sigma0": sigma0, "tissue_stats": ncfg.tissue_stats}
     if mode == "lstainnorm":
-        return {"spaces": tuple(ncfg.spaces), "templates": template, "tissue_stats": ncfg.tissue_stats}
+        return {
+            "spaces": tuple(ncfg.spaces), "templates": template, "tissue_stats": ncfg.tissue_stats,
+            "fusion": ncfg.fusion, "learnable": ncfg.learn_template,
+        }
     # Plugins (the classical baselines): fitted to a target image or, later, a training mosaic.
     return {"target": ncfg.target, "cache_dir": ncfg.cache_dir}
 

@@ -60,6 +60,7 @@ def norm_metadata(norm: nn.Module, config: dict | None = None, run: str | Path |
     }
     if isinstance(norm, LStainNorm):
         meta["spaces"] = list(norm.spaces)
+        meta["fusion"] = norm.fusion
     elif isinstance(norm, StainNorm):
         meta["spaces"] = [norm.space.name]
     if hasattr(norm, "template"):
@@ -136,8 +137,12 @@ class ExportableNorm(nn.Module):
         elif isinstance(norm, LStainNorm):
             if norm.tissue_stats:
                 raise ValueError("export does not support tissue_stats=True (a data-dependent mask)")
-            self.kind = "fusion"
             self.branches = nn.ModuleList([_Branch(norm.branches[s], norm.eps) for s in norm.spaces])
+            self.clamp = norm.clamp
+            if norm.fusion == "mean":
+                self.kind = "mean"
+                return
+            self.kind = "fusion"
             att = norm.attention
             w = torch.cat([att.query.weight, att.key.weight, att.value.weight]).detach().clone()  # (5, 3, 1, 1)
             b = torch.cat([att.query.bias, att.key.bias, att.value.bias]).detach().clone()
@@ -163,6 +168,9 @@ class ExportableNorm(nn.Module):
             out = self.branches[0](x)
             return out.clamp(0.0, 1.0) if self.clamp else out
         xs = torch.stack([br(x).abs() for br in self.branches])  # (S, B, 3, H, W)
+        if self.kind == "mean":
+            out = xs.mean(dim=0)
+            return out.clamp(0.0, 1.0) if self.clamp else out
         flat = xs.flatten(0, 1)
         qkv = F.max_pool2d(F.conv2d(flat, self.qkv_weight, self.qkv_bias), self.pool, self.pool, ceil_mode=True)
         q, k, v = qkv[:, 0].flatten(1), qkv[:, 1].flatten(1), qkv[:, 2:].flatten(2)

@@ -7,7 +7,12 @@ alternative backend. What this module adds is what their users ask for most:
 - **No crash, no NaN on background tiles.** A tile with too little tissue, or one the
   algorithm fails on or returns non-finite values for, passes through unnormalised; the
   number of such fallbacks is counted (:attr:`ClassicalNorm.fallbacks`).
-- **Fit to a template image or to a training set** (a mosaic of training tiles).
+- **Fit to a template image or to a training set**: Macenko and Vahadane to a mosaic of training
+  tiles (stain vectors are estimated best on many pixels), Reinhard to the mean of the tiles'
+  own Lab statistics (:meth:`ClassicalNorm.fit_tiles`). Reinhard's statistics are taken over all
+  pixels, as in Reinhard et al. (2001): torch-staintools' tissue-only statistics, applied to every
+  pixel, shift pale tiles (mucus, fat), and a mosaic's std includes the variation between tiles,
+  which over-stretches each tile's contrast (``benchmarks/reinhard_gap.py`` measures both).
 - **A cache** for training: classical normalisation is a fixed pre-processing step, so a
   tile seen again (next epoch) is not normalised again.
 
@@ -81,7 +86,9 @@ class ClassicalNorm(nn.Module):
         target: template image (3, H, W) or (1, 3, H, W) in [0, 1]; fit later with :meth:`fit` if None.
         backend: ``torch-staintools`` (batched; all three methods) or ``torchstain`` (per image;
             macenko and reinhard).
-        min_tissue: tiles with a smaller tissue fraction are passed through unchanged.
+        min_tissue: tiles with a smaller tissue fraction are passed through unchanged (default
+            0.05 for Macenko and Vahadane, whose stain-vector estimate needs tissue; 0.01 for
+            Reinhard, which only needs some contrast: fat tiles have 2-8 % tissue by this measure).
         luminosity_threshold: L* / 100 below which a pixel counts as tissue.
         cache_mb: size of the in-memory result cache (0 disables it).
         cache_dir: optional folder that keeps normalised tiles between runs (keyed by method,
@@ -96,7 +103,7 @@ class ClassicalNorm(nn.Module):
         method: str = "macenko",
         target: Tensor | None = None,
         backend: str = "torch-staintools",
-        min_tissue: float = 0.05,
+        min_tissue: float | None = None,
         luminosity_threshold: float = 0.8,
         cache_mb: float = 512.0,
         cache_dir: str | None = None,
@@ -110,6 +117,8 @@ class ClassicalNorm(nn.Module):
         if backend == "torchstain" and method == "vahadane":
             raise ValueError("torchstain has no Vahadane; use backend='torch-staintools'")
         self.method, self.backend = method, backend
+        if min_tissue is None:
+            min_tissue = 0.01 if method == "reinhard" else 0.05
         self.min_tissue, self.luminosity_threshold = float(min_tissue), float(luminosity_threshold)
         self.seed = int(seed)
         self.fallbacks = 0
@@ -123,6 +132,7 @@ class ClassicalNorm(nn.Module):
         self.cache_dir = cache_dir
         self._salt = b""
         self.register_buffer("target", torch.zeros(0))
+        self.register_buffer("target_stats", torch.zeros(0))  # Reinhard fitted to tiles: Lab means, stds (2, 3)
         if target is not None:
             self.fit(target)
 
@@ -146,11 +156,48 @@ class ClassicalNorm(nn.Module):
         if frac < self.min_tissue:
             raise ValueError(f"the template image has too little tissue ({100 * frac:.1f} % of pixels); choose another")
         self.target = target.detach().float().cpu()
+        self.target_stats = torch.zeros(0)
         object.__setattr__(self, "_impl", self._build(self.target))
-        self._salt = hashlib.blake2b(self.method.encode() + self.target.numpy().tobytes(), digest_size=16).digest()
+        self._fitted(self.target)
+        return self
+
+    @torch.no_grad()
+    def fit_tiles(self, batches) -> "ClassicalNorm":
+        """Reinhard: fit to the mean of per-tile Lab means and stds of a training set (``batches``:
+        a (B, 3, H, W) tensor or an iterable of them, RGB in [0, 1]), the rule by which
+        :func:`~lstainnorm.layers.template.estimate_template` estimates the layers' templates."""
+        if self.method != "reinhard" or self.backend != "torch-staintools":
+            raise ValueError("fit_tiles fits Reinhard (torch-staintools backend); fit Macenko/Vahadane to an image or a mosaic")
+        from torch_staintools.functional.conversion.lab import rgb_to_lab as ts_lab
+
+        sums, n = torch.zeros(2, 3, dtype=torch.float64), 0
+        for x in [batches] if isinstance(batches, Tensor) else batches:
+            check_image(x)
+            check_rgb_range(x)
+            lab = ts_lab(x.float().cpu())
+            sums[0] += lab.mean(dim=(2, 3)).double().sum(0)
+            sums[1] += lab.flatten(2).std(dim=2).double().sum(0)
+            n += x.shape[0]
+        if n == 0:
+            raise ValueError("fit_tiles got no images")
+        self.target = torch.zeros(0)
+        self.target_stats = (sums / n).float()
+        object.__setattr__(self, "_impl", self._build_from_stats(self.target_stats))
+        self._fitted(self.target_stats)
+        return self
+
+    def _fitted(self, key: Tensor) -> None:
+        self._salt = hashlib.blake2b(self.method.encode() + key.numpy().tobytes(), digest_size=16).digest()
         self._cache.clear()
         self._cache_bytes = 0
-        return self
+
+    def _build_from_stats(self, stats: Tensor):
+        from torch_staintools.normalizer.reinhard import ReinhardNormalizer
+
+        impl = ReinhardNormalizer(luminosity_threshold=None)
+        impl.register_buffer("target_means", stats[0].view(1, 3, 1, 1).clone())
+        impl.register_buffer("target_stds", stats[1].view(1, 3, 1, 1).clone())
+        return impl
 
     def _build(self, target: Tensor):
         if self.backend == "torchstain":
@@ -163,17 +210,27 @@ class ClassicalNorm(nn.Module):
         from torch_staintools.normalizer import NormalizerBuilder
 
         logging.getLogger("torch_staintools").setLevel(logging.ERROR)
-        impl = NormalizerBuilder.build(self.method, concentration_solver="qr", luminosity_threshold=self.luminosity_threshold, rng=self.seed)
+        # Reinhard over all pixels (see the module docstring); the stain methods over tissue.
+        threshold = None if self.method == "reinhard" else self.luminosity_threshold
+        impl = NormalizerBuilder.build(self.method, concentration_solver="qr", luminosity_threshold=threshold, rng=self.seed)
         impl.fit(target)
         return impl
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        key = prefix + "target"
+        key, skey = prefix + "target", prefix + "target_stats"
         if key in state_dict:
             self.target = torch.empty_like(state_dict[key])  # the fitted template's shape
+        if skey in state_dict:
+            self.target_stats = torch.empty_like(state_dict[skey])
+        else:  # checkpoints written before fit_tiles existed
+            state_dict[skey] = torch.zeros(0)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if key in state_dict and state_dict[key].numel():
             self.fit(state_dict[key].float())
+        elif state_dict[skey].numel():
+            self.target_stats = state_dict[skey].float()
+            object.__setattr__(self, "_impl", self._build_from_stats(self.target_stats))
+            self._fitted(self.target_stats)
 
     # -- normalising --------------------------------------------------------------------------------
     def _run_impl(self, x: Tensor) -> Tensor:

@@ -19,20 +19,32 @@ from ..files import atomic_write_bytes
 from ..runs import write_json
 from ..tasks.train import train
 from .demo import demo_config
-from .runner import benchmark_methods, markdown_table, mean_std, method_overrides, run_resumable
+from .runner import benchmark_methods, markdown_table, mean_std, method_overrides, paired_table, run_resumable
 from .stress import stress_runs
 
 __all__ = ["accuracy_benchmark"]
 
 
-def _synthetic_set(out: Path, per_class: int, size: int, progress: bool) -> Path:
-    """The synthetic set under ``out/synth`` (rewritten when its size settings differ)."""
-    synth = out / "synth"
+def _synthetic_set(out: Path, per_class: int, size: int, progress: bool, preset: str = "default") -> Path:
+    """The synthetic set under ``out/synth`` (``out/synth-<preset>`` for other centres; rewritten
+    when its size settings differ)."""
+    synth = out / ("synth" if preset == "default" else f"synth-{preset}")
     info = synth / "synthetic.json"
     meta = json.loads(info.read_text()) if info.is_file() else {}
     if meta.get("per_class") != per_class or meta.get("size") != size:
-        write_synthetic(synth, centres=4, per_class=per_class, size=size, seed=0, progress=progress)
+        write_synthetic(synth, centres=4, per_class=per_class, size=size, seed=0, progress=progress, preset=preset)
     return synth / "manifest.csv"
+
+
+def first_training_tile(manifest: Path) -> str:
+    """The first training tile of centre A (by path): the one image ``lstainnorm-init-image`` starts
+    from, picked without looking at its colour, as a user picks a classical normaliser's target."""
+    from ..data.tiles import read_manifest
+
+    rows = [r for r in read_manifest(manifest) if r.get("split") == "train" and r.get("centre") == "A"]
+    if not rows:
+        raise ValueError(f"{manifest} has no training tiles of centre A")
+    return str(min(r["path"] for r in rows))
 
 
 def accuracy_benchmark(
@@ -46,24 +58,29 @@ def accuracy_benchmark(
     overrides: Sequence[str] = (),
     progress: bool = True,
     stress: bool = False,
+    report: str = "accuracy",
+    preset: str = "default",
 ) -> dict:
     """Train on centre A, test on A-D, for every method (default: all of
     :func:`~lstainnorm.experiments.runner.benchmark_methods`) and seed; mean and std per method.
-    With ``stress``, every trained run is then stressed on the test split (:mod:`.stress`)."""
+    With ``stress``, every trained run is then stressed on the test split (:mod:`.stress`).
+    ``preset`` names the synthetic centres (``default`` or ``monuseg``, measured on real hospitals);
+    ``report`` the table files (``accuracy.md``; ``ablation.md`` for ``--ablation``)."""
     out = Path(out)
     methods = list(methods or benchmark_methods())
-    manifest = _synthetic_set(out, per_class, size, progress)
+    manifest = _synthetic_set(out, per_class, size, progress, preset)
 
     def run(job: dict) -> dict:
+        image = first_training_tile(manifest) if job["method"] == "lstainnorm-init-image" else None
         raw = demo_config()
         raw["data"]["manifest"] = str(manifest)
         raw["output_path"] = str(out / "runs")
-        raw["postfix"] = f"{job['method']}_s{job['seed']}"
+        raw["postfix"] = f"{job['method']}_s{job['seed']}" + ("" if preset == "default" else f"_{preset}")
         raw["seed"] = job["seed"]
         raw["trainer"]["max_epochs"] = epochs
         raw["trainer"]["progress"] = False
         raw["model"]["backbone"] = backbone
-        cfg, notes = make_config(raw, method_overrides(job["method"], out / "cache") + list(overrides))
+        cfg, notes = make_config(raw, method_overrides(job["method"], out / "cache", image) + list(overrides))
         res = train(cfg, notes)
         return {
             "in_acc": res["in_centre"]["acc"], "in_f1": res["in_centre"]["f1"],
@@ -72,7 +89,8 @@ def accuracy_benchmark(
             "fallbacks": res.get("norm_fallbacks"), "run_dir": res["run_dir"],
         }
 
-    jobs = [{"method": m, "seed": s, "epochs": epochs, "backbone": backbone} for m in methods for s in seeds]
+    extra = {} if preset == "default" else {"preset": preset}  # records of the default set keep their old keys
+    jobs = [{"method": m, "seed": s, "epochs": epochs, "backbone": backbone, **extra} for m in methods for s in seeds]
     sel = run_resumable(out, jobs, run, "bench accuracy", progress)
 
     rows, summary = [], {}
@@ -94,15 +112,18 @@ def accuracy_benchmark(
         if "none" in summary:
             notes.append(f"LStainNorm cross-centre vs none: {100 * (lst - summary['none']['cross_acc']):+.1f} points (target >= +10)")
     text = (
-        f"Synthetic multi-centre set ({size} x {size}, {per_class} tiles per class and centre); {backbone} trained {epochs} epochs on "
+        f"Synthetic multi-centre set ({'centres measured on MoNuSeg hospitals, ' if preset == 'monuseg' else ''}{size} x {size}, {per_class} tiles per class and centre); {backbone} trained {epochs} epochs on "
         f"centre A, tested on A-D; mean ± std over seeds {list(seeds)} (%).\n\n" + table + ("\n\n" + "\n".join(f"- {n}" for n in notes) if notes else "")
     )
+    paired = paired_table(sel, "cross_acc", scale=100) if len(seeds) > 1 else ""
+    if paired:
+        text += "\n\nCross-centre accuracy, each method minus `lstainnorm` on the same seed (points):\n\n" + paired
     result = {"summary": summary, "runs": sel, "text": text}
     if stress and sel:
         st = stress_runs(sel, manifest, out / "stress", split="test", progress=progress)
         result["stress"] = st["scores"]
         text += "\n\n" + st["text"] + f"\nCurves: {st['png']}"
         result["text"] = text
-    atomic_write_bytes(out / "accuracy.md", (text + "\n").encode())
-    write_json(out / "accuracy.json", result)
+    atomic_write_bytes(out / f"{report}.md", (text + "\n").encode())
+    write_json(out / f"{report}.json", result)
     return result

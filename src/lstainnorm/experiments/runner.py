@@ -24,10 +24,25 @@ from ..layers.color import list_spaces
 from ..layers.registry import list_norms
 from ..runs import RUN_DIR_ENV
 
-__all__ = ["run_resumable", "benchmark_methods", "method_overrides", "markdown_table", "median_ms", "mean_std", "LAYER_MODES"]
+__all__ = [
+    "run_resumable", "benchmark_methods", "method_overrides", "markdown_table", "median_ms", "mean_std", "paired_table",
+    "LAYER_MODES", "ABLATIONS", "ABLATION_METHODS",
+]
 
 # The method's own layers; every other registered norm is a baseline plugin (fixed pre-processing).
 LAYER_MODES = ("none", "template", "learnable", "lstainnorm")
+
+# LStainNorm with one thing changed (issue 14's ablations); each is compared with ``lstainnorm``
+# as the config trains it (templates estimated on the training set, learned, attention fusion).
+ABLATIONS: dict[str, list[str]] = {
+    "lstainnorm-frozen": ["norm.learn_template=false"],             # templates fixed at their estimate
+    "lstainnorm-init-reference": ["norm.templates=reference"],      # starts from the reference's numbers
+    "lstainnorm-init-image": [],                                    # starts from one training image (the benchmark names it)
+    "lstainnorm-mean": ["norm.fusion=mean"],                        # plain mean of the branches, no attention
+    "lstainnorm-tissue": ["norm.tissue_stats=true"],                # statistics over tissue pixels only
+}
+# ``bench accuracy|segmentation --ablation``: the ablations, each single space, and the frozen Lab template.
+ABLATION_METHODS = ("lstainnorm", *ABLATIONS, "learnable-lab", "learnable-hsv", "learnable-rgb", "template")
 
 
 def benchmark_methods() -> list[str]:
@@ -38,8 +53,15 @@ def benchmark_methods() -> list[str]:
     return ["none", *plugins, *augments, "template", *(f"learnable-{s}" for s in list_spaces()), "lstainnorm"]
 
 
-def method_overrides(method: str, cache: Path) -> list[str]:
-    """Config overrides that select ``method`` (a name of :func:`benchmark_methods`)."""
+def method_overrides(method: str, cache: Path, image: str | Path | None = None) -> list[str]:
+    """Config overrides that select ``method`` (a name of :func:`benchmark_methods` or of
+    :data:`ABLATIONS`; ``lstainnorm-init-image`` needs ``image``, the one image to start from)."""
+    if method in ABLATIONS:
+        if method == "lstainnorm-init-image":
+            if image is None:
+                raise ValueError("lstainnorm-init-image needs the image to estimate its template on")
+            return ["norm.mode=lstainnorm", f"norm.templates={image}"]
+        return ["norm.mode=lstainnorm", *ABLATIONS[method]]
     if method in AUGMENT_MODES and method != "none":
         return ["norm.mode=none", f"data.augment={method}"]
     if method.startswith("learnable-") and method.split("-", 1)[1] in list_spaces():
@@ -48,7 +70,7 @@ def method_overrides(method: str, cache: Path) -> list[str]:
         return [f"norm.mode={method}"]
     if method in list_norms():  # a baseline plugin: normalised tiles are cached between seeds
         return [f"norm.mode={method}", f"norm.cache_dir={cache / method}"]
-    raise ValueError(f"unknown benchmark method {method!r}; choose from {benchmark_methods()}")
+    raise ValueError(f"unknown benchmark method {method!r}; choose from {benchmark_methods() + list(ABLATIONS)}")
 
 
 def run_resumable(
@@ -85,6 +107,32 @@ def mean_std(values: Sequence[float], scale: float = 1.0, digits: int = 1) -> st
     m = scale * float(np.mean(values))
     s = scale * float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
     return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def paired_table(records: Sequence[dict], metric: str, reference: str = "lstainnorm", scale: float = 1.0, digits: int = 1) -> str:
+    """Each method against ``reference`` on the same seeds: the per-seed differences of ``metric``,
+    their mean and the 95 % confidence interval of the mean (paired t, n - 1 degrees of freedom).
+    A difference "exceeds the noise" when its interval excludes 0. Empty if ``reference`` has no runs."""
+    from scipy import stats
+
+    ref = {d["seed"]: d[metric] for d in records if d["method"] == reference}
+    if not ref:
+        return ""
+    rows = []
+    for method in dict.fromkeys(d["method"] for d in records):
+        if method == reference:
+            continue
+        diffs = [scale * (d[metric] - ref[d["seed"]]) for d in records if d["method"] == method and d["seed"] in ref]
+        if not diffs:
+            continue
+        mean = float(np.mean(diffs))
+        if len(diffs) > 1:
+            half = float(stats.t.ppf(0.975, len(diffs) - 1) * np.std(diffs, ddof=1) / math.sqrt(len(diffs)))
+            ci, verdict = f"[{mean - half:+.{digits}f}, {mean + half:+.{digits}f}]", ("better" if mean - half > 0 else "worse" if mean + half < 0 else "within noise")
+        else:
+            ci, verdict = "-", "one seed"
+        rows.append([method, f"{mean:+.{digits}f}", ci, " / ".join(f"{v:+.{digits}f}" for v in diffs), verdict])
+    return markdown_table(["method", f"{metric} - {reference} (mean)", "95 % CI (paired t)", "per seed", "vs reference"], rows)
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

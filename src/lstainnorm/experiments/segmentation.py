@@ -16,13 +16,22 @@ from ..config import load_config
 from ..files import atomic_write_bytes
 from ..runs import write_json
 from ..tasks.train import train
-from .runner import markdown_table, mean_std, method_overrides, run_resumable
+from .runner import markdown_table, mean_std, method_overrides, paired_table, run_resumable
 from .stress import stress_runs
 
 __all__ = ["segmentation_benchmark", "SEGMENTATION_METHODS"]
 
 # The default selection: no normalisation, the fixed and learnable layers, and the strongest baseline.
 SEGMENTATION_METHODS = ("none", "template", "learnable-lab", "lstainnorm", "macenko")
+
+
+def first_training_image(config: str | Path, overrides: Sequence[str] = ()) -> str:
+    """The first training image (by name) of a segmentation config's split: the one image
+    ``lstainnorm-init-image`` starts from."""
+    from ..tasks.loaders import build_segmentation_data
+
+    records = build_segmentation_data(load_config(config, list(overrides))[0]).train.records
+    return str(min(records, key=lambda r: r.name).image)
 
 
 def segmentation_benchmark(
@@ -33,6 +42,7 @@ def segmentation_benchmark(
     overrides: Sequence[str] = (),
     progress: bool = True,
     stress: bool = False,
+    report: str = "segmentation",
 ) -> dict:
     """Train ``config`` (a segmentation config) once per method and seed; tables of the test metrics.
     With ``stress``, every trained run is then stressed on its test split (:mod:`.stress`)."""
@@ -40,7 +50,8 @@ def segmentation_benchmark(
 
     def run(job: dict) -> dict:
         method, seed = job["method"], job["seed"]
-        ov = method_overrides(method, out / "cache") + [
+        image = first_training_image(config, overrides) if method == "lstainnorm-init-image" else None
+        ov = method_overrides(method, out / "cache", image) + [
             f"seed={seed}", f"output_path={out / 'runs'}", f"postfix=seg_{method}_s{seed}", "trainer.progress=false",
         ] + list(overrides)
         cfg, notes = load_config(config, ov)
@@ -72,12 +83,15 @@ def segmentation_benchmark(
         f"Config `{config}`{' with ' + ' '.join(overrides) if overrides else ''}; test = held-out hospitals; mean over test images, "
         f"then mean ± std over seeds {list(seeds)}.\n\n{table}\n\nDice per held-out hospital (mean over seeds):\n\n{per}"
     )
+    paired = paired_table(sel, "dice", digits=3) if len(seeds) > 1 else ""
+    if paired:
+        text += "\n\nTest Dice, each method minus `lstainnorm` on the same seed:\n\n" + paired
     result = {"summary": summary, "runs": sel, "text": text}
     if stress and sel:
         st = stress_runs(sel, load_config(config, list(overrides))[0].segmentation.root, out / "stress", split="test", progress=progress)
         result["stress"] = st["scores"]
         text += "\n\n" + st["text"] + f"\nCurves: {st['png']}"
         result["text"] = text
-    atomic_write_bytes(out / "segmentation.md", (text + "\n").encode())
-    write_json(out / "segmentation.json", result)
+    atomic_write_bytes(out / f"{report}.md", (text + "\n").encode())
+    write_json(out / f"{report}.json", result)
     return result

@@ -37,9 +37,10 @@ from .norm import DEFAULT_EPS, StainNorm, _CompilableNorm, _normalize, strip_sta
 from .registry import register_norm
 from .template import Template, resolve_templates
 
-__all__ = ["LStainNorm", "SharedAttention", "POOL", "attend", "lowrank_error"]
+__all__ = ["LStainNorm", "SharedAttention", "POOL", "FUSIONS", "attend", "lowrank_error"]
 
 POOL = 8
+FUSIONS = ("attention", "mean")  # how LStainNorm combines its branches
 
 
 def _pad_to_multiple(x: Tensor, k: int) -> Tensor:
@@ -278,6 +279,9 @@ class LStainNorm(_CompilableNorm):
             (the reference implementation's hard-coded numbers), a :class:`Template`, a
             mapping ``{space: (mu0, sigma0)}`` or the path of a template YAML.
         learnable: learn the branch templates (fusion weights and attention always learn).
+        fusion: ``"attention"`` (the method: per-pixel weights from the shared self-attention) or
+            ``"mean"`` (the plain mean of the branch images; no attention, no fusion weights),
+            the ablation that asks what the attention adds.
         eps: the method's eps, in the std division and the fusion weights.
         tissue_stats: per-image statistics over tissue pixels only.
         clamp: clamp the fused output to [0, 1]; off by default, as in the reference (its
@@ -302,6 +306,7 @@ class LStainNorm(_CompilableNorm):
         templates: Template | Mapping | str | Path | None = None,
         *,
         learnable: bool = True,
+        fusion: str = "attention",
         eps: float = DEFAULT_EPS,
         tissue_stats: bool = False,
         clamp: bool = False,
@@ -315,7 +320,10 @@ class LStainNorm(_CompilableNorm):
             raise ValueError("spaces must name at least one colour space")
         if len(set(names)) != len(names):
             raise ValueError(f"spaces must not repeat, got {list(spaces)}")
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
         tpl = resolve_templates(templates, names, fusion=True)
+        self.fusion = fusion
         self.spaces = tuple(names)
         self.eps = float(eps)
         self.clamp = bool(clamp)
@@ -327,14 +335,22 @@ class LStainNorm(_CompilableNorm):
                 for s in names
             }
         )
-        self.attention = SharedAttention()
-        n = len(names)
-        self.delta = nn.Parameter(torch.zeros(n, 3))  # delta_s = 1 + offset, per channel
-        self.a = nn.Parameter(torch.ones(n))
-        self.b = nn.Parameter(torch.ones(n))
+        if fusion == "attention":  # the mean has no parameters beyond the templates
+            self.attention = SharedAttention()
+            n = len(names)
+            self.delta = nn.Parameter(torch.zeros(n, 3))  # delta_s = 1 + offset, per channel
+            self.a = nn.Parameter(torch.ones(n))
+            self.b = nn.Parameter(torch.ones(n))
 
     def extra_repr(self) -> str:
-        return f"spaces={self.spaces}, tissue_stats={self.tissue_stats}, clamp={self.clamp}"
+        return f"spaces={self.spaces}, fusion={self.fusion}, tissue_stats={self.tissue_stats}, clamp={self.clamp}"
+
+    def _mean(self, xs: list[Tensor]) -> Tensor:
+        out = xs[0]
+        for xi in xs[1:]:
+            out = out + xi
+        out = out / len(xs)
+        return out.clamp(0.0, 1.0) if self.clamp else out
 
     # -- hot path ----------------------------------------------------------------------------
     def _branch_images(self, x: Tensor, stats) -> list[Tensor]:
@@ -389,6 +405,8 @@ class LStainNorm(_CompilableNorm):
         # whether its error bound held is returned with the output: _run recomputes eagerly if not.
         rank = COMPILED_RANK if torch.compiler.is_compiling() else None
         xs = self._branch_images(x, stats)
+        if self.fusion == "mean":
+            return self._mean(xs)
         small, ok = self._attention_maps(xs, rank)
         size = x.shape[-2:]
         out = self._fuse(xs, [self.attention.expand(a, size).abs() for a in small])
@@ -402,6 +420,11 @@ class LStainNorm(_CompilableNorm):
         h, w = x.shape[-2:]
         if stats is None:
             stats = {s: strip_stats(x, self.branches[s].space, self.tissue_stats, rows) for s in self.spaces}
+        if self.fusion == "mean":
+            out = torch.empty_like(x)
+            for r0 in range(0, h, rows):
+                out[..., r0 : r0 + rows, :] = self._mean(self._branch_images(x[..., r0 : r0 + rows, :], stats))
+            return out
         parts: list[list[Tensor]] = [[] for _ in self.spaces]
         for r0 in range(0, h, rows):
             for i, xi in enumerate(self._branch_images(x[..., r0 : r0 + rows, :], stats)):
@@ -434,6 +457,8 @@ class LStainNorm(_CompilableNorm):
         x = self._prepare(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
             xs = self._branch_images(x, None)
+            if self.fusion == "mean":
+                return {s: torch.full_like(xs[0], 1.0 / len(xs)) for s in self.spaces}
             small, _ = self._attention_maps(xs)
             ws = self._weights(xs, [self.attention.expand(a, x.shape[-2:]).abs() for a in small])
             den = ws[0]
@@ -451,6 +476,8 @@ class LStainNorm(_CompilableNorm):
     def template(self) -> Template:
         """The current template per space and the space-wise fusion weights ``a_s, b_s``."""
         stats = {s: (self.branches[s].mu.detach().tolist(), self.branches[s].sigma.detach().tolist()) for s in self.spaces}
+        if self.fusion == "mean":
+            return Template(stats)
         fusion = {
             s: {"a": float(self.a[i].detach()), "b": float(self.b[i].detach()), "delta": (1.0 + self.delta[i].detach()).tolist()}
             for i, s in enumerate(self.spaces)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import csv
+import io
+from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
 import torch
@@ -11,6 +14,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC, MulticlassF1Score
 
 from ..config import Config
+from ..files import atomic_write_bytes
 from .build import build_classifier
 from .loaders import centre_index, flips
 
@@ -108,13 +112,30 @@ class ClassificationTask:
         probs, labels, cents, idx = probs[order], labels[order], cents[order], idx[order]
         keep = torch.ones_like(idx, dtype=torch.bool)
         keep[1:] = idx[1:] != idx[:-1]
-        probs, labels, cents = probs[keep].cpu(), labels[keep].cpu(), cents[keep].cpu()
+        probs, labels, cents, idx = probs[keep].cpu(), labels[keep].cpu(), cents[keep].cpu(), idx[keep].cpu()
         res: dict[str, Any] = {"overall": classification_metrics(probs, labels, k), "per_centre": {}}
+        # Per tile (dataset index order): train and evaluate write them as a predictions CSV.
+        res["predictions"] = {"index": idx.tolist(), "label": labels.tolist(), "pred": probs.argmax(-1).tolist(),
+                              "prob": probs.max(-1).values.tolist()}
         for ci, name in enumerate(self.centres):
             sel = cents == ci
             if sel.any():
                 res["per_centre"][name] = classification_metrics(probs[sel], labels[sel], k)
         return res
+
+
+def write_predictions(path: Path, predictions: dict, dataset: Any, classes: Sequence[str]) -> Path:
+    """One row per tile: ``path, centre, label, prediction, probability`` (of the predicted class),
+    as the test loop collected them (``predictions`` of :meth:`ClassificationTask.finish_collect`)."""
+    records = getattr(dataset, "records", None)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["path", "centre", "label", "prediction", "probability"])
+    for i, y, p, pr in zip(predictions["index"], predictions["label"], predictions["pred"], predictions["prob"]):
+        rec = records[i] if records is not None else None
+        w.writerow([rec.path if rec else i, rec.centre if rec else "", classes[y], classes[p], f"{pr:.4f}"])
+    atomic_write_bytes(path, buf.getvalue().encode())
+    return path
 
 
 def _gather_uneven(module, *tensors: torch.Tensor) -> list[torch.Tensor]:

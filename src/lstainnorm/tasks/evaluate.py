@@ -20,7 +20,7 @@ from ..apply.predict import predict_folder
 from ..data.segmentation import SegmentationDataset, collate_segmentation, split_records
 from ..data.tiles import TileFolder, collate_tiles
 from ..runs import find_checkpoint, load_checkpoint, run_dir_of, write_json
-from .classify import in_cross_summary
+from .classify import in_cross_summary, write_predictions
 from .loaders import resize_transform, segmentation_records
 from .module import StainNormModule
 
@@ -140,6 +140,9 @@ def evaluate(
     res["data"] = str(data)
     res["skipped_files"] = sorted(module.skipped)
     out = Path(out) if out else run_dir_of(ckpt) / (data_name("eval", data, split, centres) + ".json")
+    preds = res.pop("predictions", None)
+    if preds is not None:
+        res["predictions"] = str(write_predictions(out.with_name(out.stem + "_predictions.csv"), preds, ds, module.classes))
     write_json(out, res)
     res["output"] = str(out)
     return res

@@ -43,7 +43,7 @@ from ..files import atomic_write_bytes
 from ..layers.template import Template, estimate_template
 from ..runs import AUTO_COMPILE_MIN_STEPS, RUN_DIR_ENV, compile_norm, load_checkpoint, new_run_dir, resolve_template_setting, write_json
 from .callbacks import AtomicCheckpointIO, DDPConsistencyCallback, HistoryCallback, InterruptAfterEpochs
-from .classify import in_cross_summary
+from .classify import in_cross_summary, write_predictions
 from .evaluate import load_module, quiet_lightning
 from .loggers import ExperimentLogCallback, build_loggers, check_logger_extras, logger_names
 from .loaders import ClassificationData, SegmentationData, build_data, sample_tiles
@@ -130,9 +130,27 @@ def resolve_augment_stats(cfg: Config, data: Data, run_dir: Path) -> dict | None
 
 
 def fit_classical(cfg: Config, module: StainNormModule, data: Data, run_dir: Path) -> None:
-    """Fit a classical normaliser without a target image to a mosaic of training tiles."""
+    """Fit a classical normaliser without a target image to the training tiles: Reinhard to the
+    mean of their Lab statistics (as the layers' templates), Macenko and Vahadane to a mosaic."""
     norm = module.norm
     if not getattr(norm, "preprocessing", False) or norm.is_fitted:
+        return
+    if cfg.norm.mode == "reinhard" and getattr(norm, "backend", "") == "torch-staintools":
+        n = 0
+
+        def batches():
+            nonlocal n
+            for b in _image_loader(cfg, data):
+                x = b.get("image")
+                if x is not None and x.shape[0]:
+                    n += x.shape[0]
+                    yield x
+
+        norm.fit_tiles(batches())
+        st = norm.target_stats.tolist()
+        if _rank() == 0:
+            atomic_write_bytes(run_dir / "classical_target.yaml", yaml.safe_dump({"lab_mean": st[0], "lab_std": st[1], "n_tiles": n}).encode())
+        log.info("reinhard fitted to the mean Lab statistics of %d training tiles (classical_target.yaml)", n)
         return
     source = data.template_source()
     # The target depends on the training set only (not on the run's seed): runs that differ in
@@ -356,8 +374,12 @@ def train(
     }
     best = load_module(best_path)
     results["val"] = _evaluate_loader(trainer, best, val_loader)
+    results["val"].pop("predictions", None)
     if test_loader is not None:
         results["test"] = _evaluate_loader(trainer, best, test_loader)
+        preds = results["test"].pop("predictions", None)
+        if preds is not None and trainer.is_global_zero:
+            results["test_predictions"] = str(write_predictions(run_dir / "test_predictions.csv", preds, data.test, data.classes))
         if cfg.task == "classification":
             results.update(in_cross_summary(results["test"], data.train_centres))
     results["skipped_files"] = _all_skipped(trainer, module, best)
