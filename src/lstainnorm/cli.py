@@ -470,7 +470,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
                    "and the ablations lstainnorm-frozen, -init-reference, -init-image, -mean, -tissue "
                    "(default: all for accuracy; none template learnable-lab lstainnorm macenko for segmentation)")
     g.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    g.add_argument("--epochs", type=positive_int, help="training epochs (default 8 for accuracy, at most 20 with early stopping for organ)")
+    g.add_argument("--epochs", type=positive_int, help="training epochs (default 8 for accuracy, 20 for organ)")
     g.add_argument("--per-class", type=positive_int, default=200)
     g.add_argument("--backbone", default="resnet18")
     g.add_argument("--preset", choices=["default", "monuseg"], default="default", help="accuracy: the synthetic centres (see lstainnorm synth --preset)")
