@@ -319,7 +319,7 @@ def _normalize_cmd(inp: Path, out: Path, t: Path) -> list[str]:
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
 def test_normalize_interrupted_then_rerun_is_byte_identical(tmp_path, sig):
-    n = 80  # enough that the signal lands mid-run on a fast machine too
+    n = 200  # enough that the signal lands mid-run on a fast or a busy machine
     tiles(tmp_path / "in", n=n, size=128)
     t = template_yaml(tmp_path / "t.yaml")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
