@@ -324,7 +324,12 @@ def test_normalize_interrupted_then_rerun_is_byte_identical(tmp_path, sig):
     t = template_yaml(tmp_path / "t.yaml")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     subprocess.run(_normalize_cmd(tmp_path / "in", tmp_path / "ref", t), check=True, capture_output=True, env=env)
-    proc = subprocess.Popen(_normalize_cmd(tmp_path / "in", tmp_path / "out", t), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    # Ctrl-C as a user's shell delivers it: a child inherits an ignored SIGINT from its parent (a
+    # test run, a CI shell), and Python then installs no KeyboardInterrupt handler.
+    proc = subprocess.Popen(
+        _normalize_cmd(tmp_path / "in", tmp_path / "out", t), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.time() + 120
     while time.time() < deadline and len(list((tmp_path / "out").glob("*.png"))) < 5:
         time.sleep(0.02)
