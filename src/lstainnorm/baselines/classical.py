@@ -222,12 +222,14 @@ class ClassicalNorm(nn.Module):
             self.target = torch.empty_like(state_dict[key])  # the fitted template's shape
         if skey in state_dict:
             self.target_stats = torch.empty_like(state_dict[skey])
-        else:  # checkpoints written before fit_tiles existed
-            state_dict[skey] = torch.zeros(0)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if skey not in state_dict:  # checkpoints written before fit_tiles existed: not a missing key
+            missing_keys = args[2] if len(args) > 2 else kwargs["missing_keys"]
+            if skey in missing_keys:
+                missing_keys.remove(skey)
         if key in state_dict and state_dict[key].numel():
             self.fit(state_dict[key].float())
-        elif state_dict[skey].numel():
+        elif skey in state_dict and state_dict[skey].numel():
             self.target_stats = state_dict[skey].float()
             object.__setattr__(self, "_impl", self._build_from_stats(self.target_stats))
             self._fitted(self.target_stats)

@@ -67,6 +67,12 @@ def pair_images_masks(images_dir: str | Path, masks_dir: str | Path, centre: str
     return records
 
 
+def read_metadata_csv(path: str | Path) -> list[dict[str, str]]:
+    """The rows of a MoNuSeg-style ``metadata.csv`` (one row per tile, keyed by ``name``)."""
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
 def monuseg_records(root: str | Path, masks: str = "masks_instance") -> list[SegRecord]:
     """Records of a MoNuSeg-style folder: ``images/``, ``masks_instance/`` (or ``masks_binary/``)
     and ``metadata.csv``; the hospital (``tss_code``) becomes the centre, every metadata column
@@ -76,8 +82,7 @@ def monuseg_records(root: str | Path, masks: str = "masks_instance") -> list[Seg
     meta_path = root / "metadata.csv"
     if not meta_path.is_file():
         return recs
-    with open(meta_path, newline="") as fh:
-        meta = {row["name"]: row for row in csv.DictReader(fh)}
+    meta = {row["name"]: row for row in read_metadata_csv(meta_path)}
     out = []
     for r in recs:
         m = meta.get(r.name, {})

@@ -24,6 +24,7 @@ import numpy as np
 
 from ..config import make_config
 from ..data.io import read_rgb
+from ..data.segmentation import read_metadata_csv
 from ..files import atomic_write_bytes
 from ..runs import write_json
 from ..tasks.train import train
@@ -44,8 +45,7 @@ def read_metadata(root: Path) -> list[dict[str, str]]:
     path = root / "metadata.csv"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: bench organ needs MoNuSeg's metadata.csv (organ and tss_code per tile)")
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    rows = read_metadata_csv(path)
     for col in ("name", "organ", "tss_code"):
         if not rows or col not in rows[0]:
             raise ValueError(f"{path} lacks a '{col}' column")
@@ -121,9 +121,9 @@ def tile_bootstrap(correct_by_tile: dict[str, list[bool]], n: int = 2000, seed: 
     return float(np.percentile(acc, 2.5)), float(np.percentile(acc, 97.5))
 
 
-def _tile_correct(predictions_csv: Path, manifest: Path) -> dict[str, list[bool]]:
-    with open(manifest, newline="") as fh:
-        tile_of = {str((manifest.parent / r["path"]).resolve()): r["tile"] for r in csv.DictReader(fh)}
+def _tile_correct(predictions_csv: Path, tile_of: dict[str, str]) -> dict[str, list[bool]]:
+    """Per test tile, whether each of its crops was classified correctly; ``tile_of`` maps a crop's
+    resolved path to its tile."""
     out: dict[str, list[bool]] = defaultdict(list)
     with open(predictions_csv, newline="") as fh:
         for r in csv.DictReader(fh):
@@ -175,6 +175,9 @@ def organ_benchmark(
     jobs = [{"method": m, "seed": s, "epochs": epochs, "backbone": backbone, "overrides": list(overrides), **extra} for s in seeds for m in methods]
     sel = run_resumable(out, jobs, run, "bench organ", progress)
 
+    with open(manifest, newline="") as fh:
+        crop_rows = list(csv.DictReader(fh))
+    tile_of = {str((manifest.parent / r["path"]).resolve()): r["tile"] for r in crop_rows}
     rows, summary = [], {}
     for method in methods:
         rs = [d for d in sel if d["method"] == method]
@@ -182,14 +185,12 @@ def organ_benchmark(
             continue
         pooled: dict[str, list[bool]] = defaultdict(list)
         for d in rs:
-            for tile, c in _tile_correct(Path(d["predictions"]), manifest).items():
+            for tile, c in _tile_correct(Path(d["predictions"]), tile_of).items():
                 pooled[tile] += c
         lo, hi = tile_bootstrap(pooled)
         summary[method] = {"acc": float(np.mean([d["acc"] for d in rs])), "f1": float(np.mean([d["f1"] for d in rs])), "ci": [lo, hi]}
         rows.append([method, mean_std([d["acc"] for d in rs], 100), f"[{100 * lo:.1f}, {100 * hi:.1f}]",
                      mean_std([d["f1"] for d in rs], 100), len(rs), f"{np.mean([d['minutes'] for d in rs]):.1f}"])
-    with open(manifest, newline="") as fh:
-        crop_rows = list(csv.DictReader(fh))
     test_tiles = sorted({(r["class"], r["centre"], r["tile"]) for r in crop_rows if r["split"] == "test"})
     n = {sp: sum(r["split"] == sp for r in crop_rows) for sp in ("train", "val", "test")}
     text = (
