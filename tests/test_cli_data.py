@@ -42,3 +42,26 @@ def test_template_cli_errors(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["template", str(tmp_path / "empty"), "-o", str(tmp_path / "t.yaml")]) == 1
     assert "no images found" in capsys.readouterr().err
+
+
+def test_cli_parsing_never_imports_torch():
+    """``lstainnorm --help`` and argument errors answer at once: the parser and the package's top
+    level load no torch (the layers load on first use)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, lstainnorm\n"
+        "from lstainnorm.cli import build_parser\n"
+        "build_parser()\n"
+        "assert 'torch' not in sys.modules, 'torch imported while parsing'\n"
+        "assert lstainnorm.LStainNorm.__name__ == 'LStainNorm' and 'torch' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_stress_axes_in_the_cli_match_the_restainer():
+    from lstainnorm.cli import STRESS_AXES
+    from lstainnorm.data.restain import AXES
+
+    assert STRESS_AXES == tuple(AXES)

@@ -12,22 +12,25 @@ The tiny public API::
     print(norm.template())                               # what it learned, in natural units
 """
 
-from .layers import (
-    LStainNorm,
-    StainNorm,
-    StainNormalized,
-    Template,
-    color,
-    create_norm,
-    estimate_template,
-    list_norms,
-    load_template,
-    register_norm,
-    stain_norm,
-    tissue_mask,
-    norm_param_groups,
-    with_stain_norm,
-)
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .layers import (
+        LStainNorm,
+        StainNorm,
+        StainNormalized,
+        Template,
+        color,
+        create_norm,
+        estimate_template,
+        list_norms,
+        load_template,
+        norm_param_groups,
+        register_norm,
+        stain_norm,
+        tissue_mask,
+        with_stain_norm,
+    )
 
 __version__ = "0.1.0"
 
@@ -48,3 +51,19 @@ __all__ = [
     "tissue_mask",
     "__version__",
 ]
+
+
+def __getattr__(name: str):
+    # The layers (and torch, ~3 s) load on first use, so that ``lstainnorm --help`` and the CLI's
+    # argument errors answer at once.
+    if name in __all__ and name != "__version__":
+        from . import layers
+
+        value = getattr(layers, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lstainnorm' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
