@@ -216,17 +216,15 @@ class ClassicalNorm(nn.Module):
         impl.fit(target)
         return impl
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         key, skey = prefix + "target", prefix + "target_stats"
         if key in state_dict:
             self.target = torch.empty_like(state_dict[key])  # the fitted template's shape
         if skey in state_dict:
             self.target_stats = torch.empty_like(state_dict[skey])
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if skey not in state_dict:  # checkpoints written before fit_tiles existed: not a missing key
-            missing_keys = args[2] if len(args) > 2 else kwargs["missing_keys"]
-            if skey in missing_keys:
-                missing_keys.remove(skey)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if skey not in state_dict and skey in missing_keys:  # checkpoints from before fit_tiles: not missing
+            missing_keys.remove(skey)
         if key in state_dict and state_dict[key].numel():
             self.fit(state_dict[key].float())
         elif skey in state_dict and state_dict[skey].numel():
