@@ -110,6 +110,29 @@ def test_ablations_are_runnable_and_change_one_thing():
         method_overrides("lstainnorm-init-image", cache)
 
 
+def test_init_image_is_the_first_training_tile_of_tissue(tmp_path):
+    from pathlib import Path
+
+    from PIL import Image
+
+    from lstainnorm.experiments.accuracy import first_training_tile
+
+    glass = np.full((16, 16, 3), 245, np.uint8)                 # first by path, but no tissue
+    fat = glass.copy(); fat[:4] = (200, 120, 170)               # 25 % tissue
+    tissue = np.full((16, 16, 3), (180, 90, 150), np.uint8)
+    rows = ["path,class,centre,split"]
+    for name, img, centre, split in [("a_glass.png", glass, "A", "train"), ("b_fat.png", fat, "A", "train"),
+                                     ("c_other_centre.png", tissue, "B", "train"), ("d_test.png", tissue, "A", "test"),
+                                     ("e_tissue.png", tissue, "A", "train"), ("f_tissue.png", tissue, "A", "train")]:
+        Image.fromarray(img).save(tmp_path / name)
+        rows.append(f"{name},x,{centre},{split}")
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    assert Path(first_training_tile(tmp_path / "m.csv")).name == "e_tissue.png"
+    assert Path(first_training_tile(tmp_path / "m.csv", min_tissue=0.2)).name == "b_fat.png"
+    with pytest.raises(ValueError, match="at least 101% tissue"):
+        first_training_tile(tmp_path / "m.csv", min_tissue=1.01)
+
+
 def test_paired_table_compares_seed_by_seed():
     from lstainnorm.experiments.runner import paired_table
 

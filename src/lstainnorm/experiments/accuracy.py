@@ -36,15 +36,24 @@ def _synthetic_set(out: Path, per_class: int, size: int, progress: bool, preset:
     return synth / "manifest.csv"
 
 
-def first_training_tile(manifest: Path) -> str:
-    """The first training tile of centre A (by path): the one image ``lstainnorm-init-image`` starts
-    from, picked without looking at its colour, as a user picks a classical normaliser's target."""
-    from ..data.tiles import read_manifest
+def first_training_tile(manifest: Path, min_tissue: float = 0.5) -> str:
+    """The one image ``lstainnorm-init-image`` starts from: the first training tile of centre A
+    (by path) that is at least ``min_tissue`` tissue, as a user picks a classical normaliser's
+    target (a tile of stained tissue, not one of glass or fat), without looking further."""
+    import torch
 
-    rows = [r for r in read_manifest(manifest) if r.get("split") == "train" and r.get("centre") == "A"]
+    from ..data.io import read_rgb
+    from ..data.tiles import read_manifest
+    from ..layers.tissue import tissue_mask
+
+    rows = sorted((r for r in read_manifest(manifest) if r.get("split") == "train" and r.get("centre") == "A"), key=lambda r: r["path"])
     if not rows:
         raise ValueError(f"{manifest} has no training tiles of centre A")
-    return str(min(r["path"] for r in rows))
+    for r in rows:
+        x = torch.from_numpy(read_rgb(r["path"])).permute(2, 0, 1).float() / 255
+        if float(tissue_mask(x).float().mean()) >= min_tissue:
+            return str(r["path"])
+    raise ValueError(f"{manifest}: no training tile of centre A is at least {min_tissue:.0%} tissue")
 
 
 def accuracy_benchmark(
