@@ -40,9 +40,7 @@ def first_training_tile(manifest: Path, min_tissue: float = 0.5) -> str:
     """The one image ``lstainnorm-init-image`` starts from: the first training tile of centre A
     (by path) that is at least ``min_tissue`` tissue, as a user picks a classical normaliser's
     target (a tile of stained tissue, not one of glass or fat), without looking further."""
-    import torch
-
-    from ..data.io import read_rgb
+    from ..data.io import image_to_tensor, read_rgb
     from ..data.tiles import read_manifest
     from ..layers.tissue import tissue_mask
 
@@ -50,7 +48,7 @@ def first_training_tile(manifest: Path, min_tissue: float = 0.5) -> str:
     if not rows:
         raise ValueError(f"{manifest} has no training tiles of centre A")
     for r in rows:
-        x = torch.from_numpy(read_rgb(r["path"])).permute(2, 0, 1).float() / 255
+        x = image_to_tensor(read_rgb(r["path"]))
         if float(tissue_mask(x).float().mean()) >= min_tissue:
             return str(r["path"])
     raise ValueError(f"{manifest}: no training tile of centre A is at least {min_tissue:.0%} tissue")
