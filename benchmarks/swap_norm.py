@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lstainnorm.data.tiles import TileFolder, collate_tiles
+from lstainnorm.experiments.runner import markdown_table
 from lstainnorm.tasks.evaluate import load_module
 
 
@@ -31,27 +32,27 @@ def swap(mods: list, loader) -> tuple[torch.Tensor, dict[str, torch.Tensor], tor
     ``per_centre[c][i, j] = (correct, total)``, ``diff[i, j]`` (summed per-tile mean |norm_i - norm_j|
     in 8-bit levels) and the number of tiles."""
     k = len(mods)
-    correct = torch.zeros(k, k, dtype=torch.long)
     per_centre: dict[str, torch.Tensor] = {}
     diff = torch.zeros(k, k, dtype=torch.float64)
-    n = 0
     with torch.no_grad():
         for batch in loader:
-            x, y = batch["image"], batch["label"]
+            x, y, centres = batch["image"], batch["label"], batch["centre"]
             normed = [m.norm(x) for m in mods]
             for j in range(k):
-                for i in range(k):
-                    diff[i, j] += (normed[i] - normed[j]).abs().mean(dim=(1, 2, 3)).sum().double() * 255
-                for i, m in enumerate(mods):
-                    hit = m.net(normed[j]).argmax(1) == y
-                    correct[i, j] += int(hit.sum())
-                    for c in set(batch["centre"]):
-                        sel = torch.tensor([cc == c for cc in batch["centre"]])
-                        per_centre.setdefault(c, torch.zeros(k, k, 2, dtype=torch.long))
-                        per_centre[c][i, j, 0] += int(hit[sel].sum())
-                        per_centre[c][i, j, 1] += int(sel.sum())
-            n += len(y)
-    return correct, per_centre, diff, n
+                for i in range(j):  # symmetric, zero on the diagonal
+                    d = (normed[i] - normed[j]).abs().mean(dim=(1, 2, 3)).sum().double() * 255
+                    diff[i, j] += d
+                    diff[j, i] += d
+                hits = torch.stack([m.net(normed[j]).argmax(1) == y for m in mods])  # (network, tile)
+                for c in set(centres):
+                    sel = torch.tensor([cc == c for cc in centres])
+                    pc = per_centre.setdefault(c, torch.zeros(k, k, 2, dtype=torch.long))
+                    pc[:, j, 0] += hits[:, sel].sum(dim=1)
+                    pc[:, j, 1] += int(sel.sum())
+    if not per_centre:
+        raise ValueError("no readable tiles to evaluate")
+    total = sum(per_centre.values())
+    return total[..., 0], per_centre, diff, int(total[0, 0, 1])
 
 
 def main() -> None:
@@ -76,21 +77,14 @@ def main() -> None:
     correct, per_centre, diff, n = swap(mods, loader)
     k = len(mods)
 
-    print(f"{n} tiles ({args.split}, centres {' '.join(sorted(per_centre))}); accuracy %, rows: network of run, columns: normaliser of run\n")
-    print("| network \\ normaliser | " + " | ".join(names) + " |")
-    print("|---" * (k + 1) + "|")
-    for i in range(k):
-        cells = []
-        for j in range(k):
-            pc = " / ".join(f"{100 * per_centre[c][i, j, 0] / per_centre[c][i, j, 1]:.0f}" for c in sorted(per_centre))
-            cells.append(f"{100 * correct[i, j] / n:.1f} ({pc})")
-        print(f"| {names[i]} | " + " | ".join(cells) + " |")
-    print(f"\n(per centre in brackets: {' / '.join(sorted(per_centre))})\n")
-    print("Mean absolute difference between the normalisers' outputs (8-bit levels):\n")
-    print("| | " + " | ".join(names) + " |")
-    print("|---" * (k + 1) + "|")
-    for i in range(k):
-        print(f"| {names[i]} | " + " | ".join(f"{diff[i, j] / n:.2f}" for j in range(k)) + " |")
+    cs = sorted(per_centre)
+    print(f"{n} tiles ({args.split}, centres {' '.join(cs)}); accuracy %, rows: network of run, columns: normaliser of run "
+          f"(per centre {' / '.join(cs)} in brackets)\n")
+    acc = [[f"{100 * correct[i, j] / n:.1f} (" + " / ".join(f"{100 * per_centre[c][i, j, 0] / per_centre[c][i, j, 1]:.0f}" for c in cs) + ")"
+            for j in range(k)] for i in range(k)]
+    print(markdown_table(["network \\ normaliser", *names], [[names[i], *acc[i]] for i in range(k)]))
+    print("\nMean absolute difference between the normalisers' outputs (8-bit levels):\n")
+    print(markdown_table(["", *names], [[names[i], *(f"{diff[i, j] / n:.2f}" for j in range(k))] for i in range(k)]))
 
 
 if __name__ == "__main__":

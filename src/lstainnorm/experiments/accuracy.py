@@ -38,18 +38,18 @@ def _synthetic_set(out: Path, per_class: int, size: int, progress: bool, preset:
 
 def first_training_tile(manifest: Path, min_tissue: float = 0.5) -> str:
     """The one image ``lstainnorm-init-image`` starts from: the first training tile of centre A
-    (by path) that is at least ``min_tissue`` tissue, as a user picks a classical normaliser's
+    (by path) that is at least ``min_tissue`` tissue (the measure the classical normalisers' fallback
+    uses: :func:`~lstainnorm.baselines.classical.tissue_fraction`), as a user picks a classical normaliser's
     target (a tile of stained tissue, not one of glass or fat), without looking further."""
+    from ..baselines.classical import tissue_fraction
     from ..data.io import image_to_tensor, read_rgb
     from ..data.tiles import read_manifest
-    from ..layers.tissue import tissue_mask
 
     rows = sorted((r for r in read_manifest(manifest) if r.get("split") == "train" and r.get("centre") == "A"), key=lambda r: r["path"])
     if not rows:
         raise ValueError(f"{manifest} has no training tiles of centre A")
     for r in rows:
-        x = image_to_tensor(read_rgb(r["path"]))
-        if float(tissue_mask(x).float().mean()) >= min_tissue:
+        if float(tissue_fraction(image_to_tensor(read_rgb(r["path"]))[None])[0]) >= min_tissue:
             return str(r["path"])
     raise ValueError(f"{manifest}: no training tile of centre A is at least {min_tissue:.0%} tissue")
 
