@@ -132,6 +132,8 @@ def layer_table(x_all: torch.Tensor, device: torch.device, batches: list[int], p
                     row["infer_ms_per_tile"] = timed_ms(infer, device, repeats) / b
                     row["train_ms_per_tile"] = timed_ms(fwd_bwd, device, repeats) / b
                     row["peak_mb"] = _peak_mb(device, fwd_bwd)
+                    if not all(bool(torch.isfinite(p.grad).all()) for p in m.parameters() if p.grad is not None):
+                        row = {k: row[k] for k in ("batch", "precision", "layer", "mode")} | {"error": "non-finite gradients"}
                 except Exception as err:  # e.g. out of memory, a compiler failure: report, go on
                     row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
                 rows.append(row)
@@ -150,7 +152,7 @@ def training_table(x_all: torch.Tensor, device: torch.device, batch: int, precis
     rows = []
     variants = ["ResNet-18 alone", "with LStainNorm, exact attention (eager)", "with LStainNorm (eager)"] + (["with LStainNorm (compiled)"] if compile else [])
     for precision in precisions:
-        steps, errors = {}, {}
+        steps, errors, nets = {}, {}, {}
         for variant in variants:
             torch.manual_seed(0)
             net = timm.create_model("resnet18", pretrained=False, num_classes=9)
@@ -174,13 +176,18 @@ def training_table(x_all: torch.Tensor, device: torch.device, batch: int, precis
 
             try:
                 timed_ms(step, device, 1, warmup=2)
-                steps[variant] = step
+                steps[variant], nets[variant] = step, net
             except Exception as err:
                 errors[variant] = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
         times: dict[str, list[float]] = {v: [] for v in steps}
         for _ in range(repeats):
             for variant, step in steps.items():
                 times[variant].append(timed_ms(step, device, 1, warmup=0))
+        for variant, net in nets.items():
+            # A fast step that trains on NaN is no result: check the weights it left.
+            if not all(bool(torch.isfinite(p).all()) for p in net.parameters()):
+                errors[variant] = f"non-finite weights after {2 + repeats} steps (NaN or Inf gradients)"
+                times.pop(variant)
         base = statistics.median(times[variants[0]]) / batch if variants[0] in times else None
         for variant in variants:
             row = {"precision": precision, "pipeline": variant, "batch": batch}

@@ -445,6 +445,18 @@ def test_train_failure_after_the_run_folder_removes_it(tmp_path, trained, capsys
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
 
 
+def test_train_non_finite_loss_stops_with_a_named_error(tmp_path, trained, capsys):
+    """A run whose loss turns NaN stops with an error that names the epoch and batch, instead
+    of training on NaN weights to the end (an absurd learning rate overflows the weights)."""
+    _, synth = trained
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"output_path": str(tmp_path / "runs"), "data": {"manifest": str(synth / "manifest.csv"), "batch_size": 4},
+                                   "norm": {"mode": "none"}, "model": {"backbone": "test_resnet"},
+                                   "trainer": {"max_epochs": 3, "accelerator": "cpu", "progress": False}}))
+    code, text = run_cli(capsys, "train", cfg, "optim.lr=1e30")
+    assert code == 1 and "non-finite training loss" in text and "epoch" in text and "Traceback" not in text
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_train_gpu_without_gpu(tmp_path, trained, capsys):
     _, synth = trained

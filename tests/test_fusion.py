@@ -52,6 +52,22 @@ def test_pooling_is_ceil_mode_max_pool(hw):
     assert att(x).shape == x.shape
 
 
+def test_pooling_gradient_follows_the_maximum_like_the_reference():
+    """Ties in a pooling cell: the gradient goes to one maximum, as with the reference's
+    nn.MaxPool2d (saved indices), not split by comparing values again in the backward
+    (that comparison gave NaN gradients once compiled for CUDA)."""
+    from lstainnorm.layers.fusion import _maxpool
+
+    x = torch.zeros(2, 16, 16)
+    x[:, :8, :8] = 1.0  # one cell of tied maxima
+    x.requires_grad_(True)
+    ref = x.detach().clone().requires_grad_(True)
+    _maxpool(x, 8).sum().backward()
+    torch.nn.MaxPool2d(8)(ref.unsqueeze(1)).squeeze(1).sum().backward()
+    assert torch.equal(x.grad, ref.grad)
+    assert x.grad.sum() == 2 * 4  # one unit of gradient per cell and image
+
+
 @pytest.mark.parametrize("spaces", [("lab",), ("hsv", "rgb"), ("lab", "hsv", "rgb", "hed")])
 def test_subsets_and_hed(spaces):
     norm = LStainNorm(spaces=spaces)
@@ -190,6 +206,29 @@ def test_cuda_matches_cpu():
     norm = _perturbed(LStainNorm(), seed=13)
     x = he_like(2, 40, 24)
     assert torch.allclose(norm.cuda()(x.cuda()).cpu(), norm.cpu()(x), atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cuda_compiled_training_keeps_gradients_finite():
+    """Compiled for CUDA, a few optimiser steps on 224 x 224 tiles keep every gradient finite and
+    equal to the eager ones (the amax-based pooling gave NaN gradients from the first step)."""
+    torch.manual_seed(0)
+    x = he_like(16, 224, 224, seed=14).cuda()
+    eager = LStainNorm().cuda()
+    compiled = LStainNorm().cuda()
+    compiled.load_state_dict(eager.state_dict())
+    compiled.enable_compile()
+    opt = torch.optim.AdamW(compiled.parameters(), lr=1e-3)
+    for step in range(3):
+        opt.zero_grad(set_to_none=True)
+        compiled(x).square().mean().backward()
+        for name, p in compiled.named_parameters():
+            assert torch.isfinite(p.grad).all(), f"step {step}: non-finite gradient of {name}"
+        if step == 0:
+            eager(x).square().mean().backward()
+            for (name, p), q in zip(compiled.named_parameters(), eager.parameters()):
+                assert torch.allclose(p.grad, q.grad, rtol=1e-3, atol=1e-6), name
+        opt.step()
 
 
 @pytest.mark.parametrize("hw", [(1, 1), (5, 3), (28, 28), (7, 30)])

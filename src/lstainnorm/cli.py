@@ -572,7 +572,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, TypeError) as err:
+    except (ValueError, FileNotFoundError, TypeError, FloatingPointError) as err:
         print(f"lstainnorm {args.command}: error: {err}", file=sys.stderr)
         return 1
 

@@ -56,11 +56,14 @@ def _pad_to_multiple(x: Tensor, k: int) -> Tensor:
 
 
 def _maxpool(x: Tensor, k: int) -> Tensor:
-    """Max-pool a ``(B, H, W)`` map by ``k`` (H, W multiples of ``k``): rows of ``k`` first, then
-    columns, which vectorises well eagerly and under torch.compile."""
-    b, h, w = x.shape
-    x = x.reshape(b, h, w // k, k).amax(dim=-1)
-    return x.reshape(b, h // k, k, w // k).amax(dim=2)
+    """Max-pool a ``(B, H, W)`` map by ``k`` (H, W multiples of ``k``).
+
+    ``max_pool2d`` saves the index of each cell's maximum for the backward, like the reference's
+    ``nn.MaxPool2d``. A pool built from ``amax`` finds its maxima in the backward by comparing
+    the input with the result: compiled for CUDA, that gave NaN gradients from the first
+    training step (seen on an H100, BENCHMARKS.md).
+    """
+    return F.max_pool2d(x.unsqueeze(1), k, k).squeeze(1)
 
 
 def _linear_weights(n: int, k: int, dtype: torch.dtype, device: torch.device):

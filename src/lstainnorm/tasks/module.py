@@ -106,6 +106,13 @@ class StainNormModule(L.LightningModule):
             x = self.augment(x, seed=(self.cfg.seed, self.current_epoch, batch_idx))
         out = self.net(x) if self.preprocess else self.model(x)
         loss = self.task.loss(out, target)
+        if not torch.isfinite(loss.detach()):
+            # Stop before the optimiser writes NaN into every weight; checkpoints so far stay good.
+            raise FloatingPointError(
+                f"non-finite training loss ({float(loss.detach()):g}) at epoch {self.current_epoch}, batch {batch_idx}: "
+                "lower optim.lr or norm.lr, or with norm.compile on try norm.compile=false "
+                "(the run folder keeps the checkpoints of the epochs before)"
+            )
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=x.shape[0])
         return loss
 

@@ -65,6 +65,19 @@ def _rank() -> int:
     return 0
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at each message (as logging's last-resort handler does),
+    not to the stream of the first run: a caller that redirects stderr between runs keeps its output."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _setup_logging(run_dir: Path) -> None:
     quiet_lightning()
     log.setLevel(logging.INFO)
@@ -73,7 +86,7 @@ def _setup_logging(run_dir: Path) -> None:
     fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(fh)
     if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) for h in log.handlers):
-        sh = logging.StreamHandler(sys.stderr)
+        sh = _StderrHandler()
         sh.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(sh)
     log.propagate = False
