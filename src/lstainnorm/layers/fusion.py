@@ -245,8 +245,8 @@ class SharedAttention(nn.Module):
         weight = torch.cat((self.query.weight, self.key.weight, self.value.weight)).view(5, 3).to(x.dtype)
         bias = torch.cat((self.query.bias, self.key.bias, self.value.bias)).to(x.dtype)
         r, g, b = x[:, 0], x[:, 1], x[:, 2]
-        # Each 1x1-convolution output channel is pooled on its own: the full-size maps are
-        # never stacked, so the convolution fuses into the pooling loop.
+        # Each 1x1-convolution output channel is pooled on its own: the five full-size maps are
+        # never stacked into one tensor.
         maps = [_maxpool(r * weight[o, 0] + g * weight[o, 1] + b * weight[o, 2] + bias[o], self.pool) for o in range(5)]
         return torch.stack(maps, dim=1)
 
