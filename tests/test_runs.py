@@ -4,6 +4,9 @@ the resumable loop."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,7 +16,7 @@ import lstainnorm
 from lstainnorm.data.io import image_to_tensor, tensor_to_image
 from lstainnorm.data.tiles import round_robin
 from lstainnorm.experiments.runner import benchmark_methods, method_overrides, run_resumable
-from lstainnorm.files import atomic_path
+from lstainnorm.files import atomic_path, sweep_stale_temps, temp_prefix
 from lstainnorm.layers import registry
 
 
@@ -47,6 +50,28 @@ def test_atomic_path_keeps_old_file_on_error(tmp_path):
             tmp.write_bytes(b"partial")
             raise RuntimeError("interrupted")
     assert p.read_bytes() == b"old" and [q.name for q in tmp_path.iterdir()] == ["x.bin"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="stale temporary files are only swept on POSIX (pid liveness check)")
+def test_sweep_removes_only_temps_of_dead_writers_on_this_host(tmp_path):
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # its pid now names no process (reuse within this test is vanishingly unlikely)
+    dead_prefix = temp_prefix().replace(f"-{os.getpid()}-", f"-{child.pid}-")
+    (tmp_path / "sub").mkdir()
+    dead_file = tmp_path / "sub" / f"{dead_prefix}x.png"
+    dead_dir = tmp_path / f"{dead_prefix}levels-y"
+    live = tmp_path / f"{temp_prefix()}z.png"
+    other_host = tmp_path / f".tmp-00000000-{child.pid}-w.png"
+    legacy = tmp_path / ".tmp-abc123.png"  # made before names carried a pid: owner unknown, kept
+    for p in (dead_file, live, other_host, legacy):
+        p.write_bytes(b"x")
+    dead_dir.mkdir()
+    (dead_dir / "level1.npy").write_bytes(b"x")
+    removed = sweep_stale_temps(tmp_path)
+    assert sorted(removed) == sorted([dead_file, dead_dir])
+    assert not dead_file.exists() and not dead_dir.exists()
+    assert live.exists() and other_host.exists() and legacy.exists()
+    assert sweep_stale_temps(tmp_path / "missing") == []
 
 
 def test_registry_lists_plugins_without_importing_them(monkeypatch):

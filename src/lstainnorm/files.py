@@ -7,19 +7,70 @@ truncated one. Lowest layer of the package: it imports nothing from lstainnorm.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
+import shutil
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_path", "atomic_write_bytes", "confined", "unique_names"]
+__all__ = ["atomic_path", "atomic_write_bytes", "confined", "sweep_stale_temps", "temp_prefix", "unique_names"]
+
+# Temporary names carry the writer's host and pid, so a later run can tell a file left by a killed
+# writer (kill -9, power loss: nothing could clean up) from one a live shard is writing right now.
+_TEMP_RE = re.compile(r"^\.tmp-([0-9a-f]{8})-(\d+)-")
 
 
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def _host_tag() -> str:
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def temp_prefix() -> str:
+    """Prefix for this process's temporary files and folders: ``.tmp-<host hash>-<pid>-``."""
+    return f".tmp-{_host_tag()}-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only (POSIX)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def sweep_stale_temps(folder: str | Path) -> list[Path]:
+    """Remove the temporary files and folders under ``folder`` left by writers that died on this host.
+
+    Only names made by :func:`temp_prefix` whose host is this one and whose pid no longer runs are
+    removed: a live writer's file (another shard of the same job) and another host's (a shared
+    file system) are left alone. On Windows nothing is removed (no safe liveness check). Returns
+    what was removed.
+    """
+    folder = Path(folder)
+    if os.name != "posix" or not folder.is_dir():
+        return []
+    host, removed = _host_tag(), []
+    for path in sorted(folder.rglob(".tmp-*")):
+        m = _TEMP_RE.match(path.name)
+        if not m or m.group(1) != host or int(m.group(2)) == os.getpid() or _alive(int(m.group(2))):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
 
 
 @contextmanager
@@ -32,7 +83,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(), suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)

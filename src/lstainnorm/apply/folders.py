@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..data.io import IMAGE_EXTENSIONS, ImageReadError, find_images, image_to_tensor, read_rgb, tensor_to_image, write_image
-from ..files import atomic_write_bytes, confined, unique_names
+from ..files import atomic_write_bytes, confined, sweep_stale_temps, unique_names
 from ..layers.fusion import LStainNorm
 from ..layers.norm import StainNorm
 from ..layers.template import Template
@@ -173,6 +173,7 @@ def normalize_path(
         settings = {"layer": type(norm).__name__, "fingerprint": layer_fingerprint(norm), "window": window,
                     "slide_window": slide_window, "tile": tile, "tissue_stats": bool(tissue_stats)}
         _check_settings(out, settings, force)
+        sweep_stale_temps(out)  # half-written files of an earlier run that was killed
         return _normalize_files(norm, files, names, out, window, slide_window, tile, force, progress)
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..data.io import ImageReadError, find_images, image_to_tensor, read_rgb, write_image
-from ..files import confined, unique_names
+from ..files import confined, sweep_stale_temps, unique_names
 from .instances import postprocess
 
 __all__ = ["overlay", "predict_folder"]
@@ -62,6 +62,7 @@ def predict_folder(
     files = find_images(inp, exclude=[output])
     base = inp if inp.is_dir() else inp.parent
     names = unique_names({f: f.relative_to(base).with_suffix("") for f in files})
+    sweep_stale_temps(output)  # half-written files of an earlier run that was killed
     done, skipped, written = 0, [], []
     for f in tqdm(files, desc="segmenting", unit="image", disable=not progress):
         rel = names[f]

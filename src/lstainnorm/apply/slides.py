@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data.io import ImageReadError, image_to_tensor, read_rgb, tensor_to_image, to_uint8_rgb
-from ..files import atomic_path
+from ..files import atomic_path, temp_prefix
 from ..layers.fusion import LStainNorm
 from ..layers.norm import StainNorm
 from ..layers.tissue import tissue_mask
@@ -303,7 +303,7 @@ def normalize_slide(
     opts = {"tile": (tiff_tile, tiff_tile), "photometric": "rgb", "dtype": np.uint8, "compression": compression,
             "compressionargs": {"level": 90 if compression == "jpeg" else 6}}
     with SlideReader(src) as reader, atomic_path(dst) as tmp_tif, \
-            tempfile.TemporaryDirectory(prefix=".tmp-levels-", dir=dst.parent) as scratch:
+            tempfile.TemporaryDirectory(prefix=temp_prefix() + "levels-", dir=dst.parent) as scratch:
         stats = slide_statistics(norm, reader, tile, progress, downsample=stats_downsample)
         shapes = _pyramid_shapes(reader.height, reader.width)
         # Level 1 gathers in a memory-mapped file while level 0 streams into the TIFF.
