@@ -63,7 +63,7 @@ def sweep_stale_temps(folder: str | Path) -> list[Path]:
     host, removed = _host_tag(), []
     for path in sorted(folder.rglob(".tmp-*")):
         m = _TEMP_RE.match(path.name)
-        if not m or m.group(1) != host or int(m.group(2)) == os.getpid() or _alive(int(m.group(2))):
+        if not m or m.group(1) != host or _alive(int(m.group(2))):  # our own pid is alive too
             continue
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
