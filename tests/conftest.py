@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -48,3 +50,13 @@ def load_rgb(path: Path) -> np.ndarray:
 
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB"))
+
+
+def killed_writer_temp(folder: Path, name: str) -> Path:
+    """A half-written ``folder/name`` as a writer killed mid-write leaves it (the process exits
+    inside ``atomic_path``, nothing cleans up); returns the temporary file it left."""
+    code = ("import os, sys; from lstainnorm.files import atomic_path; cm = atomic_path(sys.argv[1]); "
+            "cm.__enter__().write_bytes(b'half'); os._exit(9)")
+    subprocess.run([sys.executable, "-c", code, str(Path(folder) / name)], check=False)
+    (left,) = [p for p in Path(folder).iterdir() if p.name.startswith(".tmp-")]
+    return left

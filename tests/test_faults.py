@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import killed_writer_temp
 from PIL import Image
 
 import lstainnorm
@@ -345,22 +346,13 @@ def test_normalize_interrupted_then_rerun_is_byte_identical(tmp_path, sig):
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".tmp-")]  # no half-written files
 
 
-def _killed_writer_temp(out: Path, name: str) -> Path:
-    """A half-written output as a writer killed mid-write leaves it (the process exits inside atomic_path)."""
-    code = ("import os, sys; from lstainnorm.files import atomic_path; cm = atomic_path(sys.argv[1]); "
-            "cm.__enter__().write_bytes(b'half'); os._exit(9)")
-    subprocess.run([sys.executable, "-c", code, str(out / name)], check=False)
-    (left,) = [p for p in out.iterdir() if p.name.startswith(".tmp-")]
-    return left
-
-
 def test_normalize_rerun_removes_half_files_of_a_killed_run_only(tmp_path, capsys):
     from lstainnorm.files import temp_prefix
 
     tiles(tmp_path / "in", n=2)
     out = tmp_path / "out"
     out.mkdir()
-    dead = _killed_writer_temp(out, "tile_0.png")
+    dead = killed_writer_temp(out, "tile_0.png")
     live = out / f"{temp_prefix()}abc.png"  # a shard of the same job still writing (this process is alive)
     live.write_bytes(b"busy")
     assert run_cli(capsys, "normalize", "--template", template_yaml(tmp_path / "t.yaml"), tmp_path / "in", out)[0] == 0

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import killed_writer_temp
 
 from lstainnorm.cli import main
 from lstainnorm.config import make_config
@@ -60,8 +61,10 @@ def test_stress_resumes_and_refuses_other_settings(cls_run, tmp_path, monkeypatc
     calls = []
     real = mod._test
     monkeypatch.setattr(mod, "_test", lambda *a, **k: calls.append(1) or real(*a, **k))
+    half = killed_writer_temp(out, "stress.png")  # a run killed while writing its plot
     stress(run, manifest, split="test", axes=["gamma", "saturation"], levels=[1.0], out=out, progress=False)
     assert len(calls) == 1  # only the new axis ran
+    assert not half.exists() and not list(out.glob(".tmp-*"))
     with pytest.raises(ValueError, match="other settings"):
         stress(run, manifest, split="val", axes=["gamma"], out=out, progress=False)
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import killed_writer_temp
 from PIL import Image
 
 from lstainnorm.config import ConfigError, load_config, make_config
@@ -236,8 +237,10 @@ def test_resume_after_interruption_ends_like_uninterrupted(tmp_path, synth):
     assert cut.returncode != 0  # interrupted after one epoch
     run = _only_run(tmp_path / "cut")
     assert (run / "checkpoints" / "last.ckpt").is_file() and not (run / "metrics.json").exists()
+    half = killed_writer_temp(run / "checkpoints", "last.ckpt")  # as a kill -9 mid-save leaves it
     resumed = _cli(["train", "--resume", str(run)])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert not half.exists() and not list(run.rglob(".tmp-*"))
     a = torch.load(_only_run(tmp_path / "full") / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     b = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     assert a.keys() == b.keys()

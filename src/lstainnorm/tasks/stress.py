@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..data.restain import AXES, restain
-from ..files import atomic_write_bytes
+from ..files import atomic_write_bytes, sweep_stale_temps
 from ..runs import find_checkpoint, run_dir_of
 from .evaluate import _test, data_name, evaluation_data, load_module
 
@@ -185,6 +185,7 @@ def stress(
     if settings_path.is_file() and json.loads(settings_path.read_text()) != settings:
         raise ValueError(f"{out} holds stress results of other settings ({settings_path}); choose another --out")
     atomic_write_bytes(settings_path, json.dumps(settings, indent=2).encode())
+    sweep_stale_temps(out)  # half-written files of an earlier run that was killed
 
     metric = module.task.monitor.split("/", 1)[1]
     done_path = out / "results.jsonl"

@@ -39,7 +39,7 @@ from ..baselines.classical import mosaic_indices, training_mosaic
 from ..config import Config, ConfigError, to_dict
 from ..data.io import tensor_to_image, write_image
 from ..data.tiles import save_class_map
-from ..files import atomic_write_bytes
+from ..files import atomic_write_bytes, sweep_stale_temps
 from ..layers.template import Template, estimate_template
 from ..runs import AUTO_COMPILE_MIN_STEPS, RUN_DIR_ENV, compile_norm, load_checkpoint, new_run_dir, resolve_template_setting, write_json
 from .callbacks import AtomicCheckpointIO, DDPConsistencyCallback, HistoryCallback, InterruptAfterEpochs
@@ -208,6 +208,7 @@ def _start(cfg: Config, resume: str | Path | None) -> tuple[Path, Path | None]:
     last = run_dir / "checkpoints" / "last.ckpt"
     if not last.is_file():
         raise FileNotFoundError(f"cannot resume {run_dir}: no checkpoints/last.ckpt (nothing to resume)")
+    sweep_stale_temps(run_dir)  # half-written checkpoints and tables of the run that was killed
     os.environ[RUN_DIR_ENV] = str(run_dir)
     return run_dir, last
 
