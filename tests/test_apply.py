@@ -223,6 +223,18 @@ def test_read_metadata_refuses_foreign_files(tmp_path):
         read_metadata(tmp_path / "missing.onnx")
 
 
+@pytest.mark.skipif(os.name != "posix", reason="stale temporary files are only swept on POSIX (pid liveness check)")
+def test_export_removes_what_a_killed_export_left_beside_it(tmp_path):
+    from conftest import killed_writer_temp
+
+    left = killed_writer_temp(tmp_path, "n.onnx")
+    (tmp_path / "sub").mkdir()
+    deeper = killed_writer_temp(tmp_path / "sub", "m.onnx")
+    export_norm(StainNorm(), tmp_path / "n.onnx")
+    assert not left.exists() and (tmp_path / "n.onnx").is_file()
+    assert deeper.exists()  # the user's folder is not walked
+
+
 def test_export_rejects_what_it_cannot_export(tmp_path):
     with pytest.raises(ValueError, match="tissue_stats"):
         export_norm(LStainNorm(tissue_stats=True), tmp_path / "x.onnx")

@@ -72,6 +72,12 @@ def test_sweep_removes_only_temps_of_dead_writers_on_this_host(tmp_path):
     assert not dead_file.exists() and not dead_dir.exists()
     assert live.exists() and other_host.exists() and legacy.exists()
     assert sweep_stale_temps(tmp_path / "missing") == []
+    # Not recursive: the folder's own entries only.
+    dead_file.write_bytes(b"x")
+    top = tmp_path / f"{dead_prefix}top.onnx"
+    top.write_bytes(b"x")
+    assert sweep_stale_temps(tmp_path, recursive=False) == [top]
+    assert dead_file.exists() and not top.exists()
 
 
 def test_registry_lists_plugins_without_importing_them(monkeypatch):

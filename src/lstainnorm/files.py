@@ -49,19 +49,21 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def sweep_stale_temps(folder: str | Path) -> list[Path]:
+def sweep_stale_temps(folder: str | Path, recursive: bool = True) -> list[Path]:
     """Remove the temporary files and folders under ``folder`` left by writers that died on this host.
 
     Only names made by :func:`temp_prefix` whose host is this one and whose pid no longer runs are
     removed: a live writer's file (another shard of the same job) and another host's (a shared
-    file system) are left alone. On Windows nothing is removed (no safe liveness check). Returns
-    what was removed.
+    file system) are left alone. On Windows nothing is removed (no safe liveness check).
+    ``recursive=False`` looks at ``folder``'s own entries only: for a folder that is not ours
+    alone (the one an exported file goes to), where walking every subfolder could take minutes.
+    Returns what was removed.
     """
     folder = Path(folder)
     if os.name != "posix" or not folder.is_dir():
         return []
     host, removed = _host_tag(), []
-    for path in sorted(folder.rglob(".tmp-*")):
+    for path in sorted(folder.rglob(".tmp-*") if recursive else folder.glob(".tmp-*")):
         m = _TEMP_RE.match(path.name)
         if not m or m.group(1) != host or _alive(int(m.group(2))):  # our own pid is alive too
             continue

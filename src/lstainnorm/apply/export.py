@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..files import atomic_path
+from ..files import atomic_path, sweep_stale_temps
 from ..layers.fusion import LStainNorm
 from ..layers.identity import Identity
 from ..layers.norm import StainNorm
@@ -223,7 +223,9 @@ def export_norm(norm: nn.Module, path: str | Path, tolerance: float = 1e-4, opse
     suffix = path.suffix.lower()
     if suffix not in (".onnx", ".pt", ".ts", ".torchscript"):
         raise ValueError(f"unsupported export format {suffix!r}: use .onnx or .pt (TorchScript)")
-    # Written to a temporary file that becomes ``path`` only once the parity check passed.
+    # Written to a temporary file that becomes ``path`` only once the parity check passed; the
+    # folder is the user's, so only its own entries are swept of an earlier killed export's file.
+    sweep_stale_temps(path.parent, recursive=False)
     with atomic_path(path) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         run = _export_onnx(module, example, tmp, opset, meta) if suffix == ".onnx" else _export_torchscript(module, example, tmp, meta)
