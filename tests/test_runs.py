@@ -177,3 +177,11 @@ def test_paired_table_compares_seed_by_seed():
     assert "+5.0 / +5.1 / +5.2" in rows["better"]
     assert rows["noisy"].rstrip(" |").endswith("within noise")
     assert paired_table(recs, "acc", reference="absent") == ""
+
+
+def test_per_seed_lists_values_in_seed_order():
+    from lstainnorm.experiments.runner import per_seed
+
+    recs = [{"seed": 2, "dice": 0.7771, "best_epoch": 40}, {"seed": 0, "dice": 0.7349, "best_epoch": None}, {"seed": 1, "dice": 0.76}]
+    assert per_seed(recs, "dice", "{:.3f}") == "0.735 / 0.760 / 0.777"
+    assert per_seed(recs, "best_epoch") == "- / - / 40"

@@ -26,6 +26,7 @@ from ..runs import RUN_DIR_ENV
 
 __all__ = [
     "run_resumable", "benchmark_methods", "method_overrides", "markdown_table", "median_ms", "mean_std", "paired_table",
+    "per_seed",
     "LAYER_MODES", "ABLATIONS", "ABLATION_METHODS",
 ]
 
@@ -107,6 +108,11 @@ def mean_std(values: Sequence[float], scale: float = 1.0, digits: int = 1) -> st
     m = scale * float(np.mean(values))
     s = scale * float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
     return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def per_seed(records: Sequence[dict], key: str, fmt: str = "{}") -> str:
+    """``records``' ``key`` in seed order, ``" / "``-joined (``-`` where a record lacks it)."""
+    return " / ".join("-" if d.get(key) is None else fmt.format(d[key]) for d in sorted(records, key=lambda d: d["seed"]))
 
 
 def paired_table(records: Sequence[dict], metric: str, reference: str = "lstainnorm", scale: float = 1.0, digits: int = 1) -> str:

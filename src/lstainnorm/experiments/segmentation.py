@@ -16,7 +16,7 @@ from ..config import load_config
 from ..files import atomic_write_bytes
 from ..runs import write_json
 from ..tasks.train import train
-from .runner import markdown_table, mean_std, method_overrides, paired_table, run_resumable
+from .runner import markdown_table, mean_std, method_overrides, paired_table, per_seed, run_resumable
 from .stress import stress_runs
 
 __all__ = ["segmentation_benchmark", "SEGMENTATION_METHODS"]
@@ -73,8 +73,10 @@ def segmentation_benchmark(
         if not rs:
             continue
         summary[method] = {k: float(np.mean([d[k] for d in rs])) for k in ("dice", "iou", "aji", "pq")}
-        rows.append([method] + [mean_std([d[k] for d in rs], digits=3) for k in ("dice", "iou", "aji", "pq")] + [len(rs), f"{np.mean([d['minutes'] for d in rs]):.0f}"])
-    table = markdown_table(["method", "Dice", "IoU", "AJI", "PQ", "seeds", "min / run"], rows)
+        rows.append([method] + [mean_std([d[k] for d in rs], digits=3) for k in ("dice", "iou", "aji", "pq")] + [
+            len(rs), per_seed(rs, "dice", "{:.3f}"), per_seed(rs, "best_epoch"), f"{np.mean([d['minutes'] for d in rs]):.0f}"])
+    # Per-seed values beside the mean: with three seeds one weak run moves a mean by a lot.
+    table = markdown_table(["method", "Dice", "IoU", "AJI", "PQ", "seeds", "Dice per seed", "best epoch per seed", "min / run"], rows)
     per = markdown_table(
         ["method"] + centres,
         [[m] + [f"{np.mean([d['per_centre'][c]['dice'] for d in sel if d['method'] == m and c in d['per_centre']]):.3f}" for c in centres] for m in methods if any(d["method"] == m for d in sel)],
