@@ -208,7 +208,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, block: int = ATTENTION_BLOCK, rank: 
     (:func:`lowrank_error` <= :data:`LOWRANK_TOL` of each row's sum, i.e. float32 rounding); where
     no rank up to :data:`MAX_RANK` meets it (very spread logits), the exact N x N path runs,
     block by block. ``rank`` fixes the rank and skips the check: the compiled
-    layer does so and checks the bound itself (:meth:`LStainNorm._forward_impl`).
+    layer does so and checks the bound itself (:meth:`LStainNorm._fused`).
 
     Args:
         q, k: ``(B, N)`` query and key of each token.
@@ -250,10 +250,13 @@ class SharedAttention(nn.Module):
         maps = [_maxpool(r * weight[o, 0] + g * weight[o, 1] + b * weight[o, 2] + bias[o], self.pool) for o in range(5)]
         return torch.stack(maps, dim=1)
 
-    def attend(self, pooled: Tensor, rank: int | None = None) -> Tensor:
-        """Attention output on the pooled grid, ``(B, 3, h, w)`` (``rank``: see :func:`attend`)."""
+    def attend(self, pooled: Tensor, rank: int | None = None, exact: bool = False) -> Tensor:
+        """Attention output on the pooled grid, ``(B, 3, h, w)`` (``rank``: see :func:`attend`;
+        ``exact``: the N x N path whatever the bound says)."""
         b, _, hp, wp = pooled.shape
         flat = pooled.flatten(2)
+        if exact:
+            return _attend_exact(flat[:, 0], flat[:, 1], flat[:, 2:]).view(b, 3, hp, wp)
         return attend(flat[:, 0], flat[:, 1], flat[:, 2:], rank=rank).view(b, 3, hp, wp)
 
     @staticmethod
@@ -364,13 +367,11 @@ class LStainNorm(_CompilableNorm):
             outs.append(_normalize(x, br.space, br.mu, br.sigma, self.eps, self.tissue_stats, st).abs())
         return outs
 
-    def _attention_maps(self, xs: list[Tensor], rank: int | None = None) -> tuple[list[Tensor], Tensor | None]:
-        """The attention output of each branch on the pooled grid, and (with a fixed ``rank``)
-        whether its error bound held. The attention is shared: pool each branch, then one
-        attention call on the small pooled maps stacked along the batch."""
+    def _attention_maps(self, xs: list[Tensor]) -> list[Tensor]:
+        """The attention output of each branch on the pooled grid. The attention is shared: pool
+        each branch, then one attention call on the small pooled maps stacked along the batch."""
         pooled = torch.cat([self.attention.pooled(xi) for xi in xs], dim=0)
-        ok = None if rank is None else self.attention.bound_holds(pooled, rank)
-        return list(self.attention.attend(pooled, rank=rank).chunk(len(xs), dim=0)), ok
+        return list(self.attention.attend(pooled).chunk(len(xs), dim=0))
 
     def _weights(self, xs: list[Tensor], att: list[Tensor]) -> list[Tensor]:
         """The fusion weights ``w_s`` from the branch images and their upsampled ``|A_s|``."""
@@ -403,17 +404,45 @@ class LStainNorm(_CompilableNorm):
         sign = torch.where(den < 0, -torch.ones_like(den), torch.ones_like(den))
         return num / (sign * den.abs().clamp(min=eps))
 
-    def _forward_impl(self, x: Tensor, stats):
-        # Compiled, the attention's rank is fixed (no data-dependent branch in the graph) and
-        # whether its error bound held is returned with the output: _run recomputes eagerly if not.
-        rank = COMPILED_RANK if torch.compiler.is_compiling() else None
+    def _forward_impl(self, x: Tensor, stats) -> Tensor:
+        """The fused image. Traced by a user's ``torch.compile`` (of the layer or of a model holding
+        it), the attention's rank is fixed and ``torch.cond`` takes the exact path wherever the
+        rank's error bound fails: one graph, the same numbers as eager."""
+        return self._fused(x, stats, fallback_outside=False)[0]
+
+    def _compile_target(self):
+        return self._forward_bounded
+
+    def _forward_bounded(self, x: Tensor, stats) -> tuple[Tensor, Tensor | None]:
+        """What :meth:`enable_compile` compiles: the fixed-rank image and whether its error bound
+        held; ``_call`` recomputes eagerly (exact where needed) when it did not, so the compiled
+        graph carries no exact path."""
+        return self._fused(x, stats, fallback_outside=True)
+
+    def _fused(self, x: Tensor, stats, fallback_outside: bool) -> tuple[Tensor, Tensor | None]:
         xs = self._branch_images(x, stats)
         if self.fusion == "mean":
-            return self._mean(xs)
-        small, ok = self._attention_maps(xs, rank)
+            return self._mean(xs), None
+        pooled = torch.cat([self.attention.pooled(xi) for xi in xs], dim=0)  # as _attention_maps
+        ok = None
+        if not torch.compiler.is_compiling():
+            small = self.attention.attend(pooled)  # checks the bound, exact where needed
+        else:
+            # No data-dependent Python branch in a graph: the rank is fixed, the bound a tensor.
+            ok = self.attention.bound_holds(pooled, COMPILED_RANK)
+            if fallback_outside:
+                small = self.attention.attend(pooled, rank=COMPILED_RANK)
+            else:
+                small = torch.cond(
+                    ok,
+                    lambda p: self.attention.attend(p, rank=COMPILED_RANK),
+                    lambda p: self.attention.attend(p, exact=True),
+                    (pooled,),
+                )
+                ok = None
         size = x.shape[-2:]
-        out = self._fuse(xs, [self.attention.expand(a, size).abs() for a in small])
-        return out if ok is None else (out, ok)
+        att = [self.attention.expand(a, size).abs() for a in small.chunk(len(xs), dim=0)]
+        return self._fuse(xs, att), ok
 
     def _forward_strips(self, x: Tensor, stats, rows: int) -> Tensor:
         """The same result as :meth:`_forward_impl`, ``rows`` image rows at a time (inference on
@@ -462,7 +491,7 @@ class LStainNorm(_CompilableNorm):
             xs = self._branch_images(x, None)
             if self.fusion == "mean":
                 return {s: torch.full_like(xs[0], 1.0 / len(xs)) for s in self.spaces}
-            small, _ = self._attention_maps(xs)
+            small = self._attention_maps(xs)
             ws = self._weights(xs, [self.attention.expand(a, x.shape[-2:]).abs() for a in small])
             den = ws[0]
             for w in ws[1:]:

@@ -232,8 +232,13 @@ class _CompilableNorm(nn.Module, ABC):
             cfg.cache_size_limit = max(cfg.cache_size_limit, 64)
         if hasattr(cfg, "accumulated_recompile_limit"):
             cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 512)
-        self._compiled = torch.compile(self._forward_impl, **compile_kwargs)
+        self._compiled = torch.compile(self._compile_target(), **compile_kwargs)
         return self
+
+    def _compile_target(self):
+        """The function :meth:`enable_compile` compiles: the hot path, or a variant of it that also
+        returns whether an approximation's error bound held (``(output, ok)``)."""
+        return self._forward_impl
 
     def disable_compile(self) -> "_CompilableNorm":
         """Go back to eager execution."""
@@ -280,7 +285,9 @@ class _CompilableNorm(nn.Module, ABC):
             return torch.cat(outs, dim=0)
 
     def _call(self, x: Tensor, stats) -> Tensor:
-        if self._compiled is None:
+        # Inside a graph being traced (a user's torch.compile of a model holding the layer) the
+        # user's compile owns the graph: the plain hot path, which always returns the image.
+        if self._compiled is None or torch.compiler.is_compiling():
             return self._forward_impl(x, stats)
         try:
             out = self._compiled(x, stats)
@@ -293,7 +300,7 @@ class _CompilableNorm(nn.Module, ABC):
             return self._forward_impl(x, stats)
         if isinstance(out, tuple):  # (output, whether an approximation's error bound held)
             out, ok = out
-            if not bool(ok):
+            if ok is not None and not bool(ok):
                 return self._forward_impl(x, stats)  # eager: checks the bound, exact where needed
         return out
 
