@@ -451,10 +451,12 @@ def _demo_run(a: argparse.Namespace) -> int:
     lstainnorm bench segmentation --stress          # and the stress curves of every trained run
     lstainnorm bench accuracy --ablation            # LStainNorm's ablations, paired by seed
     lstainnorm bench organ --seeds 0 1 2            # organ of origin on MoNuSeg crops, held-out hospitals
+    lstainnorm bench mitosis --data ../shared/data/ami-br --seeds 0 1 2   # atypical mitoses across scanners (AMi-Br)
+    lstainnorm bench mitosis --protocols p1 --methods none lstainnorm --config configs/mitosis_amibr_gpu.yaml
     """,
 )
 def _bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("kind", choices=["speed", "accuracy", "segmentation", "organ"])
+    p.add_argument("kind", choices=["speed", "accuracy", "segmentation", "organ", "mitosis"])
     p.add_argument("--out", type=Path, default=Path("bench_out"), help="folder for the tables (speed.md / accuracy/accuracy.md)")
     g = p.add_argument_group("speed")
     g.add_argument("--tiles", type=Path, help="folder of images to crop tiles from (default: $LSTAINNORM_SHARED_DATA/monuseg-train/images if set, else synthetic)")
@@ -469,8 +471,9 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     # not imported here, so that parsing stays light.
     g.add_argument("--methods", nargs="+", help="subset of: none, each baseline of lstainnorm.list_norms() (reinhard, macenko, vahadane), "
                    "randstainna, hed-jitter, template, learnable-<space> for each colour space, lstainnorm, "
-                   "and the ablations lstainnorm-frozen, -init-reference, -init-image, -mean, -tissue "
-                   "(default: all for accuracy; none template learnable-lab lstainnorm macenko for segmentation)")
+                   "the ablations lstainnorm-frozen, -init-reference, -init-image, -mean, -tissue, and NORM+AUGMENT "
+                   "(e.g. macenko+hed-jitter) (default: all for accuracy; none template learnable-lab lstainnorm macenko "
+                   "for segmentation; issue 26's nine for mitosis)")
     g.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     g.add_argument("--epochs", type=positive_int, help="training epochs (default 8 for accuracy, 20 for organ)")
     g.add_argument("--per-class", type=positive_int, default=200)
@@ -484,8 +487,15 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("organ")
     g.add_argument("--root", type=Path, default=Path("../shared/data/monuseg-train"),
                    help="MoNuSeg folder with metadata.csv (organ, tss_code) and images/ (default ../shared/data/monuseg-train)")
-    g = p.add_argument_group("segmentation")
-    g.add_argument("--config", type=Path, default=Path("configs/segment_monuseg_cpu.yaml"), help="segmentation config (default: configs/segment_monuseg_cpu.yaml of the repository)")
+    g = p.add_argument_group("segmentation and mitosis")
+    g.add_argument("--config", type=Path, default=None, help="the run config (default: configs/segment_monuseg_cpu.yaml for "
+                   "segmentation, configs/mitosis_amibr_cpu.yaml for mitosis, of the repository)")
+    g = p.add_argument_group("mitosis")
+    g.add_argument("--data", type=Path, default=Path("../shared/data/ami-br"),
+                   help="the AMi-Br folder: metadata.csv and images/ (default ../shared/data/ami-br)")
+    g.add_argument("--protocols", nargs="+", choices=["p1", "p2-midog-to-tupac", "p2-tupac-to-midog"],
+                   default=["p1", "p2-midog-to-tupac", "p2-tupac-to-midog"],
+                   help="p1: the published split; p2-*: train on some scanners, test on every crop of the others (default: all three)")
 
 
 def _bench_run(a: argparse.Namespace) -> int:
@@ -504,10 +514,19 @@ def _bench_run(a: argparse.Namespace) -> int:
     if a.kind == "segmentation":
         from .experiments.segmentation import SEGMENTATION_METHODS, segmentation_benchmark
 
-        res = segmentation_benchmark(a.config, a.out / "segmentation", methods=a.methods or SEGMENTATION_METHODS, seeds=a.seeds,
+        res = segmentation_benchmark(a.config or Path("configs/segment_monuseg_cpu.yaml"), a.out / "segmentation", methods=a.methods or SEGMENTATION_METHODS, seeds=a.seeds,
                                      overrides=a.overrides, stress=a.stress, report=report)
         print(res["text"])
         print(f"written: {a.out / 'segmentation' / (report + '.md')}")
+        return 0
+    if a.kind == "mitosis":
+        from .experiments.mitosis import MITOSIS_METHODS, mitosis_benchmark
+
+        res = mitosis_benchmark(a.config or Path("configs/mitosis_amibr_cpu.yaml"), a.data, a.out / "mitosis",
+                                methods=a.methods or MITOSIS_METHODS, seeds=a.seeds, protocols=a.protocols,
+                                overrides=a.overrides, stress=a.stress)
+        print(res["text"])
+        print(f"written: {a.out / 'mitosis' / 'mitosis.md'}")
         return 0
     if a.kind == "organ":
         from .experiments.organ import ORGAN_METHODS, organ_benchmark

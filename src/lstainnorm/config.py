@@ -66,6 +66,9 @@ def logger_names(setting: Any) -> list[str]:
     return names
 
 
+# data.balance: how the training loop treats class imbalance.
+BALANCE_CHOICES = ("none", "sampler", "loss")
+
 # norm.compile: "auto" compiles the layer for long training runs where torch.compile works (eager otherwise).
 COMPILE_CHOICES = ("auto", "true", "false")
 
@@ -79,19 +82,33 @@ class DataConfig:
     """Where the tiles come from.
 
     Either folders (``train``/``val``/``test``: ImageFolder trees ``root/CLASS/*.png``), or a
-    ``manifest`` CSV (``path, class, centre, split``) with centre selections. Without a
-    validation set, ``val_fraction`` of the training tiles (stratified, seeded) is held out.
+    ``manifest`` CSV (``path, class, centre, split, group``) with centre selections. ``columns`` maps
+    those names onto a CSV's own headers (e.g. ``{path: file, class: label, centre: domain, split:
+    authors_split, group: slide}``), so a CSV is read as it is. Rows whose split is ``train_split``
+    train, ``val_split`` validate, ``test_split`` test; ``test_split: null`` tests every row of
+    ``test_centres`` (centres never trained on: a held-out scanner or hospital). Without validation
+    rows, ``val_fraction`` of the training tiles is held out, seeded: whole groups (slides) when the
+    manifest has a group column, so crops of one slide never straddle training and validation;
+    stratified by class otherwise. ``balance`` handles class imbalance: ``sampler`` (each epoch
+    draws the training tiles with class-balanced probabilities), ``loss`` (cross-entropy weighted by
+    inverse class frequency) or ``none``. ``center_crop`` keeps the central square of each tile
+    (before ``image_size`` resizes it).
     """
 
     train: Optional[str] = None
     val: Optional[str] = None
     test: Optional[str] = None
     manifest: Optional[str] = None
+    columns: Optional[dict[str, str]] = None
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: Optional[str] = "test"
     train_centres: Optional[list[str]] = None
     val_centres: Optional[list[str]] = None
     test_centres: Optional[list[str]] = None
     val_fraction: float = 0.2
     image_size: Optional[int] = None
+    center_crop: Optional[int] = None
     batch_size: int = 64
     eval_batch_size: Optional[int] = None
     num_workers: int = 0
@@ -100,6 +117,7 @@ class DataConfig:
     vflip: bool = True
     augment: str = "none"
     augment_strength: float = 1.0
+    balance: str = "none"
 
 
 @dataclass
@@ -345,6 +363,24 @@ def _check_choices(cfg: DictConfig) -> None:
     choose("norm.compile", cfg.norm.compile, COMPILE_CHOICES)
     choose("optim.scheduler", cfg.optim.scheduler, ("cosine", "none"))
     choose("data.augment", cfg.data.augment, AUGMENT_MODES)
+    choose("data.balance", cfg.data.balance, BALANCE_CHOICES)
+    if cfg.task != "classification" and cfg.data.balance != "none":
+        raise ConfigError(f"data.balance={cfg.data.balance} applies to classification only (task: {cfg.task})")
+    if cfg.data.columns is not None:
+        from .data.tiles import MANIFEST_COLUMNS
+
+        for name in cfg.data.columns:
+            choose("data.columns", name, MANIFEST_COLUMNS)
+    if cfg.data.manifest and cfg.data.test_split is None:
+        if not cfg.data.test_centres:
+            raise ConfigError("data.test_split: null tests every row of data.test_centres; name the held-out centres in data.test_centres")
+        overlap = sorted(set(cfg.data.test_centres) & set(cfg.data.train_centres or []))
+        if overlap or not cfg.data.train_centres:
+            raise ConfigError(
+                "data.test_split: null tests every row of data.test_centres, which must not train: "
+                + (f"centres {overlap} are in both data.train_centres and data.test_centres" if overlap
+                   else "set data.train_centres to the other centres")
+            )
     lg = cfg.trainer.logger
     for name in logger_names(list(lg) if isinstance(lg, ListConfig) else lg):
         choose("trainer.logger", name, LOGGER_CHOICES)
@@ -358,7 +394,7 @@ def _check_choices(cfg: DictConfig) -> None:
         sec, name = key.split(".")
         if not cfg[sec][name] >= 0:
             raise ConfigError(f"{key} must be >= 0, got {cfg[sec][name]}")
-    positive = {"data.image_size": cfg.data.image_size, "data.eval_batch_size": cfg.data.eval_batch_size,
+    positive = {"data.image_size": cfg.data.image_size, "data.center_crop": cfg.data.center_crop, "data.eval_batch_size": cfg.data.eval_batch_size,
                 "segmentation.crop": cfg.segmentation.crop, "segmentation.window": cfg.segmentation.window,
                 "segmentation.samples_per_image": cfg.segmentation.samples_per_image}
     for key, v in positive.items():

@@ -18,7 +18,7 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, Mapping, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -33,7 +33,9 @@ __all__ = [
     "TileFolder",
     "scan_image_folder",
     "read_manifest",
+    "MANIFEST_COLUMNS",
     "stratified_split",
+    "grouped_split",
     "collate_tiles",
     "save_class_map",
     "load_class_map",
@@ -50,6 +52,7 @@ class TileRecord:
     path: str
     label: int
     centre: str = ""
+    group: str = ""  # e.g. the slide: tiles of one group are not independent
 
 
 def scan_image_folder(root: str | Path, classes: Sequence[str] | None = None) -> tuple[list[TileRecord], list[str]]:
@@ -91,25 +94,52 @@ def check_same_classes(expected: Sequence[str], found: Sequence[str], where: str
         )
 
 
-def read_manifest(path: str | Path) -> list[dict[str, str]]:
-    """Read a manifest CSV (columns ``path, class`` and optionally ``centre, split``).
+# What a manifest's columns mean; ``path`` and ``class`` are required.
+MANIFEST_COLUMNS = ("path", "class", "centre", "split", "group")
 
-    Relative paths are resolved against the manifest's folder.
+
+def read_manifest(path: str | Path, columns: Mapping[str, str] | None = None) -> list[dict[str, str]]:
+    """Read a manifest CSV: one row per tile, columns ``path, class`` and optionally ``centre, split,
+    group`` (the group, e.g. a slide id, keeps related tiles on one side of a validation split).
+
+    ``columns`` maps these names onto the CSV's own headers, so that a CSV is read as it is, e.g.
+    ``{"path": "file", "class": "label", "centre": "domain", "split": "authors_split", "group": "slide"}``;
+    unmapped names are looked up under their own name. Rows come back keyed by these names; relative
+    paths are resolved against the manifest's folder.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: no rows, an unknown name in ``columns``, or a column that is not in the CSV
+            (the message names it and lists the CSV's columns).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"manifest not found: {path}")
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    mapping = {str(k): str(v) for k, v in (columns or {}).items()}
+    unknown = sorted(set(mapping) - set(MANIFEST_COLUMNS))
+    if unknown:
+        raise ValueError(f"data.columns: unknown name(s) {unknown}; map any of {list(MANIFEST_COLUMNS)} onto the CSV's columns")
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        header = list(reader.fieldnames or [])
+        rows = list(reader)
     if not rows:
         raise ValueError(f"manifest {path} has no rows")
-    for col in ("path", "class"):
-        if col not in rows[0]:
-            raise ValueError(f"manifest {path} lacks a '{col}' column (columns: {list(rows[0])})")
+    for name, col in mapping.items():
+        if col not in header:
+            raise ValueError(f"manifest {path} has no column '{col}' (data.columns.{name}); its columns: {header}")
+    for name in ("path", "class"):
+        if mapping.get(name, name) not in header:
+            raise ValueError(f"manifest {path} lacks a '{name}' column (columns: {header}); "
+                             f"name the column that holds it with data.columns.{name}")
+    present = {name: mapping.get(name, name) for name in MANIFEST_COLUMNS if mapping.get(name, name) in header}
+    out = []
     for r in rows:
-        p = Path(r["path"])
-        r["path"] = str(p if p.is_absolute() else (path.parent / p))
-    return rows
+        row = {name: (r[col] or "").strip() for name, col in present.items()}
+        p = Path(row["path"])
+        row["path"] = str(p if p.is_absolute() else (path.parent / p))
+        out.append(row)
+    return out
 
 
 def stratified_split(labels: Sequence[int], fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
@@ -133,6 +163,32 @@ def stratified_split(labels: Sequence[int], fraction: float, seed: int = 0) -> t
         second += idx[:k].tolist()
         first += idx[k:].tolist()
     return sorted(first), sorted(second)
+
+
+def grouped_split(labels: Sequence[int], groups: Sequence[str], fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Seeded split of indices that keeps each group (e.g. slide) whole: about ``fraction`` of the
+    items go to the second list, with the classes in about their overall proportions
+    (scikit-learn's ``StratifiedGroupKFold``, one fold of ``round(1 / fraction)``).
+
+    Raises:
+        ValueError: fewer than 2 groups (nothing can be held out without splitting a group).
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"validation fraction must be in (0, 1), got {fraction}")
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    groups_a = np.asarray([str(g) for g in groups])
+    n_groups = len(set(groups_a.tolist()))
+    if n_groups < 2:
+        raise ValueError(f"a grouped validation split needs at least 2 groups, got {n_groups}")
+    folds = min(n_groups, max(2, int(round(1.0 / fraction))))
+    labels_a = np.asarray(labels)
+    # A class with fewer members than folds only draws scikit-learn's warning; the split is still whole groups.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        cv = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=int(seed) % (2**32))
+        first, second = next(cv.split(np.zeros(len(labels_a)), labels_a, groups_a))
+    return sorted(first.tolist()), sorted(second.tolist())
 
 
 class TileFolder(Dataset):
@@ -184,20 +240,24 @@ class TileFolder(Dataset):
         split: str | None = None,
         centres: Sequence[str] | None = None,
         classes: Sequence[str] | None = None,
+        columns: Mapping[str, str] | None = None,
         **kwargs,
     ) -> "TileFolder":
-        """Tiles listed in a manifest CSV, optionally filtered by ``split`` and ``centres``."""
-        rows = read_manifest(manifest)
+        """Tiles listed in a manifest CSV, optionally filtered by ``split`` and ``centres``
+        (``columns``: see :func:`read_manifest`)."""
+        rows = read_manifest(manifest, columns)
+        split_col = (columns or {}).get("split", "split")
+        centre_col = (columns or {}).get("centre", "centre")
         if split is not None:
             if "split" not in rows[0]:
-                raise ValueError(f"manifest {manifest} has no 'split' column to select {split!r}")
+                raise ValueError(f"manifest {manifest} has no '{split_col}' column to select {split!r}")
             rows = [r for r in rows if r["split"] == split]
         if centres is not None:
             want = {str(c) for c in centres}
-            have = {r.get("centre", "") for r in rows}
+            have = {r.get("centre", "") for r in read_manifest(manifest, columns)}
             unknown = want - have
             if unknown:
-                raise ValueError(f"centres {sorted(unknown)} not in manifest {manifest} (has {sorted(have)})")
+                raise ValueError(f"centres {sorted(unknown)} not in column '{centre_col}' of manifest {manifest} (has {sorted(have)})")
             rows = [r for r in rows if r.get("centre", "") in want]
         if not rows:
             raise ValueError(f"manifest {manifest} has no rows for split={split!r}, centres={centres!r}")
@@ -206,7 +266,7 @@ class TileFolder(Dataset):
         if unknown:
             raise ValueError(f"manifest {manifest} has classes {sorted(unknown)} not in {names}")
         index = {c: i for i, c in enumerate(names)}
-        recs = [TileRecord(r["path"], index[r["class"]], r.get("centre", "")) for r in rows]
+        recs = [TileRecord(r["path"], index[r["class"]], r.get("centre", ""), r.get("group", "")) for r in rows]
         return cls(records=recs, classes=names, **kwargs)
 
     def subset(self, indices: Sequence[int], transform: Callable | None = None) -> "TileFolder":
@@ -225,6 +285,10 @@ class TileFolder(Dataset):
     @property
     def centres(self) -> list[str]:
         return [r.centre for r in self.records]
+
+    @property
+    def groups(self) -> list[str]:
+        return [r.group for r in self.records]
 
     def __len__(self) -> int:
         return len(self.records)

@@ -56,7 +56,14 @@ def benchmark_methods() -> list[str]:
 
 def method_overrides(method: str, cache: Path, image: str | Path | None = None) -> list[str]:
     """Config overrides that select ``method`` (a name of :func:`benchmark_methods` or of
-    :data:`ABLATIONS`; ``lstainnorm-init-image`` needs ``image``, the one image to start from)."""
+    :data:`ABLATIONS`; ``lstainnorm-init-image`` needs ``image``, the one image to start from).
+    ``NORM+AUGMENT`` combines a normalisation with a stain augmentation (e.g. ``macenko+hed-jitter``):
+    the augmentation is applied to the tiles before the layer, in training only."""
+    if "+" in method:
+        norm, aug = method.split("+", 1)
+        if aug not in AUGMENT_MODES or aug == "none" or norm in AUGMENT_MODES:
+            raise ValueError(f"{method!r}: NORM+AUGMENT takes a normalisation and one of {[m for m in AUGMENT_MODES if m != 'none']}")
+        return method_overrides(norm, cache, image) + [f"data.augment={aug}"]
     if method in ABLATIONS:
         if method == "lstainnorm-init-image":
             if image is None:

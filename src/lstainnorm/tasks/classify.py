@@ -64,6 +64,8 @@ class ClassificationTask:
             }
         )
         self._collected: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        # Per-class weights of the cross-entropy (data.balance: loss), or None.
+        self.weight: torch.Tensor | None = None
 
     def build_net(self) -> nn.Module:
         return build_classifier(self.cfg.model, len(self.classes))
@@ -76,7 +78,8 @@ class ClassificationTask:
         return flips(x, seed, epoch, batch_idx, d.hflip, d.vflip), batch["label"]
 
     def loss(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return nn.functional.cross_entropy(out.float(), target)
+        weight = None if self.weight is None else self.weight.to(out.device)
+        return nn.functional.cross_entropy(out.float(), target, weight=weight)
 
     def predict(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model(x)
@@ -116,7 +119,7 @@ class ClassificationTask:
         res: dict[str, Any] = {"overall": classification_metrics(probs, labels, k), "per_centre": {}}
         # Per tile (dataset index order): train and evaluate write them as a predictions CSV.
         res["predictions"] = {"index": idx.tolist(), "label": labels.tolist(), "pred": probs.argmax(-1).tolist(),
-                              "prob": probs.max(-1).values.tolist()}
+                              "prob": probs.max(-1).values.tolist(), "probs": probs.tolist()}
         for ci, name in enumerate(self.centres):
             sel = cents == ci
             if sel.any():
@@ -125,15 +128,18 @@ class ClassificationTask:
 
 
 def write_predictions(path: Path, predictions: dict, dataset: Any, classes: Sequence[str]) -> Path:
-    """One row per tile: ``path, centre, label, prediction, probability`` (of the predicted class),
-    as the test loop collected them (``predictions`` of :meth:`ClassificationTask.finish_collect`)."""
+    """One row per tile: ``path, centre, group, label, prediction, probability`` (of the predicted
+    class) and ``p_<class>`` for every class, as the test loop collected them (``predictions`` of
+    :meth:`ClassificationTask.finish_collect`). ``group`` is the manifest's group (slide), if any."""
     records = getattr(dataset, "records", None)
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["path", "centre", "label", "prediction", "probability"])
-    for i, y, p, pr in zip(predictions["index"], predictions["label"], predictions["pred"], predictions["prob"]):
+    w.writerow(["path", "centre", "group", "label", "prediction", "probability", *(f"p_{c}" for c in classes)])
+    all_probs = predictions.get("probs") or [[] for _ in predictions["index"]]
+    for i, y, p, pr, ps in zip(predictions["index"], predictions["label"], predictions["pred"], predictions["prob"], all_probs):
         rec = records[i] if records is not None else None
-        w.writerow([rec.path if rec else i, rec.centre if rec else "", classes[y], classes[p], f"{pr:.4f}"])
+        w.writerow([rec.path if rec else i, rec.centre if rec else "", getattr(rec, "group", "") if rec else "",
+                    classes[y], classes[p], f"{pr:.4f}", *(f"{v:.4f}" for v in ps)])
     atomic_write_bytes(path, buf.getvalue().encode())
     return path
 

@@ -95,9 +95,11 @@ def evaluation_data(
                 raise ValueError(f"no images of split {split!r} in {data}")
         _with_centres(module, [r.centre for r in recs])
         return SegmentationDataset(recs, scale=cfg.segmentation.scale), collate_segmentation, 1
-    tf = resize_transform(cfg.data.image_size)
-    if data.suffix.lower() == ".csv":
-        ds = TileFolder.from_manifest(data, split=split, centres=centres, classes=module.classes, transform=tf)
+    tf = resize_transform(cfg.data.image_size, cfg.data.center_crop)
+    if data.suffix.lower() == ".csv":  # read with the run's column names (data.columns)
+        cols = cfg.data.columns
+        ds = TileFolder.from_manifest(data, split=split, centres=centres, classes=module.classes, transform=tf,
+                                      columns=dict(cols) if cols else None)
     else:
         ds = TileFolder(data, classes=module.classes, transform=tf)
     _with_centres(module, ds.centres)

@@ -14,16 +14,18 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..config import Config
 from ..data.segmentation import SegmentationDataset, collate_segmentation, monuseg_records, pair_images_masks, split_records
-from ..data.tiles import TileFolder, collate_tiles, round_robin, stratified_split
+from ..data.tiles import TileFolder, collate_tiles, grouped_split, round_robin, stratified_split
 
 __all__ = [
     "ClassificationData",
     "SegmentationData",
     "EpochShuffleSampler",
+    "ClassBalancedSampler",
     "build_classification_data",
     "build_segmentation_data",
     "build_data",
     "resize_transform",
+    "class_weights",
     "segmentation_records",
     "sample_tiles",
 ]
@@ -50,9 +52,48 @@ class EpochShuffleSampler(Sampler[int]):
         return self.n
 
 
-def resize_transform(size: int | None):
-    if size is None:
+class ClassBalancedSampler(EpochShuffleSampler):
+    """An epoch of ``len(labels)`` indices drawn with replacement, each class equally likely
+    (``data.balance: sampler``); seeded by ``(seed, epoch)`` like :class:`EpochShuffleSampler`,
+    so a resumed run draws the same tiles."""
+
+    def __init__(self, labels: Sequence[int], seed: int) -> None:
+        super().__init__(len(labels), seed)
+        lab = np.asarray(labels)
+        counts = np.bincount(lab)
+        weights = 1.0 / counts[lab]
+        self.p = weights / weights.sum()
+
+    def __iter__(self) -> Iterator[int]:
+        rng = np.random.default_rng([self.seed, self.epoch, 1])
+        return iter(rng.choice(self.n, size=self.n, replace=True, p=self.p).tolist())
+
+
+def class_weights(labels: Sequence[int], n_classes: int) -> list[float]:
+    """Inverse class frequency, ``n / (k * count_c)`` (``data.balance: loss``): 1 for balanced
+    data; a class absent from the training labels gets weight 0."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=n_classes).astype(float)
+    n = counts.sum()
+    return [float(n / (n_classes * c)) if c else 0.0 for c in counts]
+
+
+def resize_transform(size: int | None, center_crop: int | None = None):
+    """Tile preprocessing of ``data``: the central ``center_crop`` square (tiles centred on an object,
+    e.g. a mitotic figure: full resolution, less context), then a resize to ``size``; None if neither."""
+    if size is None and center_crop is None:
         return None
+    if center_crop is not None:
+        crop, resize_only = int(center_crop), resize_transform(size)
+
+        def crop_resize(img: torch.Tensor) -> torch.Tensor:
+            h, w = img.shape[-2:]
+            if h < crop or w < crop:
+                raise ValueError(f"data.center_crop={crop} is larger than a {h} x {w} tile")
+            top, left = (h - crop) // 2, (w - crop) // 2
+            img = img[..., top : top + crop, left : left + crop]
+            return img if resize_only is None else resize_only(img)
+
+        return crop_resize
 
     def resize(img: torch.Tensor) -> torch.Tensor:
         if tuple(img.shape[-2:]) == (size, size):
@@ -87,7 +128,8 @@ class ClassificationData:
         d = cfg.data
         kw = {"num_workers": d.num_workers, "collate_fn": collate_tiles, "persistent_workers": d.num_workers > 0}
         ev = d.eval_batch_size or d.batch_size
-        train = DataLoader(self.train, batch_size=d.batch_size, sampler=EpochShuffleSampler(len(self.train), seed), drop_last=False, **kw)
+        sampler = ClassBalancedSampler(self.train.labels, seed) if d.balance == "sampler" else EpochShuffleSampler(len(self.train), seed)
+        train = DataLoader(self.train, batch_size=d.batch_size, sampler=sampler, drop_last=False, **kw)
         val = DataLoader(self.val, batch_size=ev, shuffle=False, **kw)
         test = DataLoader(self.test, batch_size=ev, shuffle=False, **kw) if self.test is not None else None
         return train, val, test
@@ -101,19 +143,22 @@ def _check_nonempty(ds: Dataset, what: str) -> None:
 def build_classification_data(cfg: Config, seed: int) -> ClassificationData:
     """Training, validation and test tiles from folders or a manifest (see :class:`DataConfig`)."""
     d = cfg.data
-    tf = resize_transform(d.image_size)
+    tf = resize_transform(d.image_size, d.center_crop)
     notes: list[str] = []
     if d.manifest:
+        cols = dict(d.columns) if d.columns else None
         tc = list(d.train_centres) if d.train_centres else None
-        train = TileFolder.from_manifest(d.manifest, split="train", centres=tc, transform=tf, strict=d.strict)
+        train = TileFolder.from_manifest(d.manifest, split=d.train_split, centres=tc, transform=tf, strict=d.strict, columns=cols)
         classes = train.classes
         vc = list(d.val_centres) if d.val_centres else tc
         try:
-            val = TileFolder.from_manifest(d.manifest, split="val", centres=vc, classes=classes, transform=tf, strict=d.strict)
+            val = TileFolder.from_manifest(d.manifest, split=d.val_split, centres=vc, classes=classes, transform=tf, strict=d.strict, columns=cols)
         except ValueError:
             val = None
         test_c = list(d.test_centres) if d.test_centres else None
-        test = TileFolder.from_manifest(d.manifest, split="test", centres=test_c, classes=classes, transform=tf, strict=d.strict)
+        test = TileFolder.from_manifest(d.manifest, split=d.test_split, centres=test_c, classes=classes, transform=tf, strict=d.strict, columns=cols)
+        if d.test_split is None:
+            notes.append(f"test: every row of centres {test_c} ({len(test)} tiles; none of these centres trains)")
         train_centres = sorted(set(train.centres))
     else:
         if not d.train:
@@ -123,11 +168,20 @@ def build_classification_data(cfg: Config, seed: int) -> ClassificationData:
         val = TileFolder(d.val, classes=classes, transform=tf, strict=d.strict) if d.val else None
         test = TileFolder(d.test, classes=classes, transform=tf, strict=d.strict) if d.test else None
         train_centres = sorted(set(train.centres))
+    if len(classes) < 2:
+        raise ValueError(f"the training data has only one class ({classes[0]!r}); classification needs at least two "
+                         "(one class folder per class, or two values in the manifest's class column)")
     if val is None:
-        tr_idx, va_idx = stratified_split(train.labels, d.val_fraction, seed)
+        groups = train.groups
+        if all(groups):
+            tr_idx, va_idx = grouped_split(train.labels, groups, d.val_fraction, seed)
+            how = f"by group, {len(set(train.subset(va_idx).groups))} of {len(set(groups))} groups"
+        else:
+            tr_idx, va_idx = stratified_split(train.labels, d.val_fraction, seed)
+            how = "stratified"
         val = train.subset(va_idx)
         train = train.subset(tr_idx)
-        notes.append(f"validation: {len(val)} tiles held out of the training set (stratified, val_fraction={d.val_fraction}, seed={seed})")
+        notes.append(f"validation: {len(val)} tiles held out of the training set ({how}, val_fraction={d.val_fraction}, seed={seed})")
     _check_nonempty(train, "the training set")
     _check_nonempty(val, "the validation set")
     centres = sorted({c for ds in (train, val, test) if ds is not None for c in ds.centres})

@@ -39,6 +39,7 @@ class StainNormModule(L.LightningModule):
         centres: centre names seen in the data (for per-centre metrics).
         template: the initial template (``Template.to_config()`` dict), ``"reference"`` or None.
         augment_stats: training-set stain statistics for RandStainNA (``data.augment``).
+        class_weights: per-class weights of the classification loss (``data.balance: loss``).
     """
 
     def __init__(
@@ -48,6 +49,7 @@ class StainNormModule(L.LightningModule):
         centres: list[str] | None = None,
         template: Any = None,
         augment_stats: dict | None = None,
+        class_weights: list[float] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -61,6 +63,8 @@ class StainNormModule(L.LightningModule):
         else:
             tpl = resolve_template_setting(self.cfg.norm)
         self.task: Task = TASKS[self.cfg.task](self.cfg, self.classes, self.centres)
+        if class_weights is not None:
+            self.task.weight = torch.tensor(class_weights, dtype=torch.float32)  # type: ignore[attr-defined]
         self.norm = build_norm(self.cfg.norm, tpl)
         self.net = self.task.build_net()
         self.model = StainNormalized(self.net, self.norm)

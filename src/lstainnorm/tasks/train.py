@@ -46,7 +46,7 @@ from .callbacks import AtomicCheckpointIO, DDPConsistencyCallback, HistoryCallba
 from .classify import in_cross_summary, write_predictions
 from .evaluate import load_module, quiet_lightning
 from .loggers import ExperimentLogCallback, build_loggers, check_logger_extras, logger_names
-from .loaders import ClassificationData, SegmentationData, build_data, sample_tiles
+from .loaders import ClassificationData, SegmentationData, build_data, class_weights, sample_tiles
 from .module import TASKS, StainNormModule
 
 __all__ = ["train", "RUN_DIR_ENV"]
@@ -349,7 +349,13 @@ def train(
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         template = resolve_initial_template(cfg, data, run_dir)
         tpl_arg = template.to_config() if isinstance(template, Template) else template
-        module = StainNormModule(to_dict(cfg), data.classes, data.centres, tpl_arg, resolve_augment_stats(cfg, data, run_dir))
+        weights = None
+        if cfg.task == "classification" and cfg.data.balance == "loss":
+            weights = class_weights(data.labels, len(data.classes))
+            log.info("data.balance=loss: cross-entropy weights %s for classes %s", [round(w, 3) for w in weights], data.classes)
+        elif cfg.task == "classification" and cfg.data.balance == "sampler":
+            log.info("data.balance=sampler: each epoch draws the %d training tiles with class-balanced probabilities", len(data.labels))
+        module = StainNormModule(to_dict(cfg), data.classes, data.centres, tpl_arg, resolve_augment_stats(cfg, data, run_dir), weights)
         fit_classical(cfg, module, data, run_dir)
         if _rank() == 0:
             atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
@@ -451,8 +457,12 @@ def summary(res: dict) -> str:
     elif "dice" in ov:
         lines.append(f"test          : Dice {_f(ov['dice'])}  IoU {_f(ov['iou'])}  AJI {_f(ov.get('aji'))}  PQ {_f(ov.get('pq'))}  (n={ov.get('n')})")
     for c, v in test.get("per_centre", {}).items():
-        key = "acc" if "acc" in v else "dice"
-        lines.append(f"  centre {c:<8}: {key} {_f(v.get(key))} (n={v.get('n')})")
+        if not c:  # class-folder data has no centres
+            continue
+        if "acc" in v:
+            lines.append(f"  centre {c:<8}: acc {_f(v['acc'])}  bal_acc {_f(v.get('bal_acc'))}  AUROC {_f(v.get('auroc'))} (n={v.get('n')})")
+        else:
+            lines.append(f"  centre {c:<8}: dice {_f(v.get('dice'))} (n={v.get('n')})")
     for name in ("in_centre", "cross_centre"):
         if name in res:
             lines.append(f"{name.replace('_', '-'):<14}: acc {_f(res[name]['acc'])} over centres {res[name]['centres']}")

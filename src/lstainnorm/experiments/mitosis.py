@@ -1,0 +1,238 @@
+"""``lstainnorm bench mitosis``: atypical vs normal mitotic figures across scanners (AMi-Br).
+
+Reads the data where it lies (``metadata.csv`` with its own column names, via ``data.columns`` of the
+config) and trains every method once per protocol and seed:
+
+- ``p1``: the published split (``authors_split``: train on ``train``, test on the ``test`` crops of
+  other slides), every domain in both;
+- ``p2-midog-to-tupac``: train on the training rows of the three MIDOG 2021 scanners, test on every
+  TUPAC16 crop (a domain never trained on);
+- ``p2-tupac-to-midog``: train on the TUPAC16 training rows, test on every crop of each MIDOG 2021
+  scanner.
+
+Balanced accuracy and AUROC per test domain, mean ± std over seeds, and paired comparisons against
+``lstainnorm`` and ``template``: per-seed differences with a paired-t interval, and a 95 % interval from
+a bootstrap that resamples *slides* (crops of a slide are not independent) of the seed-mean difference.
+A difference is called resolved only when both intervals exclude 0. Resumable like every benchmark
+(:func:`~lstainnorm.experiments.runner.run_resumable`); the tables are the command's own output.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..config import load_config
+from ..files import atomic_write_bytes
+from ..runs import write_json
+from ..tasks.train import train
+from .runner import markdown_table, mean_std, method_overrides, per_seed, run_resumable
+from .stress import stress_runs
+
+__all__ = ["mitosis_benchmark", "MITOSIS_METHODS", "PROTOCOLS", "slide_bootstrap", "counts_by_group", "protocol_tables"]
+
+MIDOG = ["midog21-hamamatsu-xr", "midog21-hamamatsu-s360", "midog21-aperio-cs2"]
+TUPAC = ["tupac16"]
+
+
+def _centres(names: Sequence[str]) -> str:
+    return "[" + ",".join(names) + "]"
+
+
+# Protocol -> (what it tests, config overrides).
+PROTOCOLS: dict[str, tuple[str, list[str]]] = {
+    "p1": ("published split: authors' train rows train, their test rows (other slides) test", []),
+    "p2-midog-to-tupac": (
+        "scanner shift: the three MIDOG 2021 scanners' training rows train, every TUPAC16 crop tests",
+        [f"data.train_centres={_centres(MIDOG)}", f"data.test_centres={_centres(TUPAC)}", "data.test_split=null"],
+    ),
+    "p2-tupac-to-midog": (
+        "scanner shift: TUPAC16's training rows train, every crop of each MIDOG 2021 scanner tests",
+        [f"data.train_centres={_centres(TUPAC)}", f"data.test_centres={_centres(MIDOG)}", "data.test_split=null"],
+    ),
+}
+
+# Issue 26's methods (the best normalisation + the best augmentation is named ``NORM+AUGMENT`` once known).
+MITOSIS_METHODS = ("none", "template", "learnable-lab", "lstainnorm", "lstainnorm-frozen", "macenko", "reinhard",
+                   "hed-jitter", "randstainna")
+
+BOOTSTRAP_SAMPLES = 2000
+
+
+def counts_by_group(predictions: str | Path) -> dict[str, dict[str, list[int]]]:
+    """``{group: {class: [right, total]}}`` from a run's ``test_predictions.csv`` (a row without a group
+    is its own group): all that the balanced accuracy of any resampling of whole groups needs, small
+    enough to keep in the benchmark's results.jsonl (which then needs no run folder to be re-tabled)."""
+    out: dict[str, dict[str, list[int]]] = {}
+    with open(predictions, newline="") as fh:
+        for r in csv.DictReader(fh):
+            cell = out.setdefault(r["group"] or r["path"], {}).setdefault(r["label"], [0, 0])
+            cell[0] += int(r["label"] == r["prediction"])
+            cell[1] += 1
+    return out
+
+
+def _arrays(counts: dict[str, dict[str, list[int]]], groups: Sequence[str], classes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    right = np.array([[counts.get(g, {}).get(c, [0, 0])[0] for c in classes] for g in groups], dtype=float)
+    total = np.array([[counts.get(g, {}).get(c, [0, 0])[1] for c in classes] for g in groups], dtype=float)
+    return right, total
+
+
+def slide_bootstrap(
+    runs: dict[int, dict[str, dict[str, list[int]]]],
+    ref: dict[int, dict[str, dict[str, list[int]]]],
+    samples: int = BOOTSTRAP_SAMPLES,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """Difference of balanced accuracy (method minus reference, mean over the shared seeds) and its 95 %
+    percentile interval from resampling test slides with replacement (the same slides for every seed
+    and both methods). ``runs``/``ref``: per seed, :func:`counts_by_group` of a run."""
+    seeds = sorted(set(runs) & set(ref))
+    if not seeds:
+        raise ValueError("no seed with results of both methods")
+    every = [runs[s] for s in seeds] + [ref[s] for s in seeds]
+    groups = sorted({g for c in every for g in c})
+    classes = sorted({k for c in every for g in c.values() for k in g})
+    rng = np.random.default_rng(seed)
+    n = len(groups)
+    weights = np.vstack([np.ones(n), rng.multinomial(n, np.full(n, 1.0 / n), size=samples)])  # row 0: the data as it is
+
+    def bal(counts: dict) -> np.ndarray:
+        right, total = _arrays(counts, groups, classes)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            per_class = (weights @ right) / (weights @ total)  # (samples + 1, C)
+        return np.nanmean(per_class, axis=1)  # a class absent from a resample does not count
+
+    diff = np.mean([bal(runs[s]) - bal(ref[s]) for s in seeds], axis=0)
+    lo, hi = np.percentile(diff[1:], [2.5, 97.5])
+    return float(diff[0]), float(lo), float(hi)
+
+
+def _verdict(t_ci: tuple[float, float] | None, boot: tuple[float, float]) -> str:
+    """Resolved only when the slide bootstrap and (with several seeds) the paired t both exclude 0."""
+    lo, hi = boot
+    if lo <= 0 <= hi:
+        return "not resolved"
+    if t_ci is not None and t_ci[0] <= 0 <= t_ci[1]:
+        return "not resolved (seeds disagree)"
+    return "better" if lo > 0 else "worse"
+
+
+def _paired_rows(sel: Sequence[dict], methods: Sequence[str], reference: str) -> list[list]:
+    from scipy import stats
+
+    ref = {d["seed"]: d for d in sel if d["method"] == reference}
+    rows = []
+    for method in methods:
+        if method == reference:
+            continue
+        own = {d["seed"]: d for d in sel if d["method"] == method and d["seed"] in ref}
+        if not own:
+            continue
+        diffs = [own[s]["bal_acc"] - ref[s]["bal_acc"] for s in sorted(own)]
+        t_ci = None
+        if len(diffs) > 1:
+            half = float(stats.t.ppf(0.975, len(diffs) - 1) * np.std(diffs, ddof=1) / np.sqrt(len(diffs)))
+            t_ci = (float(np.mean(diffs)) - half, float(np.mean(diffs)) + half)
+        d, lo, hi = slide_bootstrap({s: own[s]["by_group"] for s in own}, {s: ref[s]["by_group"] for s in own})
+        rows.append([method, f"{d:+.3f}", "-" if t_ci is None else f"[{t_ci[0]:+.3f}, {t_ci[1]:+.3f}]",
+                     f"[{lo:+.3f}, {hi:+.3f}]", " / ".join(f"{v:+.3f}" for v in diffs), _verdict(t_ci, (lo, hi))])
+    return rows
+
+
+def protocol_tables(sel: Sequence[dict], methods: Sequence[str], protocol: str) -> str:
+    """The markdown tables of one protocol: summary, per domain, paired against lstainnorm and template."""
+    recs = [d for d in sel if d["protocol"] == protocol]
+    if not recs:
+        return ""
+    domains = sorted({c for d in recs for c in d["per_centre"]})
+    rows = []
+    for m in methods:
+        rs = [d for d in recs if d["method"] == m]
+        if not rs:
+            continue
+        rows.append([m, mean_std([d["bal_acc"] for d in rs], digits=3), mean_std([d["auroc"] for d in rs], digits=3), len(rs),
+                     per_seed(rs, "bal_acc", "{:.3f}"), per_seed(rs, "best_epoch"), f"{np.mean([d['minutes'] for d in rs]):.1f}"])
+    text = f"### {protocol}: {PROTOCOLS[protocol][0]}\n\n"
+    text += markdown_table(["method", "balanced accuracy", "AUROC", "seeds", "bal. acc. per seed", "best epoch per seed", "min / run"], rows)
+    dom_rows = []
+    for m in methods:
+        rs = [d for d in recs if d["method"] == m]
+        if rs:
+            dom_rows.append([m] + [
+                f"{np.mean([d['per_centre'][c]['bal_acc'] for d in rs if c in d['per_centre']]):.3f} / "
+                f"{np.nanmean([d['per_centre'][c]['auroc'] for d in rs if c in d['per_centre']]):.3f}" for c in domains])
+    text += "\n\nPer test domain, balanced accuracy / AUROC (mean over seeds):\n\n" + markdown_table(["method"] + domains, dom_rows)
+    for reference in ("lstainnorm", "template"):
+        prow = _paired_rows(recs, methods, reference)
+        if prow:
+            text += (f"\n\nBalanced accuracy, each method minus `{reference}` (paired by seed; 95 % intervals: paired t over "
+                     f"seeds, and a bootstrap of the seed-mean difference over test slides, {BOOTSTRAP_SAMPLES} resamples):\n\n")
+            text += markdown_table(["method", "difference", "95 % CI (paired t)", "95 % CI (slide bootstrap)", "per seed", "verdict"], prow)
+    return text
+
+
+def mitosis_benchmark(
+    config: str | Path,
+    data: str | Path,
+    out: str | Path,
+    methods: Sequence[str] = MITOSIS_METHODS,
+    seeds: Sequence[int] = (0, 1, 2),
+    protocols: Sequence[str] = tuple(PROTOCOLS),
+    overrides: Sequence[str] = (),
+    stress: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Train ``config`` on the AMi-Br folder ``data`` for every protocol, method and seed; write
+    ``out/mitosis.md`` and ``out/mitosis.json`` (see the module docstring)."""
+    out, data = Path(out), Path(data)
+    manifest = data / "metadata.csv"
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{manifest} not found: --data must be the AMi-Br folder (metadata.csv and images/)")
+    for p in protocols:
+        if p not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {p!r}; choose from {list(PROTOCOLS)}")
+
+    def run(job: dict) -> dict:
+        method, seed, protocol = job["method"], job["seed"], job["protocol"]
+        ov = method_overrides(method, out / "cache") + PROTOCOLS[protocol][1] + [
+            f"data.manifest={manifest}", f"seed={seed}", f"output_path={out / 'runs'}",
+            f"postfix=mitosis_{protocol}_{method}_s{seed}", "trainer.progress=false",
+        ] + list(overrides)
+        cfg, notes = load_config(config, ov)
+        res = train(cfg, notes)
+        test = res["test"]
+        return {
+            **{k: test["overall"][k] for k in ("bal_acc", "auroc", "acc", "f1")},
+            "per_centre": {c: {k: v[k] for k in ("n", "bal_acc", "auroc", "confusion")} for c, v in test["per_centre"].items()},
+            "by_group": counts_by_group(res["test_predictions"]),
+            "predictions": res["test_predictions"], "run_dir": res["run_dir"], "best_epoch": res.get("best_epoch"),
+        }
+
+    jobs = [{"protocol": p, "method": m, "seed": s, "config": str(config), "overrides": list(overrides)}
+            for p in protocols for s in seeds for m in methods]
+    sel = run_resumable(out, jobs, run, "bench mitosis", progress)
+
+    text = (f"AMi-Br ({data}), config `{config}`{' with ' + ' '.join(overrides) if overrides else ''}; seeds {list(seeds)}; "
+            "balanced accuracy and AUROC on each protocol's test crops, mean ± std over seeds.\n")
+    for p in protocols:
+        part = protocol_tables(sel, methods, p)
+        if part:
+            text += "\n" + part + "\n"
+    result: dict = {"runs": sel, "text": text}
+    if stress and sel:  # one seed of each method, on P1's test crops (the published split)
+        first = min(seeds)
+        chosen = [d for d in sel if d["protocol"] == "p1" and d["seed"] == first]
+        if chosen:
+            st = stress_runs(chosen, manifest, out / "stress", split="test", progress=progress)
+            result["stress"] = st["scores"]
+            text += f"\nStress curves (p1, seed {first}, the test crops):\n\n" + st["text"] + f"\nCurves: {st['png']}\n"
+        else:
+            text += "\nStress curves: skipped (they are drawn for p1's runs; p1 was not among the protocols)\n"
+        result["text"] = text
+    atomic_write_bytes(out / "mitosis.md", text.encode())
+    write_json(out / "mitosis.json", result)
+    return result
