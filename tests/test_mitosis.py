@@ -1,0 +1,205 @@
+"""AMi-Br-style data read as it lies: column mapping, slide-grouped validation, class balancing, the
+held-out-scanner protocols and ``lstainnorm bench mitosis`` (on a few synthetic crops in the same CSV
+layout; the real data is never needed here)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lstainnorm.config import ConfigError, make_config
+from lstainnorm.data.tiles import TileFolder, grouped_split, read_manifest
+from lstainnorm.experiments.mitosis import MIDOG, TUPAC, counts_by_group, slide_bootstrap
+from lstainnorm.tasks.loaders import ClassBalancedSampler, build_classification_data, class_weights
+
+COLUMNS = {"path": "file", "class": "label", "centre": "domain", "split": "authors_split", "group": "slide"}
+HEADER = ["file", "label", "dataset", "slide", "domain", "x", "y", "atypical_votes", "authors_split"]
+
+
+def write_amibr(root: Path, crops_per_slide: int = 6, size: int = 32, seed: int = 0) -> Path:
+    """A tiny AMi-Br: the four domains, 4 slides each (3 train, 1 test), ~1 atypical : 2 normal;
+    each domain has its own tint, atypical crops a dark centre. Returns metadata.csv."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    tints = {d: rng.uniform(0.75, 1.0, 3) for d in MIDOG + TUPAC}
+    rows, k = [], 0
+    for d in MIDOG + TUPAC:
+        for s in range(4):
+            slide = f"{d}-{s:03d}.tiff"
+            for i in range(crops_per_slide):
+                label = "atypical" if i % 3 == 0 else "normal"
+                img = rng.uniform(0.55, 0.9, (size, size, 3)) * tints[d]
+                if label == "atypical":
+                    img[size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] *= 0.4
+                name = f"images/crop_{k}.png"
+                Image.fromarray((img * 255).astype(np.uint8)).save(root / name)
+                rows.append([name, label, "TUPAC16" if d in TUPAC else "MIDOG21", slide, d, 10, 20,
+                             2 if label == "atypical" else 0, "test" if s == 3 else "train"])
+                k += 1
+    path = root / "metadata.csv"
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(HEADER)
+        w.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="module")
+def amibr(tmp_path_factory) -> Path:
+    return write_amibr(tmp_path_factory.mktemp("amibr"))
+
+
+def _cfg(manifest: Path, tmp_path: Path, *overrides: str):
+    raw = {
+        "output_path": str(tmp_path / "runs"),
+        "data": {"manifest": str(manifest), "columns": dict(COLUMNS), "batch_size": 8},
+        "model": {"backbone": "test_resnet"},
+        "norm": {"mode": "none"},
+        "trainer": {"max_epochs": 1, "accelerator": "cpu", "progress": False, "monitor": "val/bal_acc"},
+    }
+    return make_config(raw, list(overrides))[0]
+
+
+def test_manifest_with_its_own_column_names_is_read_as_it_lies(amibr):
+    rows = read_manifest(amibr, COLUMNS)
+    assert len(rows) == 96 and set(rows[0]) == {"path", "class", "centre", "split", "group"}
+    assert Path(rows[0]["path"]).is_file()  # resolved against the manifest's folder
+    ds = TileFolder.from_manifest(amibr, split="train", centres=TUPAC, columns=COLUMNS)
+    assert ds.classes == ["atypical", "normal"] and set(ds.centres) == set(TUPAC)
+    assert len(set(ds.groups)) == 3
+
+
+def test_missing_or_unknown_columns_are_named(amibr, tmp_path):
+    with pytest.raises(ValueError, match=r"no column 'domain_name' \(data.columns.centre\)"):
+        read_manifest(amibr, {**COLUMNS, "centre": "domain_name"})
+    with pytest.raises(ValueError, match="lacks a 'path' column.*data.columns.path"):
+        read_manifest(amibr)  # the CSV calls it 'file'
+    with pytest.raises(ValueError, match=r"unknown name\(s\) \['slide_id'\]"):
+        read_manifest(amibr, {"slide_id": "slide"})
+    with pytest.raises(ConfigError, match="data.columns"):
+        _cfg(amibr, tmp_path, "data.columns.slide_id=slide")
+
+
+def test_grouped_split_never_puts_one_slide_on_both_sides():
+    rng = np.random.default_rng(0)
+    groups = [f"s{g}" for g in rng.integers(0, 40, 600)]
+    labels = rng.integers(0, 2, 600).tolist()
+    for seed in range(5):
+        tr, va = grouped_split(labels, groups, 0.2, seed)
+        assert sorted(tr + va) == list(range(600))
+        assert not {groups[i] for i in tr} & {groups[i] for i in va}
+        assert 0.1 < len(va) / 600 < 0.3
+        assert {labels[i] for i in va} == {0, 1}
+    assert grouped_split(labels, groups, 0.2, 1) == grouped_split(labels, groups, 0.2, 1)  # seeded
+    with pytest.raises(ValueError, match="at least 2 groups"):
+        grouped_split([0, 1], ["a", "a"], 0.5)
+
+
+def test_validation_is_carved_from_training_rows_by_slide(amibr, tmp_path):
+    data = build_classification_data(_cfg(amibr, tmp_path), seed=0)
+    train_slides, val_slides = set(data.train.groups), set(data.val.groups)
+    assert train_slides and val_slides and not train_slides & val_slides
+    assert any("by group" in n for n in data.notes)
+    assert {r.path for r in data.test.records}.isdisjoint(r.path for r in data.train.records + data.val.records)
+
+
+def test_held_out_scanner_protocol_tests_every_crop_of_the_unseen_domains(amibr, tmp_path):
+    cfg = _cfg(amibr, tmp_path, f"data.train_centres=[{','.join(MIDOG)}]", "data.test_centres=[tupac16]", "data.test_split=null")
+    data = build_classification_data(cfg, seed=0)
+    assert set(data.test.centres) == {"tupac16"} and len(data.test) == 24  # both splits of TUPAC16
+    assert set(data.train.centres) <= set(MIDOG)
+    with pytest.raises(ConfigError, match="must not train"):
+        _cfg(amibr, tmp_path, "data.train_centres=[tupac16]", "data.test_centres=[tupac16]", "data.test_split=null")
+    with pytest.raises(ConfigError, match="data.test_centres"):
+        _cfg(amibr, tmp_path, "data.test_split=null")
+
+
+def test_class_balanced_sampler_is_balanced_and_resumable():
+    labels = [0] * 100 + [1] * 400
+    s = ClassBalancedSampler(labels, seed=3)
+    s.set_epoch(2)
+    first = list(s)
+    s.set_epoch(2)
+    assert list(s) == first  # a resumed epoch draws the same tiles
+    share = np.mean([labels[i] == 0 for i in first])
+    assert 0.4 < share < 0.6  # 20 % of the data, half of the draws
+    s.set_epoch(3)
+    assert list(s) != first
+    assert class_weights(labels, 2) == pytest.approx([2.5, 0.625])
+    assert class_weights([0, 1, 1, 0], 2) == [1.0, 1.0] and class_weights([0, 0], 2) == [0.5, 0.0]
+
+
+def test_one_class_training_data_is_a_clear_error(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "only").mkdir()
+    Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(tmp_path / "only" / "a.png")
+    cfg, _ = make_config({"data": {"train": str(tmp_path)}})
+    with pytest.raises(ValueError, match=r"only one class \('only'\)"):
+        build_classification_data(cfg, seed=0)
+
+
+def test_slide_bootstrap_resamples_slides_and_orders_methods():
+    truth = {f"s{g}": [("a" if i % 3 == 0 else "n") for i in range(10)] for g in range(30)}
+
+    def counts(p_right: float, seed: int) -> dict:
+        r = np.random.default_rng(seed)
+        return {g: {c: [int(sum(r.random() < p_right for y in ys if y == c)), sum(y == c for y in ys)] for c in set(ys)}
+                for g, ys in truth.items()}
+
+    good = {s: counts(0.9, s) for s in range(3)}
+    bad = {s: counts(0.6, 10 + s) for s in range(3)}
+    d, lo, hi = slide_bootstrap(good, bad)
+    assert 0.2 < d < 0.4 and 0 < lo < d < hi
+    d0, lo0, hi0 = slide_bootstrap(good, good)
+    assert d0 == lo0 == hi0 == 0.0
+    # the point estimate is the plain balanced accuracy difference
+    def bal(c):
+        return np.mean([sum(v[k][0] for v in c.values() if k in v) / sum(v[k][1] for v in c.values() if k in v) for k in ("a", "n")])
+    assert d == pytest.approx(np.mean([bal(good[s]) - bal(bad[s]) for s in range(3)]))
+
+
+def test_counts_by_group_reads_a_predictions_csv(tmp_path):
+    p = tmp_path / "test_predictions.csv"
+    p.write_text("path,centre,group,label,prediction,probability\n"
+                 "a.png,x,s1,atypical,atypical,0.9\nb.png,x,s1,normal,atypical,0.6\nc.png,x,,normal,normal,0.8\n")
+    assert counts_by_group(p) == {"s1": {"atypical": [1, 1], "normal": [0, 1]}, "c.png": {"normal": [1, 1]}}
+
+
+@pytest.mark.slow
+def test_bench_mitosis_end_to_end_on_synthetic_crops(amibr, tmp_path, monkeypatch):
+    """Both protocol kinds, two methods, one seed: per-domain tables, paired rows, predictions with slides;
+    a rerun trains nothing (resumable)."""
+    from lstainnorm.experiments.mitosis import mitosis_benchmark
+    from lstainnorm.runs import RUN_DIR_ENV
+
+    monkeypatch.delenv(RUN_DIR_ENV, raising=False)
+    config = Path(__file__).resolve().parents[1] / "configs" / "mitosis_amibr_cpu.yaml"
+    ov = ["model.backbone=test_resnet", "trainer.max_epochs=1", "data.center_crop=24", "data.batch_size=16", "norm.compile=false"]
+    out = tmp_path / "bench"
+    res = mitosis_benchmark(config, amibr.parent, out, methods=["none", "lstainnorm"], seeds=[0],
+                            protocols=["p1", "p2-midog-to-tupac"], overrides=ov, progress=False)
+    assert len(res["runs"]) == 4
+    text = (out / "mitosis.md").read_text()
+    assert "### p1" in text and "### p2-midog-to-tupac" in text and "minus `lstainnorm`" in text
+    p2 = [r for r in res["runs"] if r["protocol"] == "p2-midog-to-tupac"]
+    assert all(set(r["per_centre"]) == {"tupac16"} for r in p2)
+    p1 = [r for r in res["runs"] if r["protocol"] == "p1"]
+    assert all(set(r["per_centre"]) == set(MIDOG + TUPAC) for r in p1)
+    assert all(0.0 <= r["bal_acc"] <= 1.0 and sum(v[1] for g in r["by_group"].values() for v in g.values()) == r["per_centre"]["tupac16"]["n"]
+               for r in p2)
+    with open(p1[0]["predictions"], newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 24 and all(r["group"].endswith("-003.tiff") for r in rows)  # the test slides
+    assert {"p_atypical", "p_normal"} <= set(rows[0])
+    assert json.loads((out / "mitosis.json").read_text())["runs"][0]["method"] == "none"
+    before = (out / "results.jsonl").read_text()
+    mitosis_benchmark(config, amibr.parent, out, methods=["none", "lstainnorm"], seeds=[0],
+                      protocols=["p1", "p2-midog-to-tupac"], overrides=ov, progress=False)
+    assert (out / "results.jsonl").read_text() == before
