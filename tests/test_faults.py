@@ -495,8 +495,22 @@ def test_train_resume_of_a_finished_run_changes_nothing(trained, capsys):
 def test_stress_bad_levels_data_and_settings_are_named_errors(tmp_path, trained, capsys):
     run, _ = trained
     tiles(tmp_path / "in" / "a")
-    code, text = run_cli(capsys, "stress", run, "--data", tmp_path / "in", "--levels", "1.5")
-    assert code == 1 and "severity levels must be in [0, 1]" in text and "Traceback" not in text
+    with pytest.raises(SystemExit):  # the parser: one range, (0, 1], for 1.5, 0 and nan alike
+        run_cli(capsys, "stress", run, "--data", tmp_path / "in", "--levels", "1.5")
+    assert "must be in (0, 1]" in capsys.readouterr().err
+    from lstainnorm.tasks.stress import stress
+
+    for bad in ([1.5], [0.0], [float("nan")], []):
+        with pytest.raises(ValueError, match=r"severity levels must be in \(0, 1\]"):
+            stress(run, tmp_path / "in", levels=bad, progress=False)
+    code, text = "", ""
+    for bad in ("0", "nan"):
+        with pytest.raises(SystemExit):
+            run_cli(capsys, "stress", run, "--data", tmp_path / "in", "--levels", bad)
+        err = capsys.readouterr().err
+        assert "must be in (0, 1]" in err and "Traceback" not in err
+    code, text = 1, "severity levels must be in (0, 1]"
+    assert code == 1 and "severity levels must be in (0, 1]" in text and "Traceback" not in text
     code, text = run_cli(capsys, "stress", run, "--data", tmp_path / "missing")
     assert code == 1 and "missing" in text and "Traceback" not in text
     with pytest.raises(SystemExit):  # argparse names the valid axes
@@ -544,3 +558,63 @@ def test_layers_degenerate_shapes(make):
     for shape in [(1, 3, 1, 1), (2, 3, 1, 7), (1, 3, 9, 1)]:
         out = norm(torch.rand(shape))
         assert out.shape == shape and torch.isfinite(out).all()
+
+
+# -- issue 29: every failure a clear sentence ---------------------------------------------------------------
+@pytest.mark.parametrize("content", [b"hello", b"abc", b"", b"\x80\x02junk", b"PK\x03\x04 not a zip"], ids=["hello", "abc", "empty", "pickle-junk", "zip-junk"])
+def test_security_any_junk_checkpoint_is_one_clear_error(tmp_path, capsys, content):
+    junk = tmp_path / "notes.txt"
+    junk.write_bytes(content)
+    before = snapshot(tmp_path)
+    for args in (("evaluate", junk, "--data", tmp_path), ("export", junk, "-o", tmp_path / "x.onnx")):
+        code, text = run_cli(capsys, *args)
+        assert code == 1 and "is not a trusted lstainnorm checkpoint" in text and "Traceback" not in text, text
+    assert snapshot(tmp_path) == before
+
+
+def test_template_output_that_cannot_be_written_is_named(tmp_path, capsys):
+    tiles(tmp_path / "in")
+    (tmp_path / "afile").write_text("a file where a folder should be")
+    before = snapshot(tmp_path)
+    code, text = run_cli(capsys, "template", tmp_path / "in", "-o", tmp_path / "afile" / "t.yaml")
+    assert code == 1 and f"cannot write to {tmp_path / 'afile' / 't.yaml'}" in text and "Traceback" not in text
+    (tmp_path / "folder.yaml").mkdir()
+    code, text = run_cli(capsys, "template", tmp_path / "in", "-o", tmp_path / "folder.yaml")
+    assert code == 1 and f"cannot write to {tmp_path / 'folder.yaml'}" in text and "Traceback" not in text
+    assert snapshot(tmp_path) == before and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_stress_rerun_with_other_axes_merges_into_the_folder(tmp_path, trained, capsys):
+    run, synth = trained
+    out = tmp_path / "st"
+    for axes in (["gamma"], ["jpeg"]):
+        code, text = run_cli(capsys, "stress", run, "--data", synth / "manifest.csv", "--split", "test",
+                             "--axes", *axes, "--levels", "1", "-o", out)
+        assert code == 0, text
+    assert "also holds earlier results" in text and "gamma" in text and "jpeg" in text
+    saved = json.loads((out / "stress.json").read_text())
+    assert set(saved["scores"]) == {"gamma", "jpeg"} and saved["merged"]
+    assert {r["axis"] for r in csv_rows(out / "stress.csv")} == {"gamma", "jpeg"}
+
+
+def csv_rows(path: Path) -> list[dict]:
+    import csv
+
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_stress_interrupted_inside_lightning_exits_130(tmp_path, trained, capsys, monkeypatch):
+    run, synth = trained
+    from lstainnorm.tasks.module import StainNormModule
+
+    def interrupted(self, batch, batch_idx):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(StainNormModule, "test_step", interrupted)
+    code, text = run_cli(capsys, "stress", run, "--data", synth / "manifest.csv", "--split", "test", "--axes", "gamma",
+                         "--levels", "1", "-o", tmp_path / "st")
+    import signal as _signal
+
+    _signal.signal(_signal.SIGINT, _signal.default_int_handler)  # Lightning ignores Ctrl-C after the first
+    assert code == 130 and "interrupted" in text and "Traceback" not in text

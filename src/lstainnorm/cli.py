@@ -49,6 +49,17 @@ def positive_float(text: str) -> float:
     return v
 
 
+def severity(text: str) -> float:
+    """argparse type: a stress severity, a number in (0, 1] (0, the unstressed data, is always run)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0.0 < v <= 1.0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"must be in (0, 1] (0 is always run), got {text}")
+    return v
+
+
 def int_range(lo: int, hi: int):
     def parse(text: str) -> int:
         v = positive_int(text) if lo >= 1 else int(text)
@@ -129,7 +140,7 @@ def _synth_run(a: argparse.Namespace) -> int:
 )
 def _template_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", type=Path, help="a folder of images: class folders (ImageFolder) or a flat folder, searched recursively")
-    p.add_argument("-o", "--output", type=Path, required=True, help="template YAML to write")
+    p.add_argument("-o", "--out", "--output", dest="output", type=Path, required=True, help="template YAML to write")
     p.add_argument("--spaces", nargs="+", default=["lab", "hsv", "rgb"], help="colour spaces (default: lab hsv rgb)")
     p.add_argument("--no-tissue-mask", action="store_true", help="use all pixels, glass included")
     p.add_argument("--max-images", type=positive_int, help="stop after this many images")
@@ -222,7 +233,7 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, required=True, help="class-folder tree, manifest CSV, or (segmentation) a folder with images/ and masks/")
     p.add_argument("--split", help="the split to evaluate (train/val/test): of a manifest, or of a segmentation run's own split (split file or metadata column)")
     p.add_argument("--centres", nargs="+", help="with a manifest: only these centres")
-    p.add_argument("-o", "--output", type=Path, help="result JSON (default RUN_DIR/eval_<data>-<hash>.json, one per data set and selection)")
+    p.add_argument("-o", "--out", "--output", dest="output", type=Path, help="result JSON (default RUN_DIR/eval_<data>-<hash>.json, one per data set and selection)")
     p.add_argument("--batch-size", type=positive_int)
 
 
@@ -317,7 +328,8 @@ def _normalize_run(a: argparse.Namespace) -> int:
 )
 def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", type=Path, nargs="?", help="run directory or checkpoint")
-    p.add_argument("-o", "--output", type=Path, help="norm.onnx or norm.pt")
+    p.add_argument("-o", "--out", "--output", dest="output", type=Path,
+                   help="norm.onnx or norm.pt (missing folders on the way are created)")
     p.add_argument("--tolerance", type=positive_float, default=1e-4, help="largest allowed difference to the PyTorch layer (default 1e-4)")
     p.add_argument("--info", type=Path, metavar="FILE", help="print the metadata of an exported file (version, template, run, config hash) and exit")
 
@@ -352,7 +364,7 @@ def _export_run(a: argparse.Namespace) -> int:
 )
 def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", type=Path, help="run directory")
-    p.add_argument("-o", "--output", type=Path, help="output folder (default RUN_DIR/report)")
+    p.add_argument("-o", "--out", "--output", dest="output", type=Path, help="output folder (default RUN_DIR/report)")
     p.add_argument("--images", type=Path, help="sample tiles to show (default: the run's validation tiles, when reachable)")
 
 
@@ -393,8 +405,8 @@ def _stress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", help="the split to stress (e.g. test): of a manifest, or of a segmentation run's own split")
     p.add_argument("--centres", nargs="+", help="manifest centres to use")
     p.add_argument("--axes", nargs="+", choices=STRESS_AXES, help="axes to run (default: all)")
-    p.add_argument("--levels", nargs="+", type=float, default=None, help="severities in (0, 1] (default 0.25 0.5 0.75 1); 0 is always run")
-    p.add_argument("--out", type=Path, help="output folder (default RUN/stress_<data>-<hash>)")
+    p.add_argument("--levels", nargs="+", type=severity, default=None, help="severities in (0, 1] (default 0.25 0.5 0.75 1); 0 is always run")
+    p.add_argument("-o", "--out", type=Path, help="output folder (default RUN/stress_<data>-<hash>)")
     p.add_argument("--batch-size", type=positive_int, default=None)
     p.add_argument("--seed", type=int, default=0, help="random draws of the combined axis")
 
@@ -423,7 +435,7 @@ def _stress_run(a: argparse.Namespace) -> int:
     """,
 )
 def _demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (data, runs, results.md)")
+    p.add_argument("-o", "--out", type=Path, default=Path("demo_out"), help="output folder (data, runs, results.md)")
     p.add_argument("--methods", nargs="+", default=None, help="norm modes to compare (default: none template learnable lstainnorm)")
     p.add_argument("--epochs", type=positive_int, default=None, help="epochs per method (default from configs/demo.yaml)")
     p.add_argument("--per-class", type=positive_int, default=None, help="synthetic tiles per class and centre")
@@ -457,7 +469,7 @@ def _demo_run(a: argparse.Namespace) -> int:
 )
 def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("kind", choices=["speed", "accuracy", "segmentation", "organ", "mitosis"])
-    p.add_argument("--out", type=Path, default=Path("bench_out"), help="folder for the tables (speed.md / accuracy/accuracy.md)")
+    p.add_argument("-o", "--out", type=Path, default=Path("bench_out"), help="folder for the tables (speed.md / accuracy/accuracy.md)")
     g = p.add_argument_group("speed")
     g.add_argument("--tiles", type=Path, help="folder of images to crop tiles from (default: $LSTAINNORM_SHARED_DATA/monuseg-train/images if set, else synthetic)")
     g.add_argument("--n", type=positive_int, default=64, help="tiles (default 64)")
@@ -579,7 +591,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Third-party notices a user cannot act on (regexes of their messages); real warnings still show.
+KNOWN_THIRD_PARTY_WARNINGS = (
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",  # Lightning on torch >= 2.10
+    r".*torch\.jit\.script.* is deprecated.*",  # timm/kornia/torchvision script helpers at import
+    r".*torch\.jit\.(trace|script_method).* is deprecated.*",
+)
+
+
+def quiet_third_party() -> None:
+    """Filter :data:`KNOWN_THIRD_PARTY_WARNINGS` and torch's "No CUDA runtime is found" log line
+    (printed on CPU-only machines whenever torch.compile builds a kernel)."""
+    import logging
+    import warnings
+
+    for pattern in KNOWN_THIRD_PARTY_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    quiet_third_party()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:
@@ -591,8 +623,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except SystemExit as err:
+        # Lightning turns Ctrl-C inside its loops into sys.exit(1): the same code as anywhere else.
+        if isinstance(err.__context__, KeyboardInterrupt):
+            print("interrupted", file=sys.stderr)
+            return 130
+        raise
     except (ValueError, FileNotFoundError, TypeError, FloatingPointError) as err:
         print(f"lstainnorm {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except (PermissionError, FileExistsError, NotADirectoryError, IsADirectoryError) as err:
+        # An output folder that cannot be made or written (a file in the way, no permission).
+        print(f"lstainnorm {args.command}: error: cannot write to {err.filename}: {err.strerror}", file=sys.stderr)
         return 1
 
 

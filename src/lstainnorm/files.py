@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_path", "atomic_write_bytes", "confined", "sweep_stale_temps", "temp_prefix", "unique_names"]
+__all__ = ["OutputError", "atomic_path", "atomic_write_bytes", "confined", "sweep_stale_temps", "temp_prefix", "unique_names"]
 
 # Temporary names carry the writer's host and pid, so a later run can tell a file left by a killed
 # writer (kill -9, power loss: nothing could clean up) from one a live shard is writing right now.
@@ -75,6 +75,17 @@ def sweep_stale_temps(folder: str | Path, recursive: bool = True) -> list[Path]:
     return removed
 
 
+class OutputError(ValueError):
+    """An output cannot be written (read-only folder, a file where a folder should be, a full disk):
+    ``cannot write to PATH: reason``, said once by the command instead of a traceback."""
+
+    def __init__(self, path: str | Path, err: OSError) -> None:
+        self.path = Path(path)
+        reason = err.strerror or type(err).__name__
+        where = f" ({err.filename})" if err.filename and str(err.filename) != str(path) else ""
+        super().__init__(f"cannot write to {path}: {reason}{where}")
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on a clean exit it is renamed onto ``path``.
@@ -84,13 +95,19 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     gets the usual permissions (0666 minus the umask), not mkstemp's 0600.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(), suffix=path.suffix, dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(), suffix=path.suffix, dir=path.parent)
+    except (PermissionError, FileExistsError, NotADirectoryError, IsADirectoryError, OSError) as err:
+        raise OutputError(path, err) from None
     os.close(fd)
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as err:  # e.g. a folder of that name is in the way
+            raise OutputError(path, err) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

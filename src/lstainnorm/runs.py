@@ -20,7 +20,6 @@ import datetime as _dt
 import json
 import math
 import os
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -88,8 +87,10 @@ def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, AttributeError, ValueError) as err:
+    except Exception as err:  # noqa: BLE001 - any content (junk text ends in KeyError/IndexError): plain data or refused
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if isinstance(err, (KeyError, IndexError, UnicodeDecodeError)):  # what pickle makes of plain text
+            reason = "not a PyTorch checkpoint file"
         raise CheckpointError(
             f"{path} is not a trusted lstainnorm checkpoint: it cannot be loaded as plain data ({reason})"
         ) from None

@@ -81,12 +81,21 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such exported file: {path}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty (0 bytes): not an exported file (an export that was cut short?)")
     if zipfile.is_zipfile(path):  # TorchScript archives are zip files; the extra file is plain JSON
         with zipfile.ZipFile(path) as zf:
-            names = [n for n in zf.namelist() if n.endswith("/extra/" + TORCHSCRIPT_META)]
+            everything = zf.namelist()
+            names = [n for n in everything if n.endswith("/extra/" + TORCHSCRIPT_META)]
             if not names:
+                if not any("/code/" in n or n.endswith("/constants.pkl") for n in everything):
+                    raise ValueError(f"{path} is a PyTorch checkpoint (e.g. a run's best.ckpt), not an exported file: "
+                                     f"`lstainnorm export RUN -o norm.onnx` exports a run; --info reads what export wrote")
                 raise ValueError(f"{path} is a TorchScript file without lstainnorm metadata (exported by another tool?)")
             return json.loads(zf.read(names[0]))
+    with open(path, "rb") as fh:
+        if fh.read(4) == b"PK\x03\x04":  # a zip's first bytes, but no readable archive: cut short
+            raise ValueError(f"{path} is a truncated or damaged TorchScript/PyTorch file (a zip archive cut short); export it again")
     import onnx
 
     try:

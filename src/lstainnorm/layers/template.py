@@ -165,7 +165,6 @@ class Template:
     def save(self, path: str | Path) -> Path:
         """Write the template as YAML (atomically: a temporary file, then a rename)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         header = (
             "# lstainnorm template: per colour space, the mean over images of each image's channel\n"
             "# mean (mu0_*) and std (sigma0_*), in internal units: Lab L*a*b*; HSV hue in radians,\n"
@@ -180,12 +179,15 @@ class Template:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"template file not found: {path}")
+        not_yaml = f"{path} is not a template YAML (write one with `lstainnorm template IMAGES -o {path.stem}.yaml`)"
         try:
-            cfg = yaml.safe_load(path.read_text())
+            cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:  # an image or other binary file
+            raise ValueError(not_yaml) from None
         except yaml.YAMLError as err:
             raise ValueError(f"{path}: not valid YAML ({err})") from err
         if not isinstance(cfg, Mapping):
-            raise ValueError(f"{path}: expected a mapping of template keys, got {type(cfg).__name__}")
+            raise ValueError(f"{not_yaml}: expected a mapping of template keys, got {type(cfg).__name__}")
         try:
             return cls.from_config(cfg)
         except ValueError as err:

@@ -10,7 +10,8 @@ at graded severities, morphology kept, and the run is evaluated at every level, 
 - ``index.html``: the plot, the table, the axes' definitions and one robustness score per axis,
   the area under the metric-vs-severity curve divided by the metric at severity 0 (1 = no loss);
 - ``stress.json``: the scores and settings. ``results.jsonl`` holds the finished levels: an
-  interrupted run resumes where it stopped.
+  interrupted run resumes where it stopped, and a rerun with other ``--axes``/``--levels`` into the same
+  folder adds to it: the tables and plot then cover every axis and level the folder holds.
 """
 
 from __future__ import annotations
@@ -158,7 +159,7 @@ def stress(
         run_or_ckpt: a run folder or checkpoint (read as data only).
         data: what ``lstainnorm evaluate`` takes (class folders or a manifest; segmentation folder).
         axes: axes of :data:`lstainnorm.data.restain.AXES` (default all).
-        levels: severities in [0, 1]; 0 is always evaluated (the reference of every curve).
+        levels: severities in (0, 1]; 0 is always evaluated too (the reference of every curve).
         split, centres: select from a manifest, as in ``evaluate``.
         out: output folder (default ``RUN/stress_<data name>-<hash>``).
         seed: the random draws of the ``combined`` axis.
@@ -170,9 +171,10 @@ def stress(
     for a in axes:
         if a not in AXES:
             raise ValueError(f"unknown stress axis {a!r}; choose from {list(AXES)}")
-    levels = sorted({0.0, *(float(s) for s in levels)})
-    if levels[0] < 0.0 or levels[-1] > 1.0:
-        raise ValueError(f"severity levels must be in [0, 1], got {levels}")
+    given = [float(s) for s in levels]
+    if not given or any(not 0.0 < s <= 1.0 for s in given):  # also rejects nan
+        raise ValueError(f"severity levels must be in (0, 1] (0, the unstressed data, is always run), got {given}")
+    levels = sorted({0.0, *given})
     ckpt = find_checkpoint(run_or_ckpt)
     module = load_module(ckpt)  # first: a checkpoint that is not plain data stops here, nothing written
     data = Path(data)
@@ -209,7 +211,16 @@ def stress(
         lines = [json.dumps(r) for r in done.values()]
         atomic_write_bytes(done_path, ("\n".join(lines) + "\n").encode())
     base = done[("none", 0.0)]
-    rows = [{**base, "axis": a, "severity": 0.0} for a in axes] + [done[(a, s)] for a in axes for s in levels if s > 0]
+    # Merged, not replaced: the folder's tables and plot cover every axis and level it holds, this
+    # call's and those of earlier calls with other --axes/--levels (same run, data and seed).
+    earlier = [a for a in AXES if a not in axes and any(k[0] == a for k in done)]
+    merged = bool(earlier) or any(k[0] in axes and k[1] not in levels for k in done if k[0] != "none")
+    if merged and progress:
+        print(f"{out} also holds earlier results of this run (other axes or levels): the tables and plot cover all of them", flush=True)
+    axes = axes + earlier
+    rows = [{**base, "axis": a, "severity": 0.0} for a in axes] + [
+        done[k] for a in axes for k in sorted(done, key=lambda k: k[1]) if k[0] == a and k[1] > 0]
+    levels = sorted({r["severity"] for r in rows})
     scores = {a: robustness_score([r["severity"] for r in rows if r["axis"] == a], [r[metric] for r in rows if r["axis"] == a]) for a in axes}
 
     keys = ["axis", "severity"] + [k for k in base if k not in ("axis", "severity")]
@@ -221,6 +232,6 @@ def stress(
     atomic_write_bytes(out / "stress.csv", buf.getvalue().encode())
     _plot(rows, metric, axes, out / "stress.png")
     atomic_write_bytes(out / "index.html", _html(run_dir_of(ckpt), data, metric, rows, scores, axes).encode())
-    result = {"metric": metric, "scores": scores, "levels": levels, "axes": axes, "settings": settings}
+    result = {"metric": metric, "scores": scores, "levels": levels, "axes": axes, "settings": settings, "merged": merged}
     atomic_write_bytes(out / "stress.json", json.dumps(result, indent=2).encode())
     return {**result, "rows": rows, "output": str(out)}

@@ -430,6 +430,7 @@ def _evaluate_loader(trainer: L.Trainer, module: StainNormModule, loader) -> dic
 
 
 def _best_epoch(run_dir: Path, monitor: str, mode: str) -> int | None:
+    """The epoch (counted from 1) whose validation ``monitor`` was best, from ``history.csv``."""
     path = run_dir / "history.csv"
     if not path.is_file():
         return None
@@ -441,7 +442,7 @@ def _best_epoch(run_dir: Path, monitor: str, mode: str) -> int | None:
                 continue
             v = float(v)
             if best is None or (v > best if mode == "max" else v < best):
-                best, epoch = v, int(row["epoch"])
+                best, epoch = v, int(row["epoch"]) + 1  # counted from 1, as the log's "epoch 1/N"
     return epoch
 
 
