@@ -172,7 +172,8 @@ def stress(
         if a not in AXES:
             raise ValueError(f"unknown stress axis {a!r}; choose from {list(AXES)}")
     given = [float(s) for s in levels]
-    if not given or any(not 0.0 < s <= 1.0 for s in given):  # also rejects nan
+    # 0 may be listed (it is always run), but at least one level must stress: else every score is nan.
+    if not any(s > 0.0 for s in given) or any(not 0.0 <= s <= 1.0 for s in given):  # also rejects nan
         raise ValueError(f"severity levels must be in (0, 1] (0, the unstressed data, is always run), got {given}")
     levels = sorted({0.0, *given})
     ckpt = find_checkpoint(run_or_ckpt)
