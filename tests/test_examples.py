@@ -40,8 +40,27 @@ def test_every_example_is_tested():
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested
 
 
-def test_plain_pytorch_loop_with_timm(tmp_path):
-    out = _run("plain_pytorch_timm.py", "--backbone", "test_resnet", "--size", "32", "--epochs", "1", cwd=tmp_path)
+def _clean_run(script: str, *args: str, tmp_path: Path, monkeypatch) -> str:
+    """Run an example with its temporary folders under ``tmp_path/tmp``: none may be left behind, and
+    no "Converting a tensor with requires_grad=True to a scalar" warning (``float(loss)``) may show."""
+    import tempfile
+    import warnings
+
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = _run(script, *args, cwd=tmp_path)
+    assert not [str(w.message) for w in caught if "requires_grad=True to a scalar" in str(w.message)]
+    # (wandb, imported by Lightning's loggers in this process, keeps two folders of its own there)
+    left = [p.name for p in (tmp_path / "tmp").iterdir() if "wandb" not in p.name]
+    assert not left, f"the example left its temporary data behind: {left}"
+    return out
+
+
+def test_plain_pytorch_loop_with_timm(tmp_path, monkeypatch):
+    out = _clean_run("plain_pytorch_timm.py", "--backbone", "test_resnet", "--size", "32", "--epochs", "1",
+                     tmp_path=tmp_path, monkeypatch=monkeypatch)
     assert "epoch 1: loss" in out and "learned template" in out
 
 
@@ -50,8 +69,9 @@ def test_own_lightning_module(tmp_path):
     assert "val/acc" in out and "learned template" in out
 
 
-def test_segmentation_models_pytorch_unet(tmp_path):
-    out = _run("segmentation_smp.py", "--encoder", "resnet18", "--crop", "64", "--epochs", "1", cwd=tmp_path)
+def test_segmentation_models_pytorch_unet(tmp_path, monkeypatch):
+    out = _clean_run("segmentation_smp.py", "--encoder", "resnet18", "--crop", "64", "--epochs", "1",
+                     tmp_path=tmp_path, monkeypatch=monkeypatch)
     assert "training-set Dice" in out
 
 

@@ -30,13 +30,16 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=16)
     a = ap.parse_args()
-    if a.data is None:  # a small synthetic multi-centre set, centre A's training split
-        from lstainnorm.data.synthetic import write_synthetic
+    with tempfile.TemporaryDirectory() as tmp:  # synthetic tiles, removed afterwards
+        if a.data is None:  # a small synthetic multi-centre set, centre A's training split
+            from lstainnorm.data.synthetic import write_synthetic
 
-        tmp = Path(tempfile.mkdtemp())
-        write_synthetic(tmp, centres=1, per_class=10, size=a.size, classes=3, workers=1, progress=False)
-        a.data = tmp / "A" / "train"
+            write_synthetic(Path(tmp), centres=1, per_class=10, size=a.size, classes=3, workers=1, progress=False)
+            a.data = Path(tmp) / "A" / "train"
+        train(a)
 
+
+def train(a: argparse.Namespace) -> None:
     # RGB in [0, 1]; the stain-normalisation layer does the colour standardisation.
     tf = v2.Compose([v2.ToImage(), v2.Resize((a.size, a.size), antialias=True), v2.ToDtype(torch.float32, scale=True)])
     data = datasets.ImageFolder(a.data, transform=tf)
@@ -56,7 +59,7 @@ def main() -> None:
             opt.zero_grad()
             loss.backward()
             opt.step()
-            loss_sum += float(loss) * len(y)
+            loss_sum += loss.item() * len(y)
             correct += int((logits.argmax(1) == y).sum())
             total += len(y)
         print(f"epoch {epoch + 1}: loss {loss_sum / total:.4f}, train accuracy {correct / total:.3f}")

@@ -36,12 +36,17 @@ def main() -> None:
     ap.add_argument("--crop", type=int, default=256)
     ap.add_argument("--epochs", type=int, default=5)
     a = ap.parse_args()
-    if a.images is None:
-        from lstainnorm.data.synthetic import write_synthetic_segmentation
+    with tempfile.TemporaryDirectory() as tmp:  # synthetic images, removed afterwards
+        if a.images is None:
+            from lstainnorm.data.synthetic import write_synthetic_segmentation
 
-        tmp = write_synthetic_segmentation(Path(tempfile.mkdtemp()), n_images=6, size=max(64, a.crop))
-        a.images, a.masks = tmp / "images", tmp / "masks"
-    x, y = load_pairs(a.images, a.masks, a.crop)
+            root = write_synthetic_segmentation(Path(tmp), n_images=6, size=max(64, a.crop))
+            a.images, a.masks = root / "images", root / "masks"
+        x, y = load_pairs(a.images, a.masks, a.crop)
+    train(a, x, y)
+
+
+def train(a: argparse.Namespace, x: torch.Tensor, y: torch.Tensor) -> None:
 
     unet = smp.Unet(encoder_name=a.encoder, encoder_weights=None, in_channels=3, classes=1)
     net = lstainnorm.with_stain_norm(unet, "lstainnorm")
@@ -54,11 +59,11 @@ def main() -> None:
             opt.zero_grad()
             loss.backward()
             opt.step()
-        print(f"epoch {epoch + 1}: loss {float(loss):.4f}")
+        print(f"epoch {epoch + 1}: loss {loss.item():.4f}")
     with torch.no_grad():
         pred = net(x).sigmoid() > 0.5
     dice = 2 * (pred * y).sum() / (pred.sum() + y.sum()).clamp(min=1)
-    print(f"training-set Dice {float(dice):.3f}")
+    print(f"training-set Dice {dice.item():.3f}")
 
 
 if __name__ == "__main__":
