@@ -3,7 +3,7 @@
 - no import circle between modules of the package (function-local imports included);
 - ``lstainnorm.layers`` (the method) imports nothing from the rest of the package but
   ``lstainnorm.files``;
-- ``lstainnorm.apply`` never imports ``lstainnorm.tasks``;
+- ``lstainnorm.apply`` never imports ``lstainnorm.tasks``, nor ``tasks`` ``apply``;
 - every import goes down the layer order of docs/architecture.md, never up;
 - dev-only code stays out of the package; ``py.typed`` ships.
 """
@@ -123,6 +123,15 @@ def test_apply_never_imports_tasks():
         if m.startswith("lstainnorm.apply"):
             bad = [d for d in deps if d.startswith("lstainnorm.tasks")]
             assert not bad, f"{m} imports {bad}: apply/ must not depend on training code"
+
+
+def test_tasks_never_import_apply():
+    """Training does not depend on the application layer (issue 29): what both need (instance metrics
+    and post-processing) lives in data/, and the predict command's wiring in cli.py."""
+    for m, deps in _graph().items():
+        if m.startswith("lstainnorm.tasks"):
+            bad = [d for d in deps if d.startswith("lstainnorm.apply")]
+            assert not bad, f"{m} imports {bad}: tasks/ must not depend on the application layer"
 
 
 def test_imports_go_down_the_layers():

@@ -12,7 +12,7 @@ from PIL import Image
 from lstainnorm.config import make_config
 from lstainnorm.data.io import read_mask
 from lstainnorm.data.synthetic import write_synthetic_segmentation
-from lstainnorm.apply.instances import aji, panoptic_quality, postprocess
+from lstainnorm.data.instances import aji, panoptic_quality, postprocess
 from lstainnorm.tasks.segment import sliding_window
 from lstainnorm.tasks.train import RUN_DIR_ENV, train
 

@@ -266,9 +266,24 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("output", type=Path, help="output folder: <name>_mask.png, <name>_instances.png (16-bit), <name>_overlay.png")
 
 
-def _predict_run(a: argparse.Namespace) -> int:
-    from .tasks.evaluate import predict
+def predict(run: Path, inp: Path, output: Path, progress: bool = True) -> dict:
+    """Segment every image of ``inp`` with a trained segmentation run: the run's model (``tasks``)
+    wired into :func:`lstainnorm.apply.predict.predict_folder` (``apply``), which writes the outputs.
+    Here, above both, so that training never depends on the application layer."""
+    from .apply.predict import predict_folder
+    from .tasks.evaluate import load_module
 
+    module = load_module(run)
+    if module.cfg.task != "segmentation":
+        raise ValueError(f"{run} is a {module.cfg.task} run; lstainnorm predict needs a segmentation run")
+    s = module.cfg.segmentation
+    return predict_folder(
+        lambda x: module.task.predict(module.model, x), inp, output,
+        scale=s.scale, threshold=s.threshold, watershed=s.watershed, min_size=s.min_size, progress=progress,
+    )
+
+
+def _predict_run(a: argparse.Namespace) -> int:
     res = predict(a.run, a.input, a.output)
     print(f"segmented {len(res['written'])} images ({res['already_done']} already done, {len(res['skipped'])} unreadable skipped) into {a.output}")
     return _report_skipped(res["skipped"], len(res["written"]) + res["already_done"], "segmentation")

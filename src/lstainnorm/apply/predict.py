@@ -1,7 +1,7 @@
 """``lstainnorm predict``: nuclei masks, instance labels and overlays for a folder of images.
 
 Takes any segmenter as a function from an RGB batch to logits (a trained run's model with its
-sliding window: :func:`lstainnorm.tasks.evaluate.predict` wires it up), so this module needs
+sliding window: :func:`lstainnorm.cli.predict` wires it up), so this module needs
 nothing from training.
 """
 
@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..data.io import ImageReadError, find_images, image_to_tensor, read_rgb, write_image
 from ..files import confined, sweep_stale_temps, unique_names
-from .instances import postprocess
+from ..data.instances import postprocess
 
 __all__ = ["overlay", "predict_folder"]
 

@@ -16,7 +16,6 @@ from typing import Any, Sequence
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
-from ..apply.predict import predict_folder
 from ..data.segmentation import SegmentationDataset, collate_segmentation, split_records
 from ..data.tiles import TileFolder, collate_tiles
 from ..runs import find_checkpoint, load_checkpoint, run_dir_of, write_json
@@ -148,16 +147,3 @@ def evaluate(
     write_json(out, res)
     res["output"] = str(out)
     return res
-
-
-def predict(run: str | Path, inp: str | Path, output: str | Path, progress: bool = True) -> dict:
-    """Segment every image of ``inp`` with a trained segmentation run (see
-    :func:`lstainnorm.apply.predict.predict_folder` for the outputs)."""
-    module = load_module(run)
-    if module.cfg.task != "segmentation":
-        raise ValueError(f"{run} is a {module.cfg.task} run; lstainnorm predict needs a segmentation run")
-    s = module.cfg.segmentation
-    return predict_folder(
-        lambda x: module.task.predict(module.model, x), inp, output,
-        scale=s.scale, threshold=s.threshold, watershed=s.watershed, min_size=s.min_size, progress=progress,
-    )

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Config
-from ..apply.instances import aji, panoptic_quality, postprocess
+from ..data.instances import aji, panoptic_quality, postprocess
 
 __all__ = ["SegmentationTask", "sliding_window", "segmentation_metrics"]
 
