@@ -13,7 +13,7 @@ export LSTAINNORM_SHARED_DATA ?= $(abspath ../shared/data)
 .PHONY: help install test demo bench bench-layers bench-synthetic bench-speed bench-accuracy bench-segmentation bench-slide clean
 
 help:
-	@echo "make demo   - install, then train none/template/learnable/lstainnorm on synthetic multi-centre data"
+	@echo "make demo   - install, then train none/template/lstainnorm on synthetic multi-centre data (about 5 minutes; lstainnorm demo --full for the longer one)"
 	@echo "make test   - install, then run the whole test suite"
 	@echo "make bench  - install, then run the benchmarks (tables for BENCHMARKS.md)"
 

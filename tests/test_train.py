@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -209,12 +210,12 @@ def _cli(args, env=None, timeout=600):
     return subprocess.run([sys.executable, "-m", "lstainnorm.cli", *args], capture_output=True, text=True, env=e, timeout=timeout)
 
 
-def _write_cfg(tmp, synth, name, **extra):
+def _write_cfg(tmp, synth, name, batch_size=16, **extra):
     raw = {
         "seed": 3,
         "output_path": str(tmp / name),
         "postfix": name,
-        "data": {"manifest": str(synth / "manifest.csv"), "train_centres": ["A"], "batch_size": 16},
+        "data": {"manifest": str(synth / "manifest.csv"), "train_centres": ["A"], "batch_size": batch_size},
         "norm": {"mode": "lstainnorm", "lr": 0.05},
         "model": {"backbone": "test_resnet"},
         "trainer": {"max_epochs": 3, "accelerator": "cpu", "progress": False, "patience": 10, **extra},
@@ -251,6 +252,54 @@ def test_resume_after_interruption_ends_like_uninterrupted(tmp_path, synth):
     assert ma["test"]["overall"]["acc"] == pytest.approx(mb["test"]["overall"]["acc"])
     hist = (run / "history.csv").read_text().splitlines()
     assert [line.split(",")[0] for line in hist[1:]] == ["0", "1", "2"]
+
+
+def _same_weights_and_test(run_a: Path, run_b: Path) -> None:
+    a = torch.load(run_a / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    b = torch.load(run_b / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
+    ma, mb = (json.loads((r / "metrics.json").read_text()) for r in (run_a, run_b))
+    assert ma["test"]["overall"]["acc"] == pytest.approx(mb["test"]["overall"]["acc"])
+
+
+def test_sigterm_mid_epoch_saves_the_step_and_resume_ends_like_uninterrupted(tmp_path, synth):
+    """What SLURM/Kubernetes send before a kill: the run saves the current step, says how to resume,
+    exits 143; --resume continues from that step (mid-epoch) to the same weights as a run never stopped."""
+    full = _cli(["train", str(_write_cfg(tmp_path, synth, "full", batch_size=4, max_epochs=2))])
+    assert full.returncode == 0, full.stderr[-3000:]
+    cut = _cli(["train", str(_write_cfg(tmp_path, synth, "cut", batch_size=4, max_epochs=2))],
+               env={"LSTAINNORM_SIGNAL_AT": "SIGTERM:1:1"})  # epoch 2, after its second batch
+    assert cut.returncode == 143, cut.stderr[-3000:]
+    run = _only_run(tmp_path / "cut")
+    log = (run / "train.log").read_text()
+    assert "stopped by SIGTERM at epoch 2 step 2" in log and f"lstainnorm train --resume {run}" in log
+    assert (run / "checkpoints" / "last.ckpt").is_file() and not (run / "metrics.json").exists()
+    resumed = _cli(["train", "--resume", str(run)])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from a checkpoint that ended before the epoch ended" not in resumed.stderr
+    _same_weights_and_test(_only_run(tmp_path / "full"), run)
+
+
+def test_sigterm_before_the_first_step_removes_the_new_run_folder(tmp_path, synth, monkeypatch):
+    import signal
+
+    from lstainnorm.tasks import train as train_mod
+
+    def terminated(*args, **kwargs):  # SIGTERM while the run is being set up (template estimation)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler interrupts this
+
+    monkeypatch.setattr(train_mod, "resolve_initial_template", terminated)
+    monkeypatch.delenv(RUN_DIR_ENV, raising=False)
+    cfg, notes = _cfg(tmp_path, synth)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as err:
+        train(cfg, notes)
+    assert err.value.code == 143
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    assert signal.getsignal(signal.SIGTERM) == before  # the default handler is back
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):

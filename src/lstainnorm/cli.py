@@ -444,16 +444,19 @@ def _stress_run(a: argparse.Namespace) -> int:
     "demo",
     "the main job: synthetic multi-centre set, train on one centre, test on all, per method",
     """
-    lstainnorm demo --out demo_out
+    lstainnorm demo --out demo_out                 # about 5 minutes on 2 CPU cores
+    lstainnorm demo --out demo_full --full         # every layer, more and larger tiles (about 15 minutes)
     lstainnorm demo --out demo_out --methods none lstainnorm --epochs 4
     lstainnorm demo --out demo_out --set model.backbone=test_resnet --set trainer.progress=false
     """,
 )
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--out", type=Path, default=Path("demo_out"), help="output folder (data, runs, results.md)")
-    p.add_argument("--methods", nargs="+", default=None, help="norm modes to compare (default: none template learnable lstainnorm)")
-    p.add_argument("--epochs", type=positive_int, default=None, help="epochs per method (default from configs/demo.yaml)")
-    p.add_argument("--per-class", type=positive_int, default=None, help="synthetic tiles per class and centre")
+    p.add_argument("--methods", nargs="+", default=None, help="norm modes to compare (default: none template lstainnorm; "
+                   "with --full also learnable)")
+    p.add_argument("--epochs", type=positive_int, default=None, help="epochs per method (default 6; with --full configs/demo.yaml's 8)")
+    p.add_argument("--per-class", type=positive_int, default=None, help="synthetic tiles per class and centre (default 80; --full 200)")
+    p.add_argument("--full", action="store_true", help="the longer demo: 96 x 96 tiles, 200 per class and centre, every layer")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override for every method, repeatable (e.g. --set trainer.progress=false)")
 
@@ -461,7 +464,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 def _demo_run(a: argparse.Namespace) -> int:
     from .experiments.demo import run_demo
 
-    run_demo(a.out, methods=a.methods, epochs=a.epochs, per_class=a.per_class, seed=a.seed, overrides=a.overrides)
+    run_demo(a.out, methods=a.methods, epochs=a.epochs, per_class=a.per_class, seed=a.seed, overrides=a.overrides, full=a.full)
     return 0
 
 

@@ -19,7 +19,11 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from ..files import atomic_path, atomic_write_bytes
 from .loggers import template_scalars
 
-__all__ = ["HistoryCallback", "AtomicCheckpointIO", "DDPConsistencyCallback", "InterruptAfterEpochs", "epoch_line"]
+__all__ = ["HistoryCallback", "AtomicCheckpointIO", "DDPConsistencyCallback", "InterruptAfterEpochs", "StopAndSave",
+           "SignalAtBatch", "epoch_line", "STOPPED_EXIT"]
+
+# Exit codes of a run stopped by a signal (128 + its number, as shells report them).
+STOPPED_EXIT = {"SIGTERM": 143, "SIGINT": 130}
 
 log = logging.getLogger("lstainnorm")
 
@@ -151,3 +155,69 @@ class InterruptAfterEpochs(L.Callback):
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         if trainer.current_epoch >= self.n:
             raise KeyboardInterrupt(f"simulated interruption at epoch {trainer.current_epoch}")
+
+
+class StopAndSave(L.Callback):
+    """On SIGTERM (what SLURM, Kubernetes and spot instances send before a kill) or Ctrl-C: save
+    ``checkpoints/last.ckpt`` at the current step and say how to resume.
+
+    Lightning stops at the end of the step in progress after a SIGTERM (``SIGTERMException``) and at
+    once after Ctrl-C; both reach :meth:`on_exception`. The training loader's position (batches of the
+    epoch already trained on) goes into the checkpoint (:class:`~.loaders.ResumableLoader`), so
+    ``lstainnorm train --resume RUN`` continues from that step with the batches an uninterrupted run
+    would see.
+    """
+
+    def __init__(self, run_dir: Path, train_loader: Any) -> None:
+        self.run_dir = Path(run_dir)
+        self.loader = train_loader
+        self.stopped: str | None = None
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        # No step of this epoch yet (a resumed epoch counts again from its first new batch; a stop
+        # before that keeps the checkpoint it resumed from).
+        self.loader.completed = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.loader.completed = batch_idx + 1
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if isinstance(exception, SIGTERMException):
+            self.stopped = "SIGTERM"
+        elif isinstance(exception, KeyboardInterrupt):
+            self.stopped = "SIGINT"
+        else:
+            return
+        if trainer.state.fn != "fit" or trainer.sanity_checking:
+            return
+        epoch, step = trainer.current_epoch + 1, self.loader.completed
+        path = self.run_dir / "checkpoints" / "last.ckpt"
+        name = "SIGTERM" if self.stopped == "SIGTERM" else "Ctrl-C (SIGINT)"
+        if step == 0:  # between epochs: the end-of-epoch last.ckpt (if any) already holds this state
+            if path.is_file():
+                log.warning("stopped by %s before epoch %d; resume with `lstainnorm train --resume %s`", name, epoch, self.run_dir)
+            else:
+                log.warning("stopped by %s before the first training step: nothing to resume", name)
+            return
+        trainer.save_checkpoint(path)
+        log.warning("stopped by %s at epoch %d step %d; checkpoint saved to %s; resume with `lstainnorm train --resume %s`",
+                    name, epoch, step, path, self.run_dir)
+
+
+class SignalAtBatch(L.Callback):
+    """Sends this process a real signal after training batch ``batch`` of epoch ``epoch`` (counted
+    from 0): how the tests rehearse a scheduler's SIGTERM (``LSTAINNORM_SIGNAL_AT=SIGTERM:EPOCH:BATCH``)."""
+
+    def __init__(self, spec: str) -> None:
+        name, epoch, batch = spec.split(":")
+        self.signum, self.epoch, self.batch = getattr(__import__("signal"), name), int(epoch), int(batch)
+        self.sent = False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self.sent and trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            import os
+
+            self.sent = True
+            os.kill(os.getpid(), self.signum)

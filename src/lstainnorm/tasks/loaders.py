@@ -21,6 +21,7 @@ __all__ = [
     "SegmentationData",
     "EpochShuffleSampler",
     "ClassBalancedSampler",
+    "ResumableLoader",
     "build_classification_data",
     "build_segmentation_data",
     "build_data",
@@ -40,16 +41,47 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __init__(self, n: int, seed: int) -> None:
         self.n, self.seed, self.epoch = n, int(seed), 0
+        self._resume: tuple[int, int] | None = None  # (epoch, indices already trained on)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def __iter__(self) -> Iterator[int]:
+    def resume_at(self, epoch: int, done: int) -> None:
+        """The next pass over ``epoch`` leaves out its first ``done`` indices (already trained on
+        before an interruption); any other epoch is whole."""
+        self._resume = (int(epoch), int(done))
+
+    def order(self) -> list[int]:
         rng = np.random.default_rng([self.seed, self.epoch])
-        return iter(rng.permutation(self.n).tolist())
+        return rng.permutation(self.n).tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        order = self.order()
+        if self._resume is not None and self._resume[0] == self.epoch:
+            order = order[self._resume[1] :]
+            self._resume = None
+        return iter(order)
 
     def __len__(self) -> int:
         return self.n
+
+
+class ResumableLoader(DataLoader):
+    """The training DataLoader, checkpointed mid-epoch: Lightning saves :meth:`state_dict` with the
+    loop state (its ``_Stateful`` interface) and, on ``--resume``, :meth:`load_state_dict` makes the
+    epoch's sampler skip the batches already trained on. So a run stopped mid-epoch (SIGTERM,
+    Ctrl-C) and resumed sees the same batches as one that was never stopped.
+    :attr:`completed` is set after each training batch (:class:`~.callbacks.StopAndSave`)."""
+
+    completed = 0
+
+    def state_dict(self) -> dict:
+        # A finished epoch is not skipped into: Lightning restarts after it by itself.
+        done = int(self.completed) if self.completed < len(self) else 0
+        return {"epoch": int(self.sampler.epoch), "batches": done}  # type: ignore[attr-defined]
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.resume_at(state["epoch"], state["batches"] * int(self.batch_size or 1))  # type: ignore[attr-defined]
 
 
 class ClassBalancedSampler(EpochShuffleSampler):
@@ -64,9 +96,9 @@ class ClassBalancedSampler(EpochShuffleSampler):
         weights = 1.0 / counts[lab]
         self.p = weights / weights.sum()
 
-    def __iter__(self) -> Iterator[int]:
+    def order(self) -> list[int]:
         rng = np.random.default_rng([self.seed, self.epoch, 1])
-        return iter(rng.choice(self.n, size=self.n, replace=True, p=self.p).tolist())
+        return rng.choice(self.n, size=self.n, replace=True, p=self.p).tolist()
 
 
 def class_weights(labels: Sequence[int], n_classes: int) -> list[float]:
@@ -129,7 +161,7 @@ class ClassificationData:
         kw = {"num_workers": d.num_workers, "collate_fn": collate_tiles, "persistent_workers": d.num_workers > 0}
         ev = d.eval_batch_size or d.batch_size
         sampler = ClassBalancedSampler(self.train.labels, seed) if d.balance == "sampler" else EpochShuffleSampler(len(self.train), seed)
-        train = DataLoader(self.train, batch_size=d.batch_size, sampler=sampler, drop_last=False, **kw)
+        train = ResumableLoader(self.train, batch_size=d.batch_size, sampler=sampler, drop_last=False, **kw)
         val = DataLoader(self.val, batch_size=ev, shuffle=False, **kw)
         test = DataLoader(self.test, batch_size=ev, shuffle=False, **kw) if self.test is not None else None
         return train, val, test
@@ -188,22 +220,12 @@ def build_classification_data(cfg: Config, seed: int) -> ClassificationData:
     return ClassificationData(train, val, test, classes, centres, train_centres, notes)
 
 
-class EpochSeededCropSampler(Sampler):
+class EpochSeededCropSampler(EpochShuffleSampler):
     """Yields ``(index, epoch)`` so each crop's position and flips derive from (seed, epoch, index):
     a resumed run draws the same crops as an uninterrupted one."""
 
-    def __init__(self, n: int, seed: int) -> None:
-        self.n, self.seed, self.epoch = n, int(seed), 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __iter__(self) -> Iterator:
-        rng = np.random.default_rng([self.seed, self.epoch])
-        return iter([(int(i), self.epoch) for i in rng.permutation(self.n)])
-
-    def __len__(self) -> int:
-        return self.n
+    def order(self) -> list:  # type: ignore[override]
+        return [(int(i), self.epoch) for i in super().order()]
 
 
 class _SeededCrops(Dataset):
@@ -242,7 +264,7 @@ class SegmentationData:
     def loaders(self, cfg: Config, seed: int):
         d = cfg.data
         kw = {"num_workers": d.num_workers, "collate_fn": collate_segmentation, "persistent_workers": d.num_workers > 0}
-        train = DataLoader(_SeededCrops(self.train, seed), batch_size=d.batch_size, sampler=EpochSeededCropSampler(len(self.train), seed), **kw)
+        train = ResumableLoader(_SeededCrops(self.train, seed), batch_size=d.batch_size, sampler=EpochSeededCropSampler(len(self.train), seed), **kw)
         val = DataLoader(self.val, batch_size=1, shuffle=False, **kw)
         test = DataLoader(self.test, batch_size=1, shuffle=False, **kw) if self.test is not None else None
         return train, val, test

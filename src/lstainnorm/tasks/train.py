@@ -42,7 +42,7 @@ from ..data.tiles import save_class_map
 from ..files import atomic_write_bytes, sweep_stale_temps
 from ..layers.template import Template, estimate_template
 from ..runs import AUTO_COMPILE_MIN_STEPS, RUN_DIR_ENV, compile_norm, load_checkpoint, new_run_dir, resolve_template_setting, write_json
-from .callbacks import AtomicCheckpointIO, DDPConsistencyCallback, HistoryCallback, InterruptAfterEpochs
+from .callbacks import STOPPED_EXIT, AtomicCheckpointIO, DDPConsistencyCallback, HistoryCallback, InterruptAfterEpochs, SignalAtBatch, StopAndSave
 from .classify import in_cross_summary, write_predictions
 from .evaluate import load_module, quiet_lightning
 from .loggers import ExperimentLogCallback, build_loggers, check_logger_extras, logger_names
@@ -233,6 +233,8 @@ def _make_trainer(cfg: Config, run_dir: Path, monitor: str, extra_callbacks: Seq
         callbacks += [L.pytorch.callbacks.LearningRateMonitor(logging_interval="epoch"), ExperimentLogCallback()]
     if os.environ.get("LSTAINNORM_INTERRUPT_AFTER_EPOCHS"):
         callbacks.append(InterruptAfterEpochs(int(os.environ["LSTAINNORM_INTERRUPT_AFTER_EPOCHS"])))
+    if os.environ.get("LSTAINNORM_SIGNAL_AT"):  # tests: a real signal at a given step
+        callbacks.append(SignalAtBatch(os.environ["LSTAINNORM_SIGNAL_AT"]))
     tr = cfg.trainer
     trainer = L.Trainer(
         max_epochs=tr.max_epochs,
@@ -315,6 +317,20 @@ def preflight(cfg: Config) -> None:
         raise ConfigError(f"trainer.accelerator={cfg.trainer.accelerator} but no CUDA GPU is visible on this machine; use auto or cpu")
 
 
+def _stop_start(signum, frame) -> None:
+    raise SystemExit(STOPPED_EXIT["SIGTERM"])
+
+
+def _on_sigterm(handler):
+    """Install a SIGTERM handler (main thread only; elsewhere nothing changes); returns the previous one."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or handler is None:
+        return None
+    return signal.signal(signal.SIGTERM, handler)
+
+
 def _finished(run_dir: Path) -> dict | None:
     """The results of a run that already ended (its metrics.json), or None."""
     path = run_dir / "metrics.json"
@@ -340,6 +356,9 @@ def train(
     preflight(cfg)
     data = build_data(cfg)  # before the run folder: bad data leaves nothing behind
     run_dir, last = _start(cfg, resume)
+    # Until Lightning takes SIGTERM over (at fit), a SIGTERM ends the start like any failure: a new run
+    # folder is removed (nothing in it to resume), a resumed one kept as it was.
+    previous = _on_sigterm(_stop_start)
     try:
         _setup_logging(run_dir)
         for n in list(notes) + list(data.notes):
@@ -370,15 +389,31 @@ def train(
             log.info("norm.compile=auto: the normalisation layer runs eagerly (%s training steps, fewer than the %d where "
                      "compiling pays off; norm.compile=true compiles anyway)", steps, AUTO_COMPILE_MIN_STEPS)
         monitor = cfg.trainer.monitor if cfg.task == "classification" or cfg.trainer.monitor != "val/acc" else module.task.monitor
-        trainer, ckpt, stop = _make_trainer(cfg, run_dir, monitor, extra_callbacks)
+        stopper = StopAndSave(run_dir, train_loader)
+        trainer, ckpt, stop = _make_trainer(cfg, run_dir, monitor, [stopper, *extra_callbacks])
     except BaseException:
         if resume is None and _rank() == 0:  # a start that failed leaves no half-made run folder
             _close_log()
             shutil.rmtree(run_dir, ignore_errors=True)
             os.environ.pop(RUN_DIR_ENV, None)
         raise
+    finally:
+        _on_sigterm(previous)
     log.info("run directory: %s", run_dir)
-    trainer.fit(module, train_loader, val_loader, ckpt_path=str(last) if last else None)
+    try:
+        trainer.fit(module, train_loader, val_loader, ckpt_path=str(last) if last else None)
+    except SystemExit:
+        # Lightning ends a SIGTERM with SystemExit (code None, i.e. 0) and Ctrl-C with exit code 1.
+        # StopAndSave saved the step and logged how to resume; a new run stopped before its first
+        # step has nothing to resume and is removed. SIGTERM exits 128 + 15, as schedulers expect.
+        if stopper.stopped and resume is None and not (run_dir / "checkpoints" / "last.ckpt").is_file() and _rank() == 0:
+            _close_log()
+            shutil.rmtree(run_dir, ignore_errors=True)
+            os.environ.pop(RUN_DIR_ENV, None)
+        if stopper.stopped == "SIGTERM":
+            _close_log()
+            raise SystemExit(STOPPED_EXIT["SIGTERM"]) from None
+        raise
 
     best_path = ckpt.best_model_path or str(run_dir / "checkpoints" / "last.ckpt")
     best_score = ckpt.best_model_score
