@@ -454,7 +454,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--out", type=Path, default=Path("demo_out"), help="output folder (data, runs, results.md)")
     p.add_argument("--methods", nargs="+", default=None, help="norm modes to compare (default: none template lstainnorm; "
                    "with --full also learnable)")
-    p.add_argument("--epochs", type=positive_int, default=None, help="epochs per method (default 6; with --full configs/demo.yaml's 8)")
+    p.add_argument("--epochs", type=positive_int, default=None, help="epochs per method (default 8, from configs/demo.yaml with --full)")
     p.add_argument("--per-class", type=positive_int, default=None, help="synthetic tiles per class and centre (default 80; --full 200)")
     p.add_argument("--full", action="store_true", help="the longer demo: 96 x 96 tiles, 200 per class and centre, every layer")
     p.add_argument("--seed", type=int, default=0)

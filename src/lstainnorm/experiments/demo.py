@@ -23,7 +23,7 @@ DEMO_METHODS = ("none", "template", "lstainnorm")
 FULL_DEMO_METHODS = ("none", "template", "learnable", "lstainnorm")
 # Batch 16 in the quick demo: its ~290 training tiles then give ~18 steps an epoch, enough for the
 # batch-norm statistics to settle (at 64 the network still answered one class for every tile).
-QUICK = {"per_class": 80, "size": 64, "epochs": 6, "batch_size": 16}
+QUICK = {"per_class": 80, "size": 64, "epochs": 8, "batch_size": 16}
 FULL = {"per_class": 200, "size": 96, "epochs": None, "batch_size": None}  # None: configs/demo.yaml's
 
 
