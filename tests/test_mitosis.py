@@ -203,3 +203,7 @@ def test_bench_mitosis_end_to_end_on_synthetic_crops(amibr, tmp_path, monkeypatc
     mitosis_benchmark(config, amibr.parent, out, methods=["none", "lstainnorm"], seeds=[0],
                       protocols=["p1", "p2-midog-to-tupac"], overrides=ov, progress=False)
     assert (out / "results.jsonl").read_text() == before
+    partial = mitosis_benchmark(config, amibr.parent, out, methods=["none", "lstainnorm"], seeds=[0, 1],
+                                protocols=["p1", "p2-midog-to-tupac"], overrides=ov, progress=False, run_missing=False)
+    assert len(partial["runs"]) == 4 and "In progress: 4 of 8 runs done" in partial["text"]
+    assert (out / "results.jsonl").read_text() == before  # trained nothing

@@ -526,6 +526,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--protocols", nargs="+", choices=["p1", "p2-midog-to-tupac", "p2-tupac-to-midog"],
                    default=["p1", "p2-midog-to-tupac", "p2-tupac-to-midog"],
                    help="p1: the published split; p2-*: train on some scanners, test on every crop of the others (default: all three)")
+    g.add_argument("--tables-only", action="store_true", help="train nothing: the tables of the runs finished so far")
 
 
 def _bench_run(a: argparse.Namespace) -> int:
@@ -554,7 +555,7 @@ def _bench_run(a: argparse.Namespace) -> int:
 
         res = mitosis_benchmark(a.config or Path("configs/mitosis_amibr_cpu.yaml"), a.data, a.out / "mitosis",
                                 methods=a.methods or MITOSIS_METHODS, seeds=a.seeds, protocols=a.protocols,
-                                overrides=a.overrides, stress=a.stress)
+                                overrides=a.overrides, stress=a.stress, run_missing=not a.tables_only)
         print(res["text"])
         print(f"written: {a.out / 'mitosis' / 'mitosis.md'}")
         return 0

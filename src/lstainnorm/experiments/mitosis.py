@@ -185,9 +185,11 @@ def mitosis_benchmark(
     overrides: Sequence[str] = (),
     stress: bool = False,
     progress: bool = True,
+    run_missing: bool = True,
 ) -> dict:
     """Train ``config`` on the AMi-Br folder ``data`` for every protocol, method and seed; write
-    ``out/mitosis.md`` and ``out/mitosis.json`` (see the module docstring)."""
+    ``out/mitosis.md`` and ``out/mitosis.json`` (see the module docstring). ``run_missing=False`` trains
+    nothing and tables the runs finished so far (a benchmark in progress)."""
     out, data = Path(out), Path(data)
     manifest = data / "metadata.csv"
     if not manifest.is_file():
@@ -214,10 +216,12 @@ def mitosis_benchmark(
 
     jobs = [{"protocol": p, "method": m, "seed": s, "config": str(config), "overrides": list(overrides)}
             for p in protocols for s in seeds for m in methods]
-    sel = run_resumable(out, jobs, run, "bench mitosis", progress)
+    sel = run_resumable(out, jobs, run, "bench mitosis", progress, train=run_missing)
 
     text = (f"AMi-Br ({data}), config `{config}`{' with ' + ' '.join(overrides) if overrides else ''}; seeds {list(seeds)}; "
             "balanced accuracy and AUROC on each protocol's test crops, mean ± std over seeds.\n")
+    if len(sel) < len(jobs):
+        text += f"\n**In progress: {len(sel)} of {len(jobs)} runs done**; rows list the runs done so far.\n"
     for p in protocols:
         part = protocol_tables(sel, methods, p)
         if part:

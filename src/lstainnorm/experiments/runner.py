@@ -82,12 +82,14 @@ def method_overrides(method: str, cache: Path, image: str | Path | None = None) 
 
 
 def run_resumable(
-    out: Path, jobs: Sequence[dict[str, Any]], run: Callable[[dict[str, Any]], dict[str, Any]], label: str, progress: bool = True
+    out: Path, jobs: Sequence[dict[str, Any]], run: Callable[[dict[str, Any]], dict[str, Any]], label: str, progress: bool = True,
+    train: bool = True,
 ) -> list[dict[str, Any]]:
     """Run every job not yet in ``out/results.jsonl``; return the records of ``jobs``, in order.
 
     A record is the job's settings, what ``run(job)`` returned and ``minutes``. Job values
     must be JSON values (lists, not tuples) so that a reloaded record matches its job.
+    ``train=False`` runs nothing: the records so far (the tables of a benchmark in progress).
     """
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.jsonl"
@@ -97,7 +99,7 @@ def run_resumable(
         return next((d for d in done if all(d.get(k) == v for k, v in job.items())), None)
 
     for job in jobs:
-        if record_of(job) is not None:
+        if record_of(job) is not None or not train:
             continue
         os.environ.pop(RUN_DIR_ENV, None)  # each run gets a new run folder
         if progress:
