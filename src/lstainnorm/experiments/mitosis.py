@@ -143,6 +143,11 @@ def _paired_rows(sel: Sequence[dict], methods: Sequence[str], reference: str) ->
     return rows
 
 
+def _mean_std(values: Sequence[float]) -> str:
+    """``mean ± sd`` over seeds; a single seed has no spread to show."""
+    return mean_std(values, digits=3) if len(values) > 1 else f"{values[0]:.3f} (1 seed)"
+
+
 def protocol_tables(sel: Sequence[dict], methods: Sequence[str], protocol: str) -> str:
     """The markdown tables of one protocol: summary, per domain, paired against lstainnorm and template."""
     recs = [d for d in sel if d["protocol"] == protocol]
@@ -154,7 +159,7 @@ def protocol_tables(sel: Sequence[dict], methods: Sequence[str], protocol: str) 
         rs = [d for d in recs if d["method"] == m]
         if not rs:
             continue
-        rows.append([m, mean_std([d["bal_acc"] for d in rs], digits=3), mean_std([d["auroc"] for d in rs], digits=3), len(rs),
+        rows.append([m, _mean_std([d["bal_acc"] for d in rs]), _mean_std([d["auroc"] for d in rs]), len(rs),
                      per_seed(rs, "bal_acc", "{:.3f}"), per_seed(rs, "best_epoch"), f"{np.mean([d['minutes'] for d in rs]):.1f}"])
     text = f"### {protocol}: {PROTOCOLS[protocol][0]}\n\n"
     text += markdown_table(["method", "balanced accuracy", "AUROC", "seeds", "bal. acc. per seed", "best epoch per seed", "min / run"], rows)
