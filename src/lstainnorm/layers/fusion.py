@@ -367,11 +367,14 @@ class LStainNorm(_CompilableNorm):
             outs.append(_normalize(x, br.space, br.mu, br.sigma, self.eps, self.tissue_stats, st).abs())
         return outs
 
+    def _pooled(self, xs: list[Tensor]) -> Tensor:
+        """Every branch's pooled maps stacked along the batch: the attention is shared, so one
+        attention call serves all branches."""
+        return torch.cat([self.attention.pooled(xi) for xi in xs], dim=0)
+
     def _attention_maps(self, xs: list[Tensor]) -> list[Tensor]:
-        """The attention output of each branch on the pooled grid. The attention is shared: pool
-        each branch, then one attention call on the small pooled maps stacked along the batch."""
-        pooled = torch.cat([self.attention.pooled(xi) for xi in xs], dim=0)
-        return list(self.attention.attend(pooled).chunk(len(xs), dim=0))
+        """The attention output of each branch on the pooled grid."""
+        return list(self.attention.attend(self._pooled(xs)).chunk(len(xs), dim=0))
 
     def _weights(self, xs: list[Tensor], att: list[Tensor]) -> list[Tensor]:
         """The fusion weights ``w_s`` from the branch images and their upsampled ``|A_s|``."""
@@ -423,7 +426,7 @@ class LStainNorm(_CompilableNorm):
         xs = self._branch_images(x, stats)
         if self.fusion == "mean":
             return self._mean(xs), None
-        pooled = torch.cat([self.attention.pooled(xi) for xi in xs], dim=0)  # as _attention_maps
+        pooled = self._pooled(xs)
         ok = None
         if not torch.compiler.is_compiling():
             small = self.attention.attend(pooled)  # checks the bound, exact where needed
