@@ -561,15 +561,27 @@ def test_layers_degenerate_shapes(make):
 
 
 # -- issue 29: every failure a clear sentence ---------------------------------------------------------------
-@pytest.mark.parametrize("content", [b"hello", b"abc", b"", b"\x80\x02junk", b"PK\x03\x04 not a zip"], ids=["hello", "abc", "empty", "pickle-junk", "zip-junk"])
-def test_security_any_junk_checkpoint_is_one_clear_error(tmp_path, capsys, content):
-    junk = tmp_path / "notes.txt"
-    junk.write_bytes(content)
-    before = snapshot(tmp_path)
-    for args in (("evaluate", junk, "--data", tmp_path), ("export", junk, "-o", tmp_path / "x.onnx")):
+@pytest.mark.parametrize("command", ["evaluate", "export"])
+def test_security_any_junk_checkpoint_is_one_clear_error(tmp_path, capsys, command):
+    """Text files ended in KeyError / IndexError inside torch.load: any content gets the one message."""
+    for content in (b"hello", b"abc", b"", b"\x80\x02junk", b"PK\x03\x04 not a zip"):
+        junk = tmp_path / "notes.txt"
+        junk.write_bytes(content)
+        before = snapshot(tmp_path)
+        args = ("evaluate", junk, "--data", tmp_path) if command == "evaluate" else ("export", junk, "-o", tmp_path / "x.onnx")
         code, text = run_cli(capsys, *args)
-        assert code == 1 and "is not a trusted lstainnorm checkpoint" in text and "Traceback" not in text, text
-    assert snapshot(tmp_path) == before
+        assert code == 1 and "is not a trusted lstainnorm checkpoint" in text and "Traceback" not in text, (content, text)
+        assert snapshot(tmp_path) == before
+
+
+def test_train_one_class_folder_is_named(tmp_path, capsys):
+    tiles(tmp_path / "data" / "tumour")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"data": {"train": str(tmp_path / "data")}, "model": {"backbone": "test_resnet"},
+                                   "output_path": str(tmp_path / "runs")}))
+    code, text = run_cli(capsys, "train", cfg)
+    assert code == 1 and "only one class ('tumour')" in text and "Traceback" not in text
+    assert not (tmp_path / "runs").exists()
 
 
 def test_template_output_that_cannot_be_written_is_named(tmp_path, capsys):
