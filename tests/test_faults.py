@@ -630,3 +630,66 @@ def test_stress_interrupted_inside_lightning_exits_130(tmp_path, trained, capsys
 
     _signal.signal(_signal.SIGINT, _signal.default_int_handler)  # Lightning ignores Ctrl-C after the first
     assert code == 130 and "interrupted" in text and "Traceback" not in text
+
+
+def test_export_info_names_what_the_file_is(tmp_path, trained, capsys):
+    run, _ = trained
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    code, text = run_cli(capsys, "export", "--info", tmp_path / "empty.onnx")
+    assert code == 1 and "is empty (0 bytes)" in text
+    code, text = run_cli(capsys, "export", "--info", run / "checkpoints" / "best.ckpt")
+    assert code == 1 and "is a PyTorch checkpoint" in text and "lstainnorm export RUN" in text
+    out = tmp_path / "new" / "dir" / "norm.pt"  # missing folders are made (and --help says so)
+    code, text = run_cli(capsys, "export", run, "-o", out)
+    assert code == 0 and out.is_file(), text
+    (tmp_path / "cut.pt").write_bytes(out.read_bytes()[: out.stat().st_size // 3])
+    code, text = run_cli(capsys, "export", "--info", tmp_path / "cut.pt")
+    assert code == 1 and "truncated or damaged" in text and "Traceback" not in text
+    with pytest.raises(SystemExit):
+        run_cli(capsys, "export", "--help")
+    assert "missing folders on the way are created" in " ".join(capsys.readouterr().out.split())
+
+
+def test_normalize_image_given_as_template_is_named(tmp_path, capsys):
+    imgs = tiles(tmp_path / "in")
+    code, text = run_cli(capsys, "normalize", "--template", imgs[0], tmp_path / "in", tmp_path / "out")
+    assert code == 1 and f"{imgs[0]} is not a template YAML" in text and "lstainnorm template" in text
+    assert "Traceback" not in text and "decode" not in text
+
+
+def test_train_summary_of_class_folder_data_has_no_empty_centre_line(tmp_path, capsys):
+    from lstainnorm.tasks.train import summary
+
+    res = {"run_dir": "r", "best_epoch": 1, "monitor": "val/acc", "best_val": 1.0, "epochs_run": 1,
+           "test": {"overall": {"acc": 1.0, "bal_acc": 1.0, "f1": 1.0, "auroc": 1.0, "n": 4},
+                    "per_centre": {"": {"acc": 1.0, "bal_acc": 1.0, "auroc": 1.0, "n": 4}}}}
+    assert "centre" not in summary(res)
+    res["test"]["per_centre"] = {"tupac16": {"acc": 0.5, "bal_acc": 0.6, "auroc": 0.7, "n": 4}}
+    assert "centre tupac16 : acc 0.5000  bal_acc 0.6000  AUROC 0.7000 (n=4)" in summary(res)
+
+
+def test_layers_known_third_party_notices_are_filtered_real_warnings_kept():
+    import warnings
+
+    from lstainnorm.cli import quiet_third_party
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_third_party()
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec)`", DeprecationWarning)
+        warnings.warn("`torch.jit.script` is deprecated. Please switch to `torch.compile` or `torch.export`.", DeprecationWarning)
+        warnings.warn("skipping unreadable tile: a.png", UserWarning)
+    assert [str(w.message) for w in caught] == ["skipping unreadable tile: a.png"]
+
+
+@pytest.mark.parametrize("command", ["template", "evaluate", "export", "report", "stress", "demo", "bench"])
+def test_security_every_writing_command_takes_o_and_out(command):
+    """One spelling everywhere (issue 29): -o/--out; the old --output still works where it was."""
+    from lstainnorm.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction)).choices[command]
+    flags = {s for a in sub._actions for s in a.option_strings}
+    assert {"-o", "--out"} <= flags
+    if command in ("template", "evaluate", "export", "report"):
+        assert "--output" in flags
