@@ -185,7 +185,7 @@ def test_bench_mitosis_end_to_end_on_synthetic_crops(amibr, tmp_path, monkeypatc
     out = tmp_path / "bench"
     res = mitosis_benchmark(config, amibr.parent, out, methods=["none", "lstainnorm"], seeds=[0],
                             protocols=["p1", "p2-midog-to-tupac"], overrides=ov, progress=False)
-    assert len(res["runs"]) == 4
+    assert len(res["runs"]) == 4 and all(0.0 <= r["val_bal_acc"] <= 1.0 for r in res["runs"])
     text = (out / "mitosis.md").read_text()
     assert "### p1" in text and "### p2-midog-to-tupac" in text and "minus `lstainnorm`" in text
     p2 = [r for r in res["runs"] if r["protocol"] == "p2-midog-to-tupac"]

@@ -112,11 +112,14 @@ def slide_bootstrap(
 
 
 def _verdict(t_ci: tuple[float, float] | None, boot: tuple[float, float]) -> str:
-    """Resolved only when the slide bootstrap and (with several seeds) the paired t both exclude 0."""
+    """Resolved only when the slide bootstrap and the paired t over seeds both exclude 0 (one seed
+    resolves nothing: the bootstrap does not see how much another seed would move)."""
     lo, hi = boot
     if lo <= 0 <= hi:
         return "not resolved"
-    if t_ci is not None and t_ci[0] <= 0 <= t_ci[1]:
+    if t_ci is None:  # the slides' spread alone; a seed's own noise is not in it
+        return f"one seed only ({'above' if lo > 0 else 'below'} on the slides)"
+    if t_ci[0] <= 0 <= t_ci[1]:
         return "not resolved (seeds disagree)"
     return "better" if lo > 0 else "worse"
 
@@ -215,6 +218,9 @@ def mitosis_benchmark(
         return {
             **{k: test["overall"][k] for k in ("bal_acc", "auroc", "acc", "f1")},
             "per_centre": {c: {k: v[k] for k in ("n", "bal_acc", "auroc", "confusion")} for c, v in test["per_centre"].items()},
+            # Validation balanced accuracy of the chosen checkpoint: what picks the best normalisation
+            # and the best augmentation to combine (never the test split).
+            "val_bal_acc": res.get("best_val"),
             "by_group": counts_by_group(res["test_predictions"]),
             "predictions": res["test_predictions"], "run_dir": res["run_dir"], "best_epoch": res.get("best_epoch"),
         }
