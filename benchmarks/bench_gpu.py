@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import load_tiles, markdown_table  # noqa: E402
 
 import lstainnorm  # noqa: E402
+from lstainnorm.layers.norm import closed_form_backward  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -150,7 +151,8 @@ def training_table(x_all: torch.Tensor, device: torch.device, batch: int, precis
     x = x_all[:batch].to(device)
     y = torch.arange(batch, device=device) % 9
     rows = []
-    variants = ["ResNet-18 alone", "with LStainNorm, exact attention (eager)", "with LStainNorm (eager)"] + (["with LStainNorm (compiled)"] if compile else [])
+    variants = ["ResNet-18 alone", "with LStainNorm, exact attention (eager)", "with LStainNorm (eager)",
+                "with LStainNorm (eager, autograd backward)"] + (["with LStainNorm (compiled)"] if compile else [])
     for precision in precisions:
         steps, errors, nets = {}, {}, {}
         for variant in variants:
@@ -167,11 +169,13 @@ def training_table(x_all: torch.Tensor, device: torch.device, batch: int, precis
             opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
             print(f"[training step] {precision} {variant}: warm-up", file=sys.stderr, flush=True)
 
-            def step(net=net, opt=opt):
+            def step(net=net, opt=opt, closed="autograd" not in variant):
                 opt.zero_grad(set_to_none=True)
-                with _autocast(device, precision):
-                    loss = torch.nn.functional.cross_entropy(net(x).float(), y)
-                loss.backward()
+                # eager LStainNorm trains through the closed-form backward unless the row says autograd
+                with closed_form_backward(closed):
+                    with _autocast(device, precision):
+                        loss = torch.nn.functional.cross_entropy(net(x).float(), y)
+                    loss.backward()
                 opt.step()
 
             try:

@@ -22,7 +22,7 @@ failed=()
 } | tee "$OUT/device.txt"
 
 echo "== CUDA tests"
-timeout 150 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_fusion.py tests/test_norm.py -k cuda 2>&1 | tee "$OUT/cuda_tests.txt" || failed+=(cuda-tests)
+timeout 150 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_fusion.py tests/test_norm.py tests/test_backward.py -k cuda 2>&1 | tee "$OUT/cuda_tests.txt" || failed+=(cuda-tests)
 grep -q "skipped" "$OUT/cuda_tests.txt" && grep -q "no CUDA" "$OUT/cuda_tests.txt" && failed+=(cuda-tests-skipped)
 
 echo "== layer and training-step tables"

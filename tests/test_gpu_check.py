@@ -28,8 +28,9 @@ def test_bench_gpu_quick_on_cpu(tmp_path):
     steps = {(r["precision"], r["pipeline"]): r for r in data["training_step"]}
     assert steps[("fp32", "ResNet-18 alone")]["overhead_pct"] == 0.0
     assert "overhead_pct" in steps[("bf16", "with LStainNorm (eager)")]
+    assert "overhead_pct" in steps[("fp32", "with LStainNorm (eager, autograd backward)")]  # the baseline of the closed form
     assert "Training step" in (tmp_path / "gpu_tables.md").read_text()
-    assert len((tmp_path / "gpu_rows.jsonl").read_text().splitlines()) == 12
+    assert len((tmp_path / "gpu_rows.jsonl").read_text().splitlines()) == 6 + 2 * 4  # layer rows + step rows
 
 
 def test_bench_tile_size_runs(tmp_path):

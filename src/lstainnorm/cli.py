@@ -8,6 +8,8 @@ import textwrap
 from pathlib import Path
 from typing import Callable, Sequence
 
+from .allocator import keep_freed_pages
+
 __all__ = ["main", "build_parser"]
 
 # The names of lstainnorm.data.restain.AXES, spelled out so that parsing never imports torch (~3 s);
@@ -631,6 +633,7 @@ def quiet_third_party() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     quiet_third_party()
+    keep_freed_pages()  # eager colour-space work allocates many image-sized temporaries
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:

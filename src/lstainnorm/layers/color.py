@@ -52,6 +52,14 @@ __all__ = [
     "rgb_to_hed",
     "hed_to_rgb",
     "rgb_identity",
+    "rgb_to_lab_vjp",
+    "lab_to_rgb_vjp",
+    "rgb_to_hsv_vjp",
+    "hsv_to_rgb_vjp",
+    "rgb_to_hed_vjp",
+    "hed_to_rgb_vjp",
+    "rgb_identity_vjp",
+    "post_mask",
     "RgbToLab",
     "LabToRgb",
     "RgbToHsv",
@@ -96,6 +104,44 @@ def _lab_f_inv(f: Tensor) -> Tensor:
     return torch.where(f > _LAB_T_INV, f * f * f, (f - 4.0 / 29.0) / 7.787)
 
 
+def _srgb_to_linear_d(c: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`_srgb_to_linear` and its derivative, sharing the power."""
+    u = (c.clamp(min=0.04045) + 0.055) / 1.055
+    p = torch.exp(2.4 * torch.log(u))
+    hi = c > 0.04045
+    return torch.where(hi, p, c / 12.92), torch.where(hi, (2.4 / 1.055) * p / u, 1.0 / 12.92)
+
+
+def _linear_to_srgb_d(c: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`_linear_to_srgb` and its derivative, sharing the root."""
+    cc = c.clamp(min=0.0031308)
+    p = torch.exp(torch.log(cc) / 2.4)
+    hi = c > 0.0031308
+    return torch.where(hi, 1.055 * p - 0.055, 12.92 * c), torch.where(hi, (1.055 / 2.4) * p / cc, 12.92)
+
+
+def _lab_f_d(t: Tensor) -> tuple[Tensor, Tensor]:
+    tc = t.clamp(min=_LAB_T)
+    f = torch.exp(torch.log(tc) / 3.0)
+    hi = t > _LAB_T
+    return torch.where(hi, f, 7.787 * t + 4.0 / 29.0), torch.where(hi, f / (3.0 * tc), 7.787)
+
+
+def _lab_f_inv_d(f: Tensor) -> tuple[Tensor, Tensor]:
+    hi = f > _LAB_T_INV
+    return torch.where(hi, f * f * f, (f - 4.0 / 29.0) / 7.787), torch.where(hi, 3.0 * f * f, 1.0 / 7.787)
+
+
+def post_mask(out: Tensor, post: str | None) -> Tensor:
+    """Derivative of the step applied after a conversion back to RGB, as autograd takes it:
+    ``"abs"`` (LStainNorm's ``|x_s|``; 0 at 0), ``"clamp"`` (to [0, 1], inclusive) or None."""
+    if post == "abs":
+        return torch.sign(out)
+    if post == "clamp":
+        return ((out >= 0.0) & (out <= 1.0)).to(out.dtype)
+    return torch.ones_like(out)
+
+
 def rgb_to_lab(image: Tensor) -> Tensor:
     r"""Convert RGB in [0, 1] to CIE L*a*b* (D65, 2 deg observer).
 
@@ -116,6 +162,43 @@ def rgb_to_lab(image: Tensor) -> Tensor:
     z = (_RGB2XYZ[2][0] * r + _RGB2XYZ[2][1] * g + _RGB2XYZ[2][2] * b) / _WHITE[2]
     fx, fy, fz = _lab_f(x), _lab_f(y), _lab_f(z)
     return torch.stack((116.0 * fy - 16.0, 500.0 * (fx - fy), 200.0 * (fy - fz)), dim=-3)
+
+
+def rgb_to_lab_vjp(image: Tensor, grad: Tensor) -> Tensor:
+    """Closed-form vector-Jacobian product of :func:`rgb_to_lab` at ``image``: ``grad`` (Lab,
+    ``(*, 3, H, W)``) back to RGB. Recomputes the forward's powers and reuses them."""
+    lin, dlin = zip(*(_srgb_to_linear_d(c) for c in image.unbind(-3)))
+    m = _RGB2XYZ
+    x = (m[0][0] * lin[0] + m[0][1] * lin[1] + m[0][2] * lin[2]) / _WHITE[0]
+    y = m[1][0] * lin[0] + m[1][1] * lin[1] + m[1][2] * lin[2]
+    z = (m[2][0] * lin[0] + m[2][1] * lin[1] + m[2][2] * lin[2]) / _WHITE[2]
+    gl, ga, gb = grad.unbind(-3)
+    gx = 500.0 * ga * _lab_f_d(x)[1] / _WHITE[0]
+    gy = (116.0 * gl - 500.0 * ga + 200.0 * gb) * _lab_f_d(y)[1]
+    gz = -200.0 * gb * _lab_f_d(z)[1] / _WHITE[2]
+    return torch.stack([(m[0][i] * gx + m[1][i] * gy + m[2][i] * gz) * dlin[i] for i in range(3)], dim=-3)
+
+
+def lab_to_rgb_vjp(image: Tensor, grad: Tensor, post: str | None = None) -> Tensor:
+    """Closed-form vector-Jacobian product of ``post(lab_to_rgb(image))`` (clipped) at ``image``."""
+    lum, a, b = image.unbind(-3)
+    fy = (lum + 16.0) / 116.0
+    fx = a / 500.0 + fy
+    fz_raw = fy - b / 200.0
+    fz = fz_raw.clamp(min=0.0)
+    (x, dx), (y, dy), (z, dz) = _lab_f_inv_d(fx), _lab_f_inv_d(fy), _lab_f_inv_d(fz)
+    x, z = x * _WHITE[0], z * _WHITE[2]
+    m = _XYZ2RGB
+    glin = []
+    for i, g in enumerate(grad.unbind(-3)):
+        c, dc = _linear_to_srgb_d(m[i][0] * x + m[i][1] * y + m[i][2] * z)
+        inside = (c >= 0.0) & (c <= 1.0)  # the clip
+        glin.append(torch.where(inside, g * post_mask(c.clamp(0.0, 1.0), post) * dc, 0.0))
+    gx = (m[0][0] * glin[0] + m[1][0] * glin[1] + m[2][0] * glin[2]) * (_WHITE[0] * dx)
+    gy = (m[0][1] * glin[0] + m[1][1] * glin[1] + m[2][1] * glin[2]) * dy
+    gz = (m[0][2] * glin[0] + m[1][2] * glin[1] + m[2][2] * glin[2]) * (_WHITE[2] * dz)
+    gz = torch.where(fz_raw >= 0.0, gz, 0.0)
+    return torch.stack(((gx + gy + gz) / 116.0, gx / 500.0, -gz / 200.0), dim=-3)
 
 
 def lab_to_rgb(image: Tensor, clip: bool = True) -> Tensor:
@@ -173,6 +256,66 @@ def rgb_to_hsv(image: Tensor, eps: float = 1e-8) -> Tensor:
     h = torch.where((r >= g) & (r >= b), h_r, torch.where(g >= b, h_g, h_b))
     h = torch.remainder(h / 6.0, 1.0) * _TWO_PI
     return torch.stack((h, s, mx), dim=-3)
+
+
+def _max_split(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """How autograd splits the gradient of ``torch.maximum(a, b)``: all to the larger, half each on a tie."""
+    wa = torch.where(a > b, 1.0, torch.where(a == b, 0.5, 0.0)).to(a.dtype)
+    return wa, 1.0 - wa
+
+
+def rgb_to_hsv_vjp(image: Tensor, grad: Tensor, eps: float = 1e-8) -> Tensor:
+    """Closed-form vector-Jacobian product of :func:`rgb_to_hsv` at ``image`` (autograd's choices
+    at ties of the maximum and minimum: the gradient is split, as ``torch.maximum``'s)."""
+    r, g, b = image.unbind(-3)
+    gh, gs, gv = grad.unbind(-3)
+    rg = torch.maximum(r, g)
+    mx = torch.maximum(rg, b)
+    rg_n = torch.minimum(r, g)
+    mn = torch.minimum(rg_n, b)
+    delta = mx - mn
+    den = mx + eps
+    nz = delta != 0
+    safe = torch.where(nz, delta, torch.ones_like(delta))
+    gh0 = gh * (_TWO_PI / 6.0)  # remainder's derivative is 1
+    use_r = (r >= g) & (r >= b)
+    use_g = ~use_r & (g >= b)
+    use_b = ~use_r & ~use_g
+    num = torch.where(use_r, g - b, torch.where(use_g, b - r, r - g))
+    gsafe = -gh0 * num / (safe * safe)
+    gq = gh0 / safe  # derivative of the chosen numerator's first (+) and second (-) operand
+    gdelta = gs / den + torch.where(nz, gsafe, 0.0)
+    gmx = gv - gs * delta / (den * den) + gdelta
+    gmn = -gdelta
+    w_rg, w_b = _max_split(rg, b)
+    w_r, w_g = _max_split(r, g)
+    n_rg, n_b = _max_split(-rg_n, -b)  # minimum(a, b) = -maximum(-a, -b)
+    n_r, n_g = _max_split(-r, -g)
+    gr = gmx * w_rg * w_r + gmn * n_rg * n_r + torch.where(use_b, gq, 0.0) - torch.where(use_g, gq, 0.0)
+    gg = gmx * w_rg * w_g + gmn * n_rg * n_g + torch.where(use_r, gq, 0.0) - torch.where(use_b, gq, 0.0)
+    gb_ = gmx * w_b + gmn * n_b + torch.where(use_g, gq, 0.0) - torch.where(use_r, gq, 0.0)
+    return torch.stack((gr, gg, gb_), dim=-3)
+
+
+def hsv_to_rgb_vjp(image: Tensor, grad: Tensor, post: str | None = None) -> Tensor:
+    """Closed-form vector-Jacobian product of ``post(hsv_to_rgb(image))`` at ``image``."""
+    h, s, v = image.unbind(-3)
+    h6 = h * (6.0 / _TWO_PI)
+    vs = v * s
+    gv = torch.zeros_like(v)
+    gvs = torch.zeros_like(v)
+    gh6 = torch.zeros_like(v)
+    for n, g in zip((5.0, 3.0, 1.0), grad.unbind(-3)):
+        k = torch.remainder(h6 + n, 6.0)
+        lo = torch.minimum(k, 4.0 - k)
+        t = lo.clamp(0.0, 1.0)
+        gc = g * post_mask(v - vs * t, post)
+        gv = gv + gc
+        gvs = gvs - gc * t
+        # through clamp (inclusive) and minimum(k, 4 - k) (a tie at k = 2 gives 1/2 - 1/2 = 0)
+        dk = torch.where(k < 4.0 - k, 1.0, torch.where(k > 4.0 - k, -1.0, 0.0))
+        gh6 = gh6 - torch.where((lo >= 0.0) & (lo <= 1.0), gc * vs * dk, 0.0)
+    return torch.stack((gh6 * (6.0 / _TWO_PI), gvs * v, gv + gvs * s), dim=-3)
 
 
 def hsv_to_rgb(image: Tensor) -> Tensor:
@@ -244,6 +387,29 @@ def rgb_to_hed(image: Tensor) -> Tensor:
     )
 
 
+def rgb_to_hed_vjp(image: Tensor, grad: Tensor) -> Tensor:
+    """Closed-form vector-Jacobian product of :func:`rgb_to_hed` at ``image``."""
+    m = _HED_FROM_RGB
+    gh = grad.unbind(-3)
+    out = []
+    for i, c in enumerate(image.unbind(-3)):
+        god = gh[0] * m[i][0] + gh[1] * m[i][1] + gh[2] * m[i][2]
+        out.append(torch.where(c >= _OD_FLOOR, -god / (_LN10 * c.clamp(min=_OD_FLOOR)), 0.0))
+    return torch.stack(out, dim=-3)
+
+
+def hed_to_rgb_vjp(image: Tensor, grad: Tensor, post: str | None = None) -> Tensor:
+    """Closed-form vector-Jacobian product of ``post(hed_to_rgb(image))`` (clipped) at ``image``."""
+    hh, ee, dd = image.unbind(-3)
+    m = _RGB_FROM_HED
+    gs = []
+    for i, g in enumerate(grad.unbind(-3)):
+        e = torch.exp(-_LN10 * (hh * m[0][i] + ee * m[1][i] + dd * m[2][i]))
+        inside = (e >= 0.0) & (e <= 1.0)
+        gs.append(torch.where(inside, -_LN10 * g * post_mask(e.clamp(0.0, 1.0), post) * e, 0.0))
+    return torch.stack([gs[0] * m[j][0] + gs[1] * m[j][1] + gs[2] * m[j][2] for j in range(3)], dim=-3)
+
+
 def hed_to_rgb(image: Tensor, clip: bool = True) -> Tensor:
     r"""Convert haematoxylin, eosin and DAB optical densities back to RGB.
 
@@ -261,6 +427,11 @@ def hed_to_rgb(image: Tensor, clip: bool = True) -> Tensor:
         [torch.exp(-_LN10 * (hh * m[0][i] + ee * m[1][i] + dd * m[2][i])) for i in range(3)], dim=-3
     )
     return out.clamp(0.0, 1.0) if clip else out
+
+
+def rgb_identity_vjp(image: Tensor, grad: Tensor, post: str | None = None) -> Tensor:
+    """Vector-Jacobian product of ``post(image)``: the identity's, masked by ``post``."""
+    return grad if post is None else grad * post_mask(image, post)
 
 
 def rgb_identity(image: Tensor) -> Tensor:
@@ -281,6 +452,10 @@ class ColorSpace:
         name: registry key.
         to_space: RGB in [0, 1] -> space, on ``(*, 3, H, W)``.
         from_space: space -> RGB, on ``(*, 3, H, W)``.
+        to_space_vjp, from_space_vjp: their closed-form vector-Jacobian products
+            (``(input, grad)`` and ``(input, grad, post)``); with both, the layers' training
+            step saves only its input (:class:`lstainnorm.layers.norm.StandardiseFunction`).
+            A space without them trains through autograd.
         channels: channel names, for logs and reports.
         natural_units: channel units as :meth:`to_natural` reports them.
         natural_scale: factor from internal to natural units, per channel.
@@ -301,6 +476,8 @@ class ColorSpace:
     std_floor: Triple
     description: str = ""
     aliases: tuple[str, ...] = field(default_factory=tuple)
+    to_space_vjp: Callable[[Tensor, Tensor], Tensor] | None = None
+    from_space_vjp: Callable[..., Tensor] | None = None
 
     def to_natural(self, values: Triple | list[float] | Tensor) -> list[float]:
         """Convert a per-channel triple (a mean or a std) from internal to natural units."""
@@ -352,6 +529,8 @@ register_space(
         name="lab",
         to_space=rgb_to_lab,
         from_space=lab_to_rgb,
+        to_space_vjp=rgb_to_lab_vjp,
+        from_space_vjp=lab_to_rgb_vjp,
         channels=("L*", "a*", "b*"),
         natural_units=("L*", "a*", "b*"),
         natural_scale=(1.0, 1.0, 1.0),
@@ -367,6 +546,8 @@ register_space(
         name="hsv",
         to_space=rgb_to_hsv,
         from_space=hsv_to_rgb,
+        to_space_vjp=rgb_to_hsv_vjp,
+        from_space_vjp=hsv_to_rgb_vjp,
         channels=("H", "S", "V"),
         natural_units=("deg", "0-1", "0-1"),
         natural_scale=(180.0 / math.pi, 1.0, 1.0),
@@ -381,6 +562,8 @@ register_space(
         name="rgb",
         to_space=rgb_identity,
         from_space=rgb_identity,
+        to_space_vjp=rgb_identity_vjp,
+        from_space_vjp=rgb_identity_vjp,
         channels=("R", "G", "B"),
         natural_units=("0-255", "0-255", "0-255"),
         natural_scale=(255.0, 255.0, 255.0),
@@ -395,6 +578,8 @@ register_space(
         name="hed",
         to_space=rgb_to_hed,
         from_space=hed_to_rgb,
+        to_space_vjp=rgb_to_hed_vjp,
+        from_space_vjp=hed_to_rgb_vjp,
         channels=("H", "E", "D"),
         natural_units=("OD", "OD", "OD"),
         natural_scale=(1.0, 1.0, 1.0),

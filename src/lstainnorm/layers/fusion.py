@@ -33,11 +33,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .color import get_space
-from .norm import DEFAULT_EPS, StainNorm, _CompilableNorm, _normalize, strip_stats
+from .norm import DEFAULT_EPS, StainNorm, _CompilableNorm, _normalize, backward_rows, closed_form_enabled, strip_stats
 from .registry import register_norm
 from .template import Template, resolve_templates
 
-__all__ = ["LStainNorm", "SharedAttention", "POOL", "FUSIONS", "attend", "lowrank_error"]
+__all__ = ["LStainNorm", "SharedAttention", "FusionFunction", "PoolFunction", "POOL", "FUSIONS", "attend", "lowrank_error"]
 
 POOL = 8
 FUSIONS = ("attention", "mean")  # how LStainNorm combines its branches
@@ -224,6 +224,140 @@ def attend(q: Tensor, k: Tensor, v: Tensor, block: int = ATTENTION_BLOCK, rank: 
     return _attend_lowrank(q, k, v, rank)
 
 
+def _fusion_forward(xs, maps, delta, a, b, eps: float):
+    """The fusion of method.md section 2 from the branch images ``xs`` and the signed upsampled
+    attention maps: ``(out_unclamped, w_s, W_s / total, total + eps, den)``."""
+    big = [(delta[i].view(1, 3, 1, 1) * maps[i].abs() + xs[i]) / (xs[i] + eps) for i in range(len(xs))]
+    total = big[0]
+    for t in big[1:]:
+        total = total + t
+    tot = total + eps
+    wn = [bi / tot for bi in big]
+    ws = [a[i] * wn[i] + b[i] for i in range(len(xs))]
+    num, den = ws[0] * xs[0], ws[0]
+    for w, xi in zip(ws[1:], xs[1:]):
+        num = num + w * xi
+        den = den + w
+    return LStainNorm._safe_div(num, den, 1e-6), ws, wn, tot, den, big
+
+
+class FusionFunction(torch.autograd.Function):
+    r"""The fusion ``out = sum_s w_s x_s / sum_s w_s`` with its backward in closed form.
+
+    ``w_s = a_s W_s / (sum_t W_t + eps) + b_s``, ``W_s = (delta_s |A_s| + x_s) / (x_s + eps)``.
+    Autograd keeps about seven full-size tensors per branch for this; the function saves the
+    branch images and attention maps it was given and recomputes the rest. With
+    ``D = sign(den) max(|den|, 1e-6)``, ``den = sum_s w_s``, ``T = sum_s W_s + eps``::
+
+        g_num = g / D,   g_den = -g_num out [|den| >= 1e-6],   g_w_s = g_num x_s + g_den
+        g_a_s = sum g_w_s W_s / T,   g_b_s = sum g_w_s,   g_Wn_s = a_s g_w_s
+        g_W_s = (g_Wn_s - sum_t g_Wn_t W_t / T) / T
+        g_x_s = g_num w_s + g_W_s (1 - W_s) / (x_s + eps),   g_A_s = g_W_s delta_s sign(A_s) / (x_s + eps)
+        g_delta_s = sum g_W_s |A_s| / (x_s + eps)
+
+    Inputs: ``delta`` (S, 3) (the ``1 + offset``), ``a``, ``b`` (S,), then the S branch images and
+    the S signed attention maps, each (B, 3, H, W).
+    """
+
+    @staticmethod
+    def forward(ctx, delta: Tensor, a: Tensor, b: Tensor, eps: float, clamp: bool, *tensors: Tensor):
+        n = len(tensors) // 2
+        out = _fusion_forward(tensors[:n], tensors[n:], delta, a, b, eps)[0]
+        ctx.eps, ctx.clamp, ctx.n = eps, clamp, n
+        ctx.save_for_backward(delta, a, b, *tensors)
+        return out.clamp(0.0, 1.0) if clamp else out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        delta, a, b, *tensors = ctx.saved_tensors
+        n = ctx.n
+        xs, maps = tensors[:n], tensors[n:]
+        rows = backward_rows(grad)
+        strips = [slice(r0, r0 + rows) for r0 in range(0, grad.shape[-2], rows)]
+        if len(strips) == 1:
+            return FusionFunction._backward_strip(ctx, grad, xs, maps, delta, a, b)
+        g_x = [torch.empty_like(t) for t in xs]
+        g_maps = [torch.empty_like(t) for t in maps]
+        g_delta = torch.zeros_like(delta)
+        ga, gb = torch.zeros_like(a), torch.zeros_like(b)
+        for rs in strips:  # everything is per pixel but the parameters' sums
+            part = FusionFunction._backward_strip(
+                ctx, grad[..., rs, :], [t[..., rs, :] for t in xs], [t[..., rs, :] for t in maps], delta, a, b
+            )
+            g_delta, ga, gb = g_delta + part[0], ga + part[1], gb + part[2]
+            for i in range(n):
+                g_x[i][..., rs, :] = part[5 + i]
+                g_maps[i][..., rs, :] = part[5 + n + i]
+        return (g_delta, ga, gb, None, None, *g_x, *g_maps)
+
+    @staticmethod
+    def _backward_strip(ctx, grad, xs, maps, delta, a, b):
+        n, eps = ctx.n, ctx.eps
+        out, ws, wn, tot, den, big = _fusion_forward(xs, maps, delta, a, b, eps)
+        if ctx.clamp:
+            grad = torch.where((out >= 0.0) & (out <= 1.0), grad, 0.0)
+        dd = torch.where(den < 0, -1.0, 1.0).to(den.dtype) * den.abs().clamp(min=1e-6)
+        g_num = grad / dd
+        g_den = torch.where(den.abs() >= 1e-6, -g_num * out, 0.0)
+        g_w = [g_num * xs[i] + g_den for i in range(n)]
+        ga = torch.stack([(g_w[i] * wn[i]).sum() for i in range(n)])
+        gb = torch.stack([g_w[i].sum() for i in range(n)])
+        g_wn = [a[i] * g_w[i] for i in range(n)]
+        corr = g_wn[0] * wn[0]
+        for i in range(1, n):
+            corr = corr + g_wn[i] * wn[i]
+        g_x, g_maps, g_delta = [], [], []
+        for i in range(n):
+            inv = (g_wn[i] - corr) / (tot * (xs[i] + eps))  # g_W_s / (x_s + eps)
+            g_x.append(g_num * ws[i] + inv * (1.0 - big[i]))
+            g_maps.append(inv * delta[i].view(1, 3, 1, 1) * torch.sign(maps[i]))
+            g_delta.append((inv * maps[i].abs()).sum(dim=(0, 2, 3)))
+        return (torch.stack(g_delta), ga, gb, None, None, *g_x, *g_maps)
+
+
+class PoolFunction(torch.autograd.Function):
+    r"""The attention's five 1x1-convolution maps of an image, each max-pooled by ``k``:
+    ``pooled[:, o] = maxpool_k(sum_c w[o, c] x[:, c] + bias[o])``, with a backward that keeps
+    only the pooling's indices (and ``x``, which the fusion keeps anyway): autograd would keep
+    the five full-size maps. With ``i`` the index of each cell's maximum::
+
+        g_x[:, c] at i  += w[o, c] g[:, o],   g_w[o, c] = sum g[:, o] x[:, c][i],   g_bias[o] = sum g[:, o]
+
+    Inputs: ``x`` (B, 3, H, W) with H, W multiples of ``k``, ``weight`` (5, 3), ``bias`` (5,).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, k: int):
+        r, g, b = x[:, 0], x[:, 1], x[:, 2]
+        pooled, idx = [], []
+        for o in range(weight.shape[0]):
+            m = (r * weight[o, 0] + g * weight[o, 1] + b * weight[o, 2] + bias[o]).unsqueeze(1)
+            p, i = F.max_pool2d(m, k, k, return_indices=True)
+            pooled.append(p.squeeze(1))
+            idx.append(i.squeeze(1))
+        ctx.save_for_backward(x, weight, torch.stack(idx, dim=1))
+        return torch.stack(pooled, dim=1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        x, weight, idx = ctx.saved_tensors
+        bsz, c = x.shape[:2]
+        flat_x = x.flatten(2)  # (B, 3, H*W)
+        flat_i = idx.flatten(2)  # (B, 5, h*w)
+        flat_g = grad.flatten(2)  # (B, 5, h*w)
+        g_x = torch.zeros_like(flat_x) if ctx.needs_input_grad[0] else None
+        g_w = torch.empty_like(weight)
+        for o in range(weight.shape[0]):
+            at = flat_i[:, o].unsqueeze(1).expand(bsz, c, -1)
+            go = flat_g[:, o].unsqueeze(1)
+            if g_x is not None:
+                g_x.scatter_add_(2, at, go * weight[o].view(1, c, 1))
+            g_w[o] = (torch.gather(flat_x, 2, at) * go).sum(dim=(0, 2))
+        return None if g_x is None else g_x.view_as(x), g_w, grad.sum(dim=(0, 2, 3)), None
+
+
 class SharedAttention(nn.Module):
     """The SAGAN-like attention of method.md section 2, shared by all branches.
 
@@ -244,6 +378,8 @@ class SharedAttention(nn.Module):
         x = _pad_to_multiple(x, self.pool)
         weight = torch.cat((self.query.weight, self.key.weight, self.value.weight)).view(5, 3).to(x.dtype)
         bias = torch.cat((self.query.bias, self.key.bias, self.value.bias)).to(x.dtype)
+        if (x.requires_grad or weight.requires_grad) and closed_form_enabled():
+            return PoolFunction.apply(x, weight, bias, self.pool)
         r, g, b = x[:, 0], x[:, 1], x[:, 2]
         # Each 1x1-convolution output channel is pooled on its own: the five full-size maps are
         # never stacked into one tensor.
@@ -364,7 +500,7 @@ class LStainNorm(_CompilableNorm):
         for s in self.spaces:
             br = self.branches[s]
             st = None if stats is None else stats[s]
-            outs.append(_normalize(x, br.space, br.mu, br.sigma, self.eps, self.tissue_stats, st).abs())
+            outs.append(_normalize(x, br.space, br.mu, br.sigma, self.eps, self.tissue_stats, st, "abs"))
         return outs
 
     def _pooled(self, xs: list[Tensor]) -> Tensor:
@@ -444,8 +580,12 @@ class LStainNorm(_CompilableNorm):
                 )
                 ok = None
         size = x.shape[-2:]
-        att = [self.attention.expand(a, size).abs() for a in small.chunk(len(xs), dim=0)]
-        return self._fuse(xs, att), ok
+        maps = [self.attention.expand(a, size) for a in small.chunk(len(xs), dim=0)]
+        if closed_form_enabled():
+            # Training eagerly: the closed-form backward (a few saved images instead of ~20).
+            delta, a, b = ((1.0 + self.delta).to(x.dtype), self.a.to(x.dtype), self.b.to(x.dtype))
+            return FusionFunction.apply(delta, a, b, self.eps, self.clamp, *xs, *maps), ok
+        return self._fuse(xs, [m.abs() for m in maps]), ok
 
     def _forward_strips(self, x: Tensor, stats, rows: int) -> Tensor:
         """The same result as :meth:`_forward_impl`, ``rows`` image rows at a time (inference on

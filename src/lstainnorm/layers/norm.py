@@ -23,6 +23,7 @@ glass passes through unchanged (:func:`lstainnorm.tissue.tissue_weight`).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from abc import ABC, abstractmethod
 from typing import Sequence
@@ -34,9 +35,18 @@ from .checks import check_image, check_rgb_range, compute_dtype
 from .color import ColorSpace, get_space
 from .registry import register_norm
 from .template import Template
-from .tissue import TISSUE_MIN_PIXELS, channel_stats, tissue_mask, tissue_weight
+from .tissue import TISSUE_MIN_PIXELS, channel_stats, mean_var, tissue_mask, tissue_weight
 
-__all__ = ["StainNorm", "stain_norm", "space_stats", "strip_stats", "DEFAULT_EPS", "LARGE_IMAGE_PIXELS"]
+__all__ = [
+    "StainNorm",
+    "stain_norm",
+    "space_stats",
+    "strip_stats",
+    "StandardiseFunction",
+    "closed_form_backward",
+    "DEFAULT_EPS",
+    "LARGE_IMAGE_PIXELS",
+]
 
 DEFAULT_EPS = 1e-7
 
@@ -95,6 +105,145 @@ def strip_stats(x: Tensor, space: ColorSpace, tissue: bool, rows: int) -> tuple[
     return mean.to(dtype).view(b, 3, 1, 1), sd.to(dtype).view(b, 3, 1, 1)
 
 
+def _standardise(x: Tensor, space: ColorSpace, mu: Tensor, sigma: Tensor, eps: float):
+    """Forward of one branch without tissue statistics: ``(y - mean, yh, mean, sd, var)``
+    (:func:`lstainnorm.tissue.mean_var`'s two passes, the centred image kept)."""
+    y = space.to_space(x)
+    n = y.shape[-1] * y.shape[-2]
+    mean = y.mean(dim=(-2, -1), keepdim=True)
+    centred = y - mean
+    var = (centred * centred).sum(dim=(-2, -1), keepdim=True) / max(n - 1, 1)
+    floor = torch.tensor(space.std_floor, dtype=y.dtype, device=y.device).square().view(1, 3, 1, 1)
+    sd = torch.maximum(var, floor).sqrt()
+    yh = centred * (sigma.reshape(-1, 3, 1, 1) / (sd + eps)) + mu.reshape(-1, 3, 1, 1)
+    return centred, yh, mean, sd, var
+
+
+def _reduce_to(g: Tensor, like: Tensor) -> Tensor:
+    """Sum a per-image ``(B, 3, 1, 1)`` gradient down to a template's shape ((3,) or per image)."""
+    return (g.sum(dim=0) if like.numel() == 3 else g).reshape(like.shape)
+
+
+def backward_rows(x: Tensor) -> int:
+    """Rows of ``x`` (B, C, H, W) a closed-form backward handles at a time: about
+    ``CPU_CHUNK_PIXELS`` pixels of the batch on a CPU (``LARGE_IMAGE_PIXELS`` on a GPU), so that
+    the derivative's temporaries of a large image are a strip's, not the image's."""
+    pixels = CPU_CHUNK_PIXELS if x.device.type == "cpu" else LARGE_IMAGE_PIXELS
+    return max(1, pixels // (x.shape[0] * x.shape[-1]))
+
+
+class StandardiseFunction(torch.autograd.Function):
+    r"""One branch, ``post(from_s((to_s(x) - mean) / (sd + eps) * sigma + mu))``, with its
+    backward in closed form.
+
+    Autograd would save every intermediate of the two colour conversions (about 19 full-size
+    images per branch); this saves the input and the per-image statistics. The backward
+    recomputes the conversions strip by strip (:func:`backward_rows`), reusing their powers and
+    roots for the derivatives (:attr:`ColorSpace.to_space_vjp` / ``from_space_vjp``). The
+    standardisation's derivative, with ``c = y - mean`` and ``g`` the gradient at ``yh``::
+
+        g_mu    = sum_pixels g,     g_sigma = sum_pixels g c / (sd + eps)
+        g_y     = scale (g - mean_pixels g) + g_sd * [var > floor^2] c / ((n - 1) sd)
+        g_sd    = -scale / (sd + eps) * sum_pixels g c,   scale = sigma / (sd + eps)
+
+    Equal to autograd's gradients (tests compare them, and gradcheck in float64), including
+    autograd's choices at ties (``torch.maximum`` splits the gradient). Once differentiable.
+    ``post``: ``"abs"`` (LStainNorm's ``|x_s|``), ``"clamp"`` (to [0, 1]) or None.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, mu: Tensor, sigma: Tensor, space: ColorSpace, eps: float, post: str | None):
+        _, yh, mean, sd, var = _standardise(x, space, mu, sigma, eps)
+        out = space.from_space(yh)
+        if post == "abs":
+            out = out.abs()
+        elif post == "clamp":
+            out = out.clamp(0.0, 1.0)
+        ctx.space, ctx.eps, ctx.post = space, eps, post
+        ctx.save_for_backward(x, mu, sigma, mean, sd, var)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        x, mu, sigma, mean, sd, var = ctx.saved_tensors
+        space, eps, post = ctx.space, ctx.eps, ctx.post
+        n = x.shape[-1] * x.shape[-2]
+        scale = sigma.reshape(-1, 3, 1, 1) / (sd + eps)
+        muv = mu.reshape(-1, 3, 1, 1)
+        rows = backward_rows(x)
+        strips = [slice(r0, r0 + rows) for r0 in range(0, x.shape[-2], rows)]
+        whole = len(strips) == 1
+        # pass 1: the gradient at yh and its two sums (kept whole, with the centred image)
+        g_full = grad if whole else torch.empty_like(grad)
+        c_full = None if whole else torch.empty_like(x)
+        g_sum = g_dot = 0.0
+        for rs in strips:
+            c = space.to_space(x[..., rs, :]) - mean
+            g = space.from_space_vjp(c * scale + muv, grad[..., rs, :], post)
+            if whole:
+                g_full, c_full = g, c
+            else:
+                g_full[..., rs, :], c_full[..., rs, :] = g, c
+            g_sum = g_sum + g.sum(dim=(-2, -1), keepdim=True)
+            g_dot = g_dot + (g * c).sum(dim=(-2, -1), keepdim=True)
+        g_mu = _reduce_to(g_sum, mu) if ctx.needs_input_grad[1] else None
+        g_sigma = _reduce_to(g_dot / (sd + eps), sigma) if ctx.needs_input_grad[2] else None
+        g_x = None
+        if ctx.needs_input_grad[0]:
+            floor = torch.tensor(space.std_floor, dtype=x.dtype, device=x.device).square().view(1, 3, 1, 1)
+            # torch.maximum(var, floor^2) passes all of the gradient above the floor, half on a tie
+            live = torch.where(var > floor, 1.0, torch.where(var == floor, 0.5, 0.0)).to(x.dtype)
+            coef = -scale / (sd + eps) * g_dot * live / (max(n - 1, 1) * sd)
+            g_x = torch.empty_like(x) if not whole else None
+            for rs in strips:
+                g_y = scale * (g_full[..., rs, :] - g_sum / n) + coef * c_full[..., rs, :]
+                part = space.to_space_vjp(x[..., rs, :], g_y)
+                if whole:
+                    g_x = part
+                else:
+                    g_x[..., rs, :] = part
+        return g_x, g_mu, g_sigma, None, None, None
+
+
+_CLOSED_FORM = [True]
+
+
+@contextlib.contextmanager
+def closed_form_backward(enabled: bool = True):
+    """Turn the layers' closed-form backward (:class:`StandardiseFunction`,
+    :class:`lstainnorm.layers.fusion.FusionFunction`) on or off inside a ``with`` block.
+
+    On by default; off, eager training goes through autograd (what the benchmarks and tests
+    compare against). The closed-form functions are once differentiable: a double backward
+    (``create_graph=True``, e.g. a gradient penalty on the input) needs it off. Not thread-local.
+    """
+    before = _CLOSED_FORM[0]
+    _CLOSED_FORM[0] = bool(enabled)
+    try:
+        yield
+    finally:
+        _CLOSED_FORM[0] = before
+
+
+def closed_form_enabled() -> bool:
+    """Whether eager training uses the closed-form backward here (grad mode on, not tracing)."""
+    return _CLOSED_FORM[0] and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
+def _closed_form(x: Tensor, space: ColorSpace, mu: Tensor, sigma: Tensor, tissue_stats: bool, stats) -> bool:
+    """Whether a branch trains through :class:`StandardiseFunction`: eager, gradients wanted, the
+    per-image statistics of the whole image (tissue masks and given statistics use autograd)."""
+    return (
+        stats is None
+        and not tissue_stats
+        and space.to_space_vjp is not None
+        and space.from_space_vjp is not None
+        and (x.requires_grad or mu.requires_grad or sigma.requires_grad)
+        and closed_form_enabled()
+    )
+
+
 def _normalize(
     x: Tensor,
     space: ColorSpace,
@@ -103,12 +252,16 @@ def _normalize(
     eps: float,
     tissue_stats: bool,
     stats: tuple[Tensor, Tensor] | None,
+    post: str | None = None,
 ) -> Tensor:
-    """The unchecked hot path: ``from_s(standardise(to_s(x)) * sigma + mu)``.
+    """The unchecked hot path: ``post(from_s(standardise(to_s(x)) * sigma + mu))``.
 
     With ``tissue_stats`` the statistics come from tissue pixels and glass passes through
-    unchanged (soft blend, :func:`lstainnorm.tissue.tissue_weight`).
+    unchanged (soft blend, :func:`lstainnorm.tissue.tissue_weight`). ``post`` is ``"abs"``,
+    ``"clamp"`` or None. Training eagerly, the closed-form :class:`StandardiseFunction` runs.
     """
+    if _closed_form(x, space, mu, sigma, tissue_stats, stats):
+        return StandardiseFunction.apply(x, mu.to(x.dtype), sigma.to(x.dtype), space, eps, post)
     y = space.to_space(x)
     if stats is None:
         mask = tissue_mask(x) if tissue_stats else None
@@ -122,7 +275,9 @@ def _normalize(
     if tissue_stats:
         w = tissue_weight(x)
         out = w * out + (1.0 - w) * x
-    return out
+    if post == "abs":
+        return out.abs()
+    return out.clamp(0.0, 1.0) if post == "clamp" else out
 
 
 def stain_norm(
@@ -158,16 +313,19 @@ def stain_norm(
     dtype = compute_dtype(x)
     mu_t = mu if isinstance(mu, Tensor) else _triple(mu, sp.default_mu, "mu")
     sigma_t = sigma if isinstance(sigma, Tensor) else _triple(sigma, sp.default_sigma, "sigma")
-    out = _normalize(
-        x.to(dtype), sp, mu_t.to(x.device), sigma_t.to(x.device), eps, tissue_stats, stats
+    return _normalize(
+        x.to(dtype), sp, mu_t.to(x.device), sigma_t.to(x.device), eps, tissue_stats, stats,
+        "clamp" if clamp else None,
     )
-    return out.clamp(0.0, 1.0) if clamp else out
 
 
 # On a CPU, a batch is normalised a few images at a time so that the intermediate images
 # stay in cache: about 2x faster at batch 64 (eager and compiled alike); results are identical
 # because every step is per image.
 CPU_CHUNK_PIXELS = 1 << 19
+# Training eagerly, half that: the closed-form backward's temporaries are a chunk's, and at batch
+# 64 x 224 x 224 the peak fell from about 995 to 840 MB at the same speed (benchmarks/bench_cost.py).
+TRAIN_CHUNK_PIXELS = 1 << 18
 
 
 # Above this many pixels per image, inference (no autograd) runs in horizontal strips: the
@@ -176,10 +334,11 @@ CPU_CHUNK_PIXELS = 1 << 19
 LARGE_IMAGE_PIXELS = 1 << 21
 
 
-def _cpu_chunk(x: Tensor) -> int:
+def _cpu_chunk(x: Tensor, eager_training: bool = False) -> int:
     if x.device.type != "cpu":
         return x.shape[0]
-    return max(1, CPU_CHUNK_PIXELS // (x.shape[-1] * x.shape[-2]))
+    pixels = min(TRAIN_CHUNK_PIXELS, CPU_CHUNK_PIXELS) if eager_training else CPU_CHUNK_PIXELS
+    return max(1, pixels // (x.shape[-1] * x.shape[-2]))
 
 
 def _strip_rows(x: Tensor, multiple: int) -> int:
@@ -278,7 +437,7 @@ class _CompilableNorm(nn.Module, ABC):
             if x.shape[-1] * x.shape[-2] > LARGE_IMAGE_PIXELS and not torch.is_grad_enabled():
                 rows = _strip_rows(x, self._strip_multiple)
                 call = lambda xb, st: self._forward_strips(xb, st, rows)  # noqa: E731
-            step = _cpu_chunk(x)
+            step = _cpu_chunk(x, eager_training=self._compiled is None and closed_form_enabled())
             if step >= x.shape[0]:
                 return call(x, stats)
             outs = [call(x[i : i + step], _slice_stats(stats, i, step)) for i in range(0, x.shape[0], step)]
@@ -381,8 +540,8 @@ class StainNorm(_CompilableNorm):
         return space_stats(self.space.to_space(x), self.space, mask)
 
     def _forward_impl(self, x: Tensor, stats) -> Tensor:
-        out = _normalize(x, self.space, self.mu, self.sigma, self.eps, self.tissue_stats, stats)
-        return out.clamp(0.0, 1.0) if self.clamp else out
+        post = "clamp" if self.clamp else None
+        return _normalize(x, self.space, self.mu, self.sigma, self.eps, self.tissue_stats, stats, post)
 
     def _forward_strips(self, x: Tensor, stats, rows: int) -> Tensor:
         if stats is None:

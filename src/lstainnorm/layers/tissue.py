@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["tissue_mask", "tissue_weight", "channel_stats", "WHITE_THRESHOLD", "BLACK_THRESHOLD", "TISSUE_MIN_PIXELS"]
+__all__ = ["tissue_mask", "tissue_weight", "channel_stats", "mean_var", "WHITE_THRESHOLD", "BLACK_THRESHOLD", "TISSUE_MIN_PIXELS"]
 
 # A pixel is background when every channel is at least this bright (optical density below
 # -log10(0.86) = 0.065 in every channel: glass and empty slide), ...
@@ -52,6 +52,19 @@ def tissue_weight(x: Tensor, lo: float = 0.80, hi: float = 0.92, black: float = 
     return glass * dark
 
 
+def mean_var(y: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-image, per-channel mean and unbiased variance over H, W (torch's, as the reference;
+    a 1-pixel image has no spread), shapes ``(B, C, 1, 1)``.
+
+    Two passes (mean, then the squared deviations) rather than ``torch.var_mean``, whose
+    Welford loop runs about 10x slower on a CPU; as accurate (no ``E[y^2] - E[y]^2`` cancellation).
+    """
+    n = y.shape[-1] * y.shape[-2]
+    mean = y.mean(dim=(-2, -1), keepdim=True)
+    d = y - mean
+    return mean, (d * d).sum(dim=(-2, -1), keepdim=True) / max(n - 1, 1)
+
+
 def channel_stats(
     y: Tensor,
     weight: Tensor | None = None,
@@ -74,8 +87,7 @@ def channel_stats(
     """
     n = y.shape[-1] * y.shape[-2]
     if weight is None:
-        # torch's unbiased std, as the reference; a 1-pixel image has no spread (correction 0).
-        var, mean = torch.var_mean(y, dim=(-2, -1), keepdim=True, correction=1 if n > 1 else 0)
+        mean, var = mean_var(y)
     else:
         w = weight.to(y.dtype)
         cnt = w.sum(dim=(-2, -1), keepdim=True)
