@@ -207,3 +207,32 @@ def test_bench_mitosis_end_to_end_on_synthetic_crops(amibr, tmp_path, monkeypatc
                                 protocols=["p1", "p2-midog-to-tupac"], overrides=ov, progress=False, run_missing=False)
     assert len(partial["runs"]) == 4 and "In progress: 4 of 8 runs done" in partial["text"]
     assert (out / "results.jsonl").read_text() == before  # trained nothing
+
+
+def test_combination_is_chosen_on_validation_never_on_test(tmp_path):
+    """best-norm+best-augment: the normalisation and the augmentation with the highest mean validation
+    balanced accuracy, whatever their test scores; nothing while a candidate's seed is missing."""
+    from lstainnorm.experiments.mitosis import COMBO, choose_combo
+
+    def rec(method, seed, val, test, protocol="p1"):
+        return {"protocol": protocol, "method": method, "seed": seed, "val_bal_acc": val, "bal_acc": test}
+
+    methods = ["none", "template", "macenko", "hed-jitter", "randstainna", COMBO]
+    sel = [rec("template", s, 0.70, 0.90) for s in (0, 1)] + [rec("macenko", s, 0.75, 0.60) for s in (0, 1)]
+    sel += [rec("hed-jitter", s, 0.72, 0.50) for s in (0, 1)] + [rec("randstainna", s, 0.71, 0.95) for s in (0, 1)]
+    sel += [rec("none", 0, 0.99, 0.99)]  # not a candidate
+    combo, why = choose_combo(sel, "p1", [0, 1], methods)
+    assert combo == "macenko+hed-jitter" and "macenko 0.750" in why
+    assert choose_combo(sel, "p2-midog-to-tupac", [0, 1], methods)[0] is None  # other protocol: no runs
+    missing, why = choose_combo(sel[:-2], "p1", [0, 1], methods)
+    assert missing is None and "randstainna" in why
+    # A record without the field falls back to its run folder's best_val (the first runs of the benchmark).
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps({"best_val": 0.9}))
+    old = [dict(d) for d in sel]
+    old[0].pop("val_bal_acc")
+    old[0]["run_dir"] = str(run)
+    old[1].pop("val_bal_acc")
+    old[1]["run_dir"] = str(run)
+    assert choose_combo(old, "p1", [0, 1], methods)[0] == "template+hed-jitter"

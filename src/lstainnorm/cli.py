@@ -505,7 +505,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
                    "randstainna, hed-jitter, template, learnable-<space> for each colour space, lstainnorm, "
                    "the ablations lstainnorm-frozen, -init-reference, -init-image, -mean, -tissue, and NORM+AUGMENT "
                    "(e.g. macenko+hed-jitter) (default: all for accuracy; none template learnable-lab lstainnorm macenko "
-                   "for segmentation; issue 26's nine for mitosis)")
+                   "for segmentation; issue 26's nine and best-norm+best-augment, chosen on validation, for mitosis)")
     g.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     g.add_argument("--epochs", type=positive_int, help="training epochs (default 8 for accuracy, 20 for organ)")
     g.add_argument("--per-class", type=positive_int, default=200)
