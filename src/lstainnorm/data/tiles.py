@@ -245,7 +245,7 @@ class TileFolder(Dataset):
     ) -> "TileFolder":
         """Tiles listed in a manifest CSV, optionally filtered by ``split`` and ``centres``
         (``columns``: see :func:`read_manifest`)."""
-        rows = read_manifest(manifest, columns)
+        rows = all_rows = read_manifest(manifest, columns)
         split_col = (columns or {}).get("split", "split")
         centre_col = (columns or {}).get("centre", "centre")
         if split is not None:
@@ -254,7 +254,7 @@ class TileFolder(Dataset):
             rows = [r for r in rows if r["split"] == split]
         if centres is not None:
             want = {str(c) for c in centres}
-            have = {r.get("centre", "") for r in read_manifest(manifest, columns)}
+            have = {r.get("centre", "") for r in all_rows}  # every split's centres, for the error
             unknown = want - have
             if unknown:
                 raise ValueError(f"centres {sorted(unknown)} not in column '{centre_col}' of manifest {manifest} (has {sorted(have)})")

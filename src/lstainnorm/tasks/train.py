@@ -337,6 +337,13 @@ def _finished(run_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+
+def _remove_run_dir(run_dir: Path) -> None:
+    """Remove a new run's folder that holds nothing to resume (a failed start, a stop before the first step)."""
+    _close_log()
+    shutil.rmtree(run_dir, ignore_errors=True)
+    os.environ.pop(RUN_DIR_ENV, None)
+
 def train(
     cfg: Config,
     notes: Sequence[str] = (),
@@ -393,9 +400,7 @@ def train(
         trainer, ckpt, stop = _make_trainer(cfg, run_dir, monitor, [stopper, *extra_callbacks])
     except BaseException:
         if resume is None and _rank() == 0:  # a start that failed leaves no half-made run folder
-            _close_log()
-            shutil.rmtree(run_dir, ignore_errors=True)
-            os.environ.pop(RUN_DIR_ENV, None)
+            _remove_run_dir(run_dir)
         raise
     finally:
         _on_sigterm(previous)
@@ -407,9 +412,7 @@ def train(
         # StopAndSave saved the step and logged how to resume; a new run stopped before its first
         # step has nothing to resume and is removed. SIGTERM exits 128 + 15, as schedulers expect.
         if stopper.stopped and resume is None and not (run_dir / "checkpoints" / "last.ckpt").is_file() and _rank() == 0:
-            _close_log()
-            shutil.rmtree(run_dir, ignore_errors=True)
-            os.environ.pop(RUN_DIR_ENV, None)
+            _remove_run_dir(run_dir)
         if stopper.stopped == "SIGTERM":
             _close_log()
             raise SystemExit(STOPPED_EXIT["SIGTERM"]) from None
