@@ -15,7 +15,7 @@ import yaml
 from conftest import killed_writer_temp
 from PIL import Image
 
-from lstainnorm.config import ConfigError, load_config, make_config
+from lstainnorm.config import ConfigError, load_config, make_config, to_dict
 from lstainnorm.data.synthetic import write_synthetic
 from lstainnorm.runs import load_norm
 from lstainnorm.tasks.evaluate import evaluate, load_module
@@ -352,3 +352,34 @@ def test_pretrained_without_local_weights_is_a_clear_error(tmp_path):
     cfg.weights = str(tmp_path / "missing.pth")
     with pytest.raises(FileNotFoundError, match="model.weights"):
         build_classifier(cfg, 3)
+
+
+def test_consistency_term_trains_and_reaches_the_layer(tmp_path, synth):
+    """norm.consistency (issue 27): off by default; on, the run logs the gap between the layer's
+    outputs for a tile and its re-stained copy, and the term reaches the layer's gradients."""
+    import torch
+
+    from lstainnorm.tasks.module import StainNormModule
+
+    cfg, notes = _cfg(tmp_path, synth, "norm.consistency=2.0", "trainer.max_epochs=1")
+    res = train(cfg, notes)
+    assert (Path(res["run_dir"]) / "metrics.json").is_file()
+    assert "consistency: 2.0" in (Path(res["run_dir"]) / "config.yaml").read_text()
+    module = StainNormModule(to_dict(cfg), ["a", "b", "c"], ["A"])
+    assert module.consistency == 2.0 and module.consistency_view is not None
+    off = StainNormModule(to_dict(_cfg(tmp_path, synth)[0]), ["a", "b", "c"], ["A"])
+    assert off.consistency_view is None
+    x = torch.rand(4, 3, 32, 32)
+    batch = {"image": x, "label": torch.tensor([0, 1, 2, 0])}
+    grads = []
+    for weight in (0.0, 5.0):
+        module.consistency = weight
+        module.zero_grad()
+        module.training_step(batch, 0).backward()
+        grads.append(module.norm.branches["lab"].dmu.grad.clone())
+    assert not torch.allclose(grads[0], grads[1])  # the term changes what the templates learn
+    for bad in ("norm.consistency=-1", "norm.consistency=nan"):
+        with pytest.raises(ConfigError, match="norm.consistency must be a number >= 0"):
+            _cfg(tmp_path, synth, bad)
+    with pytest.raises(ConfigError, match="norm.consistency needs a normalisation layer that learns"):
+        _cfg(tmp_path, synth, "norm.consistency=1", "norm.mode=macenko")

@@ -9,6 +9,8 @@ mapped onto this schema (:func:`map_reference_config`).
 
 from __future__ import annotations
 
+import math
+
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,6 +144,10 @@ class NormConfig:
     and a fraction of the memory on a CPU, BENCHMARKS.md), and falls back to eager with a warning
     where compilation fails; ``true`` compiles every run and the apply commands; ``false`` never.
     ``LSTAINNORM_COMPILE=0`` turns ``auto`` off for a whole session.
+    ``consistency`` (default 0, off): weight of a loss term asking the layer to give the same
+    normalised image for a tile and a re-stained copy of it (HED jitter of strength
+    ``consistency_strength``, i.e. each stain's concentration scaled by up to +-5 % x strength:
+    +-20 % by default, an H/E-ratio change); issue 27, not yet measured.
     """
 
     mode: str = "lstainnorm"
@@ -162,6 +168,8 @@ class NormConfig:
     compile: str = "auto"
     target: Optional[str] = None
     cache_dir: Optional[str] = None
+    consistency: float = 0.0
+    consistency_strength: float = 4.0
 
 
 @dataclass
@@ -357,6 +365,13 @@ def _check_choices(cfg: DictConfig) -> None:
     for s in cfg.norm.spaces:
         choose("norm.spaces", s, list_spaces())
     choose("norm.fusion", cfg.norm.fusion, FUSIONS)
+    for key in ("consistency", "consistency_strength"):
+        value = getattr(cfg.norm, key)
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise ConfigError(f"norm.{key} must be a number >= 0, got {value!r}")
+    if cfg.norm.consistency > 0 and cfg.norm.mode not in ("learnable", "lstainnorm"):
+        raise ConfigError(f"norm.consistency needs a normalisation layer that learns (norm.mode learnable or lstainnorm), "
+                          f"not norm.mode={cfg.norm.mode}: nothing else could make the two views agree")
     choose("norm.schedule", cfg.norm.schedule, ("step", "cosine", "none"))
     # YAML true/false arrive as "True"/"False" in this str field.
     cfg.norm.compile = str(cfg.norm.compile).lower()
