@@ -20,7 +20,7 @@ sys.path.insert(0, str(REPO / "tests"))
 SHARED = Path(os.environ.get("LSTAINNORM_SHARED_DATA", REPO.parent / "shared" / "data"))
 OUT = REPO / "bench_out"
 
-__all__ = ["load_tiles", "time_ms", "markdown_table", "save", "machine", "OUT", "SHARED"]
+__all__ = ["load_tiles", "time_ms", "markdown_table", "save", "machine", "status_kb", "OUT", "SHARED"]
 
 
 def load_tiles(n: int = 64, size: int = 224, seed: int = 0) -> tuple[torch.Tensor, str]:
@@ -43,3 +43,11 @@ def save(name: str, text: str, data: object) -> Path:
 
 def machine() -> str:
     return f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def status_kb(field: str) -> int:
+    """A ``/proc/self/status`` field in kB (``VmRSS``, ``VmHWM``; Linux): the memory benchmarks' measure."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")

@@ -38,20 +38,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 warnings.filterwarnings("ignore")
 
-from _common import load_tiles, machine, markdown_table, save  # noqa: E402
+from _common import load_tiles, machine, markdown_table, save, status_kb  # noqa: E402
 
 import lstainnorm  # noqa: E402
 from lstainnorm.allocator import keep_freed_pages  # noqa: E402
 from lstainnorm.layers.norm import closed_form_backward  # noqa: E402
 
 TARGETS = {"step": 10.0, "peak_batch": 1024.0, "peak_2048": 2048.0, "rel_err": 1e-5}
-
-
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(field)
 
 
 def memory_child(batch: int, size: int, closed: bool) -> None:
@@ -63,11 +56,11 @@ def memory_child(batch: int, size: int, closed: bool) -> None:
     with closed_form_backward(closed):  # warm-up on a small crop: library code paged in, thread pools up
         norm(x[:1, :, :64, :64]).mean().backward()
     norm.zero_grad(set_to_none=True)
-    before = _status_kb("VmRSS")
+    before = status_kb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS counter
     with closed_form_backward(closed):
         norm(x).mean().backward()
-    print(json.dumps({"peak_mb": (_status_kb("VmHWM") - before) / 1024}))
+    print(json.dumps({"peak_mb": (status_kb("VmHWM") - before) / 1024}))
 
 
 def measure_memory(batch: int, size: int, closed: bool) -> float | None:

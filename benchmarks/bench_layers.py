@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 warnings.filterwarnings("ignore")
 
-from _common import load_tiles, machine, markdown_table, save, time_ms  # noqa: E402
+from _common import load_tiles, machine, markdown_table, save, status_kb, time_ms  # noqa: E402
 
 import lstainnorm  # noqa: E402
 from lstainnorm.experiments.speed import torchstain_macenko_runner  # noqa: E402
@@ -59,13 +59,6 @@ LAYERS = ["StainNorm(lab)", "StainNorm(hsv)", "StainNorm(rgb)", "StainNorm(hed)"
 BASELINES = ["kornia Lab round trip", "reference LabPreNorm (transcription)", "reference SA3 (transcription)"]
 
 
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(field)
-
-
 def peak_memory_child(name: str, batch: int, compiled: bool) -> None:
     """Run in a subprocess: print the peak RSS growth (MB) of one forward+backward (Linux)."""
     torch.set_num_threads(2)
@@ -79,12 +72,12 @@ def peak_memory_child(name: str, batch: int, compiled: bool) -> None:
             out.float().mean().backward()
         m.zero_grad(set_to_none=True)
         del out
-    before = _status_kb("VmRSS")
+    before = status_kb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS counter
     out = m(x)
     if trainable:
         out.float().mean().backward()
-    peak = _status_kb("VmHWM")
+    peak = status_kb("VmHWM")
     print(json.dumps({"peak_mb": (peak - before) / 1024}))
 
 
