@@ -201,7 +201,7 @@ class StopAndSave(L.Callback):
             else:
                 log.warning("stopped by %s before the first training step: nothing to resume", name)
             return
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # full state to resume from; explicit, so Lightning logs no default
         log.warning("stopped by %s at epoch %d step %d; checkpoint saved to %s; resume with `lstainnorm train --resume %s`",
                     name, epoch, step, path, self.run_dir)
 
