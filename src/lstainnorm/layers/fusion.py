@@ -225,8 +225,10 @@ def attend(q: Tensor, k: Tensor, v: Tensor, block: int = ATTENTION_BLOCK, rank: 
 
 
 def _fusion_forward(xs, maps, delta, a, b, eps: float):
-    """The fusion of method.md section 2 from the branch images ``xs`` and the signed upsampled
-    attention maps: ``(out_unclamped, w_s, W_s / total, total + eps, den)``."""
+    """The fusion of method.md section 2 from the branch images ``xs`` and the upsampled attention
+    maps (signed or not: their ``|A_s|`` is taken): ``(out_unclamped, w_s, W_s / (total + eps),
+    total + eps, den, W_s)``. The one implementation of the formula: the layer's forward, the
+    compiled path and :class:`FusionFunction`'s backward all call it."""
     big = [(delta[i].view(1, 3, 1, 1) * maps[i].abs() + xs[i]) / (xs[i] + eps) for i in range(len(xs))]
     total = big[0]
     for t in big[1:]:
@@ -512,28 +514,17 @@ class LStainNorm(_CompilableNorm):
         """The attention output of each branch on the pooled grid."""
         return list(self.attention.attend(self._pooled(xs)).chunk(len(xs), dim=0))
 
+    def _params(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """``(delta_s, a_s, b_s)`` in ``dtype``: the fusion's parameters as :func:`_fusion_forward` takes them."""
+        return (1.0 + self.delta).to(dtype), self.a.to(dtype), self.b.to(dtype)
+
     def _weights(self, xs: list[Tensor], att: list[Tensor]) -> list[Tensor]:
         """The fusion weights ``w_s`` from the branch images and their upsampled ``|A_s|``."""
-        n = len(xs)
-        delta = (1.0 + self.delta).to(xs[0].dtype)
-        big = [
-            (delta[i].view(1, 3, 1, 1) * att[i] + xs[i]) / (xs[i] + self.eps) for i in range(n)
-        ]
-        total = big[0]
-        for t in big[1:]:
-            total = total + t
-        a, b = self.a.to(xs[0].dtype), self.b.to(xs[0].dtype)
-        return [a[i] * (big[i] / (total + self.eps)) + b[i] for i in range(n)]
+        return _fusion_forward(xs, att, *self._params(xs[0].dtype), self.eps)[1]
 
     def _fuse(self, xs: list[Tensor], att: list[Tensor]) -> Tensor:
         """``sum_s w_s x_s / sum_s w_s``, clamped if asked."""
-        ws = self._weights(xs, att)
-        num = ws[0] * xs[0]
-        den = ws[0]
-        for w, xi in zip(ws[1:], xs[1:]):
-            num = num + w * xi
-            den = den + w
-        out = self._safe_div(num, den, 1e-6)
+        out = _fusion_forward(xs, att, *self._params(xs[0].dtype), self.eps)[0]
         return out.clamp(0.0, 1.0) if self.clamp else out
 
     @staticmethod
@@ -583,9 +574,8 @@ class LStainNorm(_CompilableNorm):
         maps = [self.attention.expand(a, size) for a in small.chunk(len(xs), dim=0)]
         if closed_form_enabled():
             # Training eagerly: the closed-form backward (a few saved images instead of ~20).
-            delta, a, b = ((1.0 + self.delta).to(x.dtype), self.a.to(x.dtype), self.b.to(x.dtype))
-            return FusionFunction.apply(delta, a, b, self.eps, self.clamp, *xs, *maps), ok
-        return self._fuse(xs, [m.abs() for m in maps]), ok
+            return FusionFunction.apply(*self._params(x.dtype), self.eps, self.clamp, *xs, *maps), ok
+        return self._fuse(xs, maps), ok
 
     def _forward_strips(self, x: Tensor, stats, rows: int) -> Tensor:
         """The same result as :meth:`_forward_impl`, ``rows`` image rows at a time (inference on
