@@ -2,9 +2,9 @@
 
 Eager PyTorch allocates every intermediate image afresh. glibc serves allocations above its
 mmap threshold (128 KB, growing with use) with fresh pages from the kernel and returns them
-on free, so each colour-space step of a batch of tiles pays its page faults again: measured
-here, a 10-tile chunk's fusion took 5.3 ms per tile with glibc's defaults and 2.3 with the
-pages kept (``benchmarks/bench_cost.py`` measures the layer both ways). :func:`keep_freed_pages`
+on free, so each colour-space step of a batch of tiles pays its page faults again (the largest
+cost of the eager fusion in a profile on this project's 2-core CPU; compare a run with
+``LSTAINNORM_MALLOC=default``). :func:`keep_freed_pages`
 keeps them: allocations up to 32 MB come from the heap and freed memory stays with the process.
 
 ``lstainnorm`` commands call it; a library user opts in (it is process-wide), or sets

@@ -323,8 +323,8 @@ def stain_norm(
 # stay in cache: about 2x faster at batch 64 (eager and compiled alike); results are identical
 # because every step is per image.
 CPU_CHUNK_PIXELS = 1 << 19
-# Training eagerly, half that: the closed-form backward's temporaries are a chunk's, and at batch
-# 64 x 224 x 224 the peak fell from about 995 to 840 MB at the same speed (benchmarks/bench_cost.py).
+# Training eagerly, half that: the closed-form backward's temporaries are a chunk's (the peak at
+# batch 64 x 224 x 224 is benchmarks/bench_cost.py's target 2).
 TRAIN_CHUNK_PIXELS = 1 << 18
 
 
