@@ -383,3 +383,37 @@ def test_consistency_term_trains_and_reaches_the_layer(tmp_path, synth):
             _cfg(tmp_path, synth, bad)
     with pytest.raises(ConfigError, match="norm.consistency needs a normalisation layer that learns"):
         _cfg(tmp_path, synth, "norm.consistency=1", "norm.mode=macenko")
+
+
+def test_stain_mode_trains_from_the_config(tmp_path, synth):
+    """norm.mode=stain (issue 27) trains end to end, with a learned stain matrix and the consistency
+    term; norm.stains is validated."""
+    import torch
+
+    from lstainnorm.tasks.module import StainNormModule
+
+    cfg, notes = _cfg(tmp_path, synth, "norm.mode=stain", "norm.stains=learned", "norm.consistency=1.0", "trainer.max_epochs=1")
+    res = train(cfg, notes)
+    assert (Path(res["run_dir"]) / "metrics.json").is_file()
+    module = StainNormModule(to_dict(cfg), ["a", "b", "c"], ["A"])
+    assert type(module.norm).__name__ == "StainOD" and module.norm.stains == "learned"
+    batch = {"image": torch.rand(4, 3, 32, 32) * 0.6 + 0.3, "label": torch.tensor([0, 1, 2, 0])}
+    module.training_step(batch, 0).backward()
+    assert torch.isfinite(module.norm.he.grad).all() and module.norm.he.grad.abs().sum() > 0
+    with pytest.raises(ConfigError, match="norm.stains: invalid value 'vahadane'"):
+        _cfg(tmp_path, synth, "norm.mode=stain", "norm.stains=vahadane")
+
+
+def test_stain_first_config_builds_the_stage_and_its_template(tmp_path, synth):
+    """norm.stain_first: the layer gets a StainOD stage, the auto template is estimated on what the
+    branches see (stain-normalised tiles), and other modes refuse the key."""
+    cfg, notes = _cfg(tmp_path, synth, "norm.stain_first=true", "norm.templates=auto", "trainer.max_epochs=1")
+    res = train(cfg, notes)
+    run = Path(res["run_dir"])
+    assert (run / "metrics.json").is_file() and (run / "template_init.yaml").is_file()
+    from lstainnorm.runs import load_norm
+
+    norm = load_norm(run).norm
+    assert norm.stain_first is not None and norm.stain_first.stains == "estimate"
+    with pytest.raises(ConfigError, match="norm.stain_first adds a stain stage"):
+        _cfg(tmp_path, synth, "norm.stain_first=true", "norm.mode=macenko")

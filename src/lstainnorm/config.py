@@ -23,6 +23,7 @@ from .baselines.augment import AUGMENT_MODES
 from .layers.color import list_spaces
 from .layers.fusion import FUSIONS
 from .layers.registry import list_norms
+from .layers.stain import STAIN_MODES
 
 __all__ = [
     "Config",
@@ -126,7 +127,7 @@ class DataConfig:
 class NormConfig:
     """The normalisation layer in front of the network.
 
-    ``mode``: none | template | learnable | lstainnorm | reinhard | macenko | vahadane.
+    ``mode``: none | template | learnable | lstainnorm | stain | reinhard | macenko | vahadane.
     ``templates``: null (each space's default), ``auto`` (estimated on the training split
     before training), ``reference`` (the reference implementation's numbers), the path
     of a template YAML, or the path of one image (estimated on its tissue, as a classical
@@ -144,6 +145,12 @@ class NormConfig:
     and a fraction of the memory on a CPU, BENCHMARKS.md), and falls back to eager with a warning
     where compilation fails; ``true`` compiles every run and the apply commands; ``false`` never.
     ``LSTAINNORM_COMPILE=0`` turns ``auto`` off for a whole session.
+    ``stains`` (mode ``stain``, :class:`lstainnorm.layers.stain.StainOD`, issue 27): the H and E
+    vectors of the optical-density normalisation: ``estimate`` (each image's own, Macenko),
+    ``ruifrok`` (fixed standard vectors) or ``learned`` (learned from Ruifrok's); its template
+    amounts learn unless ``learn_template: false``. ``stain_first: true`` (modes template, learnable,
+    lstainnorm) runs that normalisation as a first stage, before the colour spaces: it undoes a
+    change of the H/E ratio, which no per-channel standardisation does (BENCHMARKS.md).
     ``consistency`` (default 0, off): weight of a loss term asking the layer to give the same
     normalised image for a tile and a re-stained copy of it (HED jitter of strength
     ``consistency_strength``, i.e. each stain's concentration scaled by up to +-5 % x strength:
@@ -168,6 +175,8 @@ class NormConfig:
     compile: str = "auto"
     target: Optional[str] = None
     cache_dir: Optional[str] = None
+    stains: str = "estimate"
+    stain_first: bool = False
     consistency: float = 0.0
     consistency_strength: float = 4.0
 
@@ -365,12 +374,16 @@ def _check_choices(cfg: DictConfig) -> None:
     for s in cfg.norm.spaces:
         choose("norm.spaces", s, list_spaces())
     choose("norm.fusion", cfg.norm.fusion, FUSIONS)
+    choose("norm.stains", cfg.norm.stains, STAIN_MODES)
+    if cfg.norm.stain_first and cfg.norm.mode not in ("template", "learnable", "lstainnorm"):
+        raise ConfigError(f"norm.stain_first adds a stain stage to the layers template, learnable and lstainnorm, "
+                          f"not to norm.mode={cfg.norm.mode} (norm.mode=stain is that stage alone)")
     for key in ("consistency", "consistency_strength"):
         value = getattr(cfg.norm, key)
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
             raise ConfigError(f"norm.{key} must be a number >= 0, got {value!r}")
-    if cfg.norm.consistency > 0 and cfg.norm.mode not in ("learnable", "lstainnorm"):
-        raise ConfigError(f"norm.consistency needs a normalisation layer that learns (norm.mode learnable or lstainnorm), "
+    if cfg.norm.consistency > 0 and cfg.norm.mode not in ("learnable", "lstainnorm", "stain"):
+        raise ConfigError(f"norm.consistency needs a normalisation layer that learns (norm.mode learnable, lstainnorm or stain), "
                           f"not norm.mode={cfg.norm.mode}: nothing else could make the two views agree")
     choose("norm.schedule", cfg.norm.schedule, ("step", "cosine", "none"))
     # YAML true/false arrive as "True"/"False" in this str field.

@@ -141,12 +141,16 @@ def _norm_kwargs(ncfg: NormConfig, template: Template | str | None) -> dict[str,
             mu0 = list(ncfg.mu0)
         if ncfg.sigma0 is not None:
             sigma0 = list(ncfg.sigma0)
-        return {"space": ncfg.space, "mu0": mu0, "sigma0": sigma0, "tissue_stats": ncfg.tissue_stats}
+        return {"space": ncfg.space, "mu0": mu0, "sigma0": sigma0, "tissue_stats": ncfg.tissue_stats,
+                "stain_first": ncfg.stains if ncfg.stain_first else None}
     if mode == "lstainnorm":
         return {
             "spaces": tuple(ncfg.spaces), "templates": template, "tissue_stats": ncfg.tissue_stats,
             "fusion": ncfg.fusion, "learnable": ncfg.learn_template,
+            "stain_first": ncfg.stains if ncfg.stain_first else None,
         }
+    if mode == "stain":
+        return {"stains": ncfg.stains, "learnable": ncfg.learn_template}
     # Plugins (the classical baselines): fitted to a target image or, later, a training mosaic.
     return {"target": ncfg.target, "cache_dir": ncfg.cache_dir}
 

@@ -137,6 +137,9 @@ class ExportableNorm(nn.Module):
 
     def __init__(self, norm: nn.Module) -> None:
         super().__init__()
+        if getattr(norm, "stain_first", None) is not None:
+            raise TypeError("cannot export a layer with a stain stage (norm.stain_first): Macenko's per-image "
+                            "stain estimate (an eigen-decomposition and percentiles) is not exported yet")
         if isinstance(norm, StainNorm):
             if norm.tissue_stats:
                 raise ValueError("export does not support tissue_stats=True (a data-dependent mask)")

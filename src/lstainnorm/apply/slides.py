@@ -124,6 +124,10 @@ def is_slide(path: str | Path) -> bool:
 
 
 def _spaces_of(norm: nn.Module) -> list:
+    if getattr(norm, "stain_first", None) is not None:
+        raise ValueError("slide normalisation does not support a layer with a stain stage (norm.stain_first): its stain "
+                         "vectors and amounts are per image, so tiles of one slide would be normalised apart (seams); "
+                         "normalise the slide's tiles with `lstainnorm normalize` instead")
     if isinstance(norm, LStainNorm):
         return [norm.branches[s].space for s in norm.spaces]
     if isinstance(norm, StainNorm):

@@ -59,11 +59,13 @@ PROTOCOLS: dict[str, tuple[str, list[str]]] = {
 # validation balanced accuracy of its runs (never the test crops), run once both are known as
 # ``NORM+AUGMENT`` (e.g. ``macenko+hed-jitter``).
 COMBO = "best-norm+best-augment"
-NORM_CANDIDATES = ("template", "learnable-lab", "lstainnorm", "lstainnorm-frozen", "macenko", "reinhard")
+NORM_CANDIDATES = ("template", "learnable-lab", "lstainnorm", "lstainnorm-frozen", "macenko", "reinhard", "stain",
+                   "lstainnorm-stain")
 AUGMENT_CANDIDATES = ("hed-jitter", "randstainna")
-# Issue 26's methods.
+# Issue 26's methods, and issue 27's stain-aware options: ``stain`` (StainOD alone: each image's own
+# stain vectors, each stain's amount scaled to a template) and ``lstainnorm-stain`` (that stage first).
 MITOSIS_METHODS = ("none", "template", "learnable-lab", "lstainnorm", "lstainnorm-frozen", "macenko", "reinhard",
-                   "hed-jitter", "randstainna", COMBO)
+                   "stain", "lstainnorm-stain", "hed-jitter", "randstainna", COMBO)
 
 
 def _val_bal_acc(record: dict) -> float | None:

@@ -27,11 +27,11 @@ from ..runs import RUN_DIR_ENV
 __all__ = [
     "run_resumable", "benchmark_methods", "method_overrides", "markdown_table", "median_ms", "mean_std", "paired_table",
     "per_seed",
-    "LAYER_MODES", "ABLATIONS", "ABLATION_METHODS",
+    "LAYER_MODES", "ABLATIONS", "ABLATION_METHODS", "OPTIONS",
 ]
 
 # The method's own layers; every other registered norm is a baseline plugin (fixed pre-processing).
-LAYER_MODES = ("none", "template", "learnable", "lstainnorm")
+LAYER_MODES = ("none", "template", "learnable", "lstainnorm", "stain")
 
 # LStainNorm with one thing changed (issue 14's ablations); each is compared with ``lstainnorm``
 # as the config trains it (templates estimated on the training set, learned, attention fusion).
@@ -41,6 +41,10 @@ ABLATIONS: dict[str, list[str]] = {
     "lstainnorm-init-image": [],                                    # starts from one training image (the benchmark names it)
     "lstainnorm-mean": ["norm.fusion=mean"],                        # plain mean of the branches, no attention
     "lstainnorm-tissue": ["norm.tissue_stats=true"],                # statistics over tissue pixels only
+}
+# LStainNorm with an issue-27 option on (not an ablation: something added, measured where named).
+OPTIONS: dict[str, list[str]] = {
+    "lstainnorm-stain": ["norm.stain_first=true"],                  # a StainOD stage before the branches
 }
 # ``bench accuracy|segmentation --ablation``: the ablations, each single space, and the frozen Lab template.
 ABLATION_METHODS = ("lstainnorm", *ABLATIONS, "learnable-lab", "learnable-hsv", "learnable-rgb", "template")
@@ -64,6 +68,8 @@ def method_overrides(method: str, cache: Path, image: str | Path | None = None) 
         if aug not in AUGMENT_MODES or aug == "none" or norm in AUGMENT_MODES:
             raise ValueError(f"{method!r}: NORM+AUGMENT takes a normalisation and one of {[m for m in AUGMENT_MODES if m != 'none']}")
         return method_overrides(norm, cache, image) + [f"data.augment={aug}"]
+    if method in OPTIONS:
+        return ["norm.mode=lstainnorm", *OPTIONS[method]]
     if method in ABLATIONS:
         if method == "lstainnorm-init-image":
             if image is None:
@@ -78,7 +84,7 @@ def method_overrides(method: str, cache: Path, image: str | Path | None = None) 
         return [f"norm.mode={method}"]
     if method in list_norms():  # a baseline plugin: normalised tiles are cached between seeds
         return [f"norm.mode={method}", f"norm.cache_dir={cache / method}"]
-    raise ValueError(f"unknown benchmark method {method!r}; choose from {benchmark_methods() + list(ABLATIONS)}")
+    raise ValueError(f"unknown benchmark method {method!r}; choose from {benchmark_methods() + list(ABLATIONS) + list(OPTIONS)}")
 
 
 def run_resumable(

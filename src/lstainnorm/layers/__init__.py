@@ -8,6 +8,7 @@ Nothing here imports from the application (data loading, tasks, apply, the CLI):
 - :mod:`.template`  templates: YAML files, estimation from data
 - :mod:`.norm`      :class:`StainNorm`, normalisation in one colour space (method.md section 1)
 - :mod:`.fusion`    :class:`LStainNorm`, branches fused by self-attention (method.md section 2)
+- :mod:`.stain`     :class:`StainOD`, stain-aware normalisation in optical density (issue 27)
 - :mod:`.identity`  the ``none`` layer
 - :mod:`.registry`  ``create_norm`` / ``register_norm`` / ``list_norms``
 - :mod:`.model`     ``with_stain_norm``: a layer in front of any network; ``norm_param_groups``
@@ -18,6 +19,7 @@ from .fusion import LStainNorm, SharedAttention
 from .identity import Identity
 from .model import StainNormalized, norm_param_groups, with_stain_norm
 from .norm import StainNorm, stain_norm
+from .stain import StainOD
 from .registry import create_norm, list_norms, register_norm
 from .template import Template, estimate_template, load_template
 from .tissue import tissue_mask
@@ -28,6 +30,7 @@ __all__ = [
     "LStainNorm",
     "SharedAttention",
     "Identity",
+    "StainOD",
     "stain_norm",
     "with_stain_norm",
     "norm_param_groups",

@@ -431,6 +431,10 @@ class LStainNorm(_CompilableNorm):
         clamp: clamp the fused output to [0, 1]; off by default, as in the reference (its
             weights may leave the range slightly).
         validate: check inputs for NaN/Inf and the [0, 1] range.
+        stain_first: ``None`` or the stain vectors (``"estimate"``, ``"ruifrok"``, ``"learned"``) of a
+            :class:`~lstainnorm.layers.stain.StainOD` stage run before the branches (issue 27: it
+            undoes a change of each stain's amount, which no branch undoes; its template amounts
+            learn when ``learnable``).
 
     Shape:
         - Input: :math:`(B, 3, H, W)` RGB in [0, 1], any H, W >= 1.
@@ -455,6 +459,7 @@ class LStainNorm(_CompilableNorm):
         tissue_stats: bool = False,
         clamp: bool = False,
         validate: bool = True,
+        stain_first: str | None = None,
     ) -> None:
         super().__init__()
         if isinstance(spaces, str):
@@ -485,6 +490,7 @@ class LStainNorm(_CompilableNorm):
             self.delta = nn.Parameter(torch.zeros(n, 3))  # delta_s = 1 + offset, per channel
             self.a = nn.Parameter(torch.ones(n))
             self.b = nn.Parameter(torch.ones(n))
+        self._add_stain_stage(stain_first, learnable)
 
     def extra_repr(self) -> str:
         return f"spaces={self.spaces}, fusion={self.fusion}, tissue_stats={self.tissue_stats}, clamp={self.clamp}"

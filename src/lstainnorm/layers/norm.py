@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from .checks import check_image, check_rgb_range, compute_dtype
 from .color import ColorSpace, get_space
 from .registry import register_norm
+from .stain import StainOD
 from .template import Template
 from .tissue import TISSUE_MIN_PIXELS, channel_stats, mean_var, tissue_mask, tissue_weight
 
@@ -368,6 +369,13 @@ class _CompilableNorm(nn.Module, ABC):
         self._compiled = None
         self._compile_fallback = False
         self.validate = True
+        self.stain_first: StainOD | None = None
+
+    def _add_stain_stage(self, stains: str | None, learnable: bool) -> None:
+        """``stain_first``: a :class:`StainOD` stage before the colour spaces (issue 27): each
+        stain's amount is scaled to a template first, then the layer standardises as before."""
+        if stains is not None:
+            self.stain_first = StainOD(stains, learnable=learnable, validate=False)
 
     def enable_compile(self, fallback: bool = False, **compile_kwargs) -> "_CompilableNorm":
         """Compile the hot path with ``torch.compile(fullgraph=True)`` (input checks stay eager).
@@ -425,7 +433,10 @@ class _CompilableNorm(nn.Module, ABC):
         check_image(x)
         if self.validate:
             check_rgb_range(x)
-        return x.to(compute_dtype(x))
+        x = x.to(compute_dtype(x))
+        if self.stain_first is not None and x.shape[0] > 0:  # eager, per image, before every entry point
+            x = self.stain_first(x)
+        return x
 
     def _run(self, x: Tensor, stats=None) -> Tensor:
         x = self._prepare(x)
@@ -481,6 +492,9 @@ class StainNorm(_CompilableNorm):
         tissue_stats: per-image statistics over tissue pixels only; glass passes through.
         clamp: clamp the output to [0, 1] (no effect in Lab, whose conversion clips already).
         validate: check every input for NaN/Inf and the [0, 1] range (one pass over the data).
+        stain_first: ``None`` or the stain vectors (``"estimate"``, ``"ruifrok"``, ``"learned"``) of a
+            :class:`~lstainnorm.layers.stain.StainOD` stage run before the colour space (its template
+            amounts learn when ``learnable``).
 
     Shape:
         - Input: :math:`(B, 3, H, W)`, RGB in [0, 1], any H, W >= 1, float32/float64/half.
@@ -503,6 +517,7 @@ class StainNorm(_CompilableNorm):
         tissue_stats: bool = False,
         clamp: bool = True,
         validate: bool = True,
+        stain_first: str | None = None,
     ) -> None:
         super().__init__()
         self.space = get_space(space)
@@ -519,6 +534,7 @@ class StainNorm(_CompilableNorm):
         else:
             self.register_buffer("dmu", torch.zeros(3))
             self.register_buffer("dsigma", torch.zeros(3))
+        self._add_stain_stage(stain_first, self.learnable)
 
     @property
     def mu(self) -> Tensor:

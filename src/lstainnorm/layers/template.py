@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -305,6 +305,7 @@ def estimate_template(
     max_images: int | None = None,
     progress: bool = True,
     device: str | torch.device = "cpu",
+    transform: Callable[[Tensor], Tensor] | None = None,
 ) -> Template:
     """Estimate the initial template of each colour space from training images.
 
@@ -322,6 +323,8 @@ def estimate_template(
         max_images: stop after this many images.
         progress: show a progress bar.
         device: where to compute.
+        transform: applied to each float batch first (e.g. a layer's stain stage, so that the
+            template describes what the branches will see).
 
     Returns:
         A :class:`Template` with ``meta["n_images"]``.
@@ -361,6 +364,9 @@ def estimate_template(
                     f"batch {bi}: image values must be finite and in [0, 1], observed "
                     f"[{float(x.min()):.4g}, {float(x.max()):.4g}]; scale to [0, 1]"
                 )
+            if transform is not None:
+                with torch.no_grad():
+                    x = transform(x)
             mask = _tissue_mask_fn(x) if tissue_mask else None
             if mask is not None:
                 # Images (nearly) without tissue would pull the template towards glass: left out.
