@@ -3,6 +3,10 @@ conversions' vector-Jacobian products, each against autograd and with gradcheck 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -220,6 +224,38 @@ def test_keep_freed_pages_is_idempotent():
     first = keep_freed_pages()
     assert isinstance(first, bool)
     assert keep_freed_pages() is first
+
+
+_FREED_PAGES_PROBE = """
+import os
+from lstainnorm.allocator import keep_freed_pages
+ok = keep_freed_pages()
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+b = bytearray(16 << 20)
+for i in range(0, len(b), 4096):
+    b[i] = 1
+before = rss()
+del b
+print(ok, before - rss())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+def test_keep_freed_pages_keeps_a_freed_image_sized_buffer():
+    """With the setting a freed 16 MB buffer stays with the process (no page faults when the next
+    image-sized temporary takes it); without it (LSTAINNORM_MALLOC=default) glibc returns it."""
+    def probe(env: dict) -> tuple[bool, int]:
+        out = subprocess.run([sys.executable, "-c", _FREED_PAGES_PROBE], env={**os.environ, **env},
+                             capture_output=True, text=True, check=True).stdout.split()
+        return out[0] == "True", int(out[1])
+
+    ok, kept_drop = probe({})
+    if not ok:
+        pytest.skip("mallopt unavailable (not glibc)")
+    off, default_drop = probe({"LSTAINNORM_MALLOC": "default"})
+    assert not off
+    assert default_drop > 12 << 20  # returned to the system on free
+    assert kept_drop < 4 << 20      # kept
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")

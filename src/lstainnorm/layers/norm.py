@@ -36,7 +36,7 @@ from .color import ColorSpace, get_space
 from .registry import register_norm
 from .stain import StainOD
 from .template import Template
-from .tissue import TISSUE_MIN_PIXELS, channel_stats, mean_var, tissue_mask, tissue_weight
+from .tissue import TISSUE_MIN_PIXELS, centred_mean_var, channel_stats, tissue_mask, tissue_weight
 
 __all__ = [
     "StainNorm",
@@ -108,13 +108,9 @@ def strip_stats(x: Tensor, space: ColorSpace, tissue: bool, rows: int) -> tuple[
 
 def _standardise(x: Tensor, space: ColorSpace, mu: Tensor, sigma: Tensor, eps: float):
     """Forward of one branch without tissue statistics: ``(y - mean, yh, mean, sd, var)``
-    (:func:`lstainnorm.tissue.mean_var`'s two passes, the centred image kept)."""
-    y = space.to_space(x)
-    n = y.shape[-1] * y.shape[-2]
-    mean = y.mean(dim=(-2, -1), keepdim=True)
-    centred = y - mean
-    var = (centred * centred).sum(dim=(-2, -1), keepdim=True) / max(n - 1, 1)
-    floor = torch.tensor(space.std_floor, dtype=y.dtype, device=y.device).square().view(1, 3, 1, 1)
+    (:func:`lstainnorm.tissue.centred_mean_var`: two passes, the centred image kept)."""
+    mean, centred, var = centred_mean_var(space.to_space(x))
+    floor = torch.tensor(space.std_floor, dtype=var.dtype, device=var.device).square().view(1, 3, 1, 1)
     sd = torch.maximum(var, floor).sqrt()
     yh = centred * (sigma.reshape(-1, 3, 1, 1) / (sd + eps)) + mu.reshape(-1, 3, 1, 1)
     return centred, yh, mean, sd, var

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["tissue_mask", "tissue_weight", "channel_stats", "mean_var", "WHITE_THRESHOLD", "BLACK_THRESHOLD", "TISSUE_MIN_PIXELS"]
+__all__ = ["tissue_mask", "tissue_weight", "channel_stats", "mean_var", "centred_mean_var", "WHITE_THRESHOLD", "BLACK_THRESHOLD", "TISSUE_MIN_PIXELS"]
 
 # A pixel is background when every channel is at least this bright (optical density below
 # -log10(0.86) = 0.065 in every channel: glass and empty slide), ...
@@ -60,10 +60,17 @@ def mean_var(y: Tensor) -> tuple[Tensor, Tensor]:
     Welford loop was the slow part of the statistics in a CPU profile; as accurate (no
     ``E[y^2] - E[y]^2`` cancellation).
     """
+    mean, _, var = centred_mean_var(y)
+    return mean, var
+
+
+def centred_mean_var(y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`mean_var` with the centred image it computes on the way: ``(mean, y - mean, var)``
+    (the layers' forward reuses it)."""
     n = y.shape[-1] * y.shape[-2]
     mean = y.mean(dim=(-2, -1), keepdim=True)
     d = y - mean
-    return mean, (d * d).sum(dim=(-2, -1), keepdim=True) / max(n - 1, 1)
+    return mean, d, (d * d).sum(dim=(-2, -1), keepdim=True) / max(n - 1, 1)
 
 
 def channel_stats(
