@@ -254,3 +254,24 @@ def test_augment_then_normalise_config_runs_end_to_end(amibr, tmp_path, monkeypa
     res = train(cfg, notes)
     metrics = json.loads((Path(res["run_dir"]) / "metrics.json").read_text())
     assert 0.0 <= metrics["test"]["overall"]["bal_acc"] <= 1.0 and metrics["test"]["per_centre"]
+
+
+def test_stain_aware_methods_are_paired_against_macenko_and_the_best_augmentation():
+    """Issue 27's judges: the stain-aware rows get paired tables against macenko and against the
+    augmentation-only method chosen on validation balanced accuracy (never on test)."""
+    from lstainnorm.experiments.mitosis import best_on_validation, protocol_tables
+
+    def rec(method, seed, val, test):
+        groups = {f"g{i}": {"atypical": [int(test * 4), 4], "normal": [int(test * 8), 8]} for i in range(4)}
+        return {"protocol": "p1", "method": method, "seed": seed, "val_bal_acc": val, "bal_acc": test, "auroc": test,
+                "per_centre": {"d": {"bal_acc": test, "auroc": test}}, "by_group": groups, "minutes": 1.0, "best_epoch": 1}
+
+    recs = [rec(m, s, val, test) for s in (0, 1) for m, val, test in
+            (("macenko", 0.7, 0.6), ("hed-jitter", 0.6, 0.9), ("randstainna", 0.8, 0.5), ("stain", 0.7, 0.75), ("lstainnorm", 0.7, 0.7))]
+    assert best_on_validation(recs, ("hed-jitter", "randstainna")) == "randstainna"  # despite its test score
+    assert best_on_validation(recs, ("vahadane",)) is None
+    text = protocol_tables(recs, ["macenko", "hed-jitter", "randstainna", "stain", "lstainnorm"], "p1")
+    assert "the stain-aware methods minus `macenko`" in text
+    assert "minus `randstainna`, the augmentation with the best validation" in text
+    tail = text.split("the stain-aware methods minus `macenko`")[1]
+    assert "| stain | +0.250 |" in tail and "| lstainnorm |" not in tail  # only the stain-aware rows

@@ -32,7 +32,7 @@ from ..tasks.train import train
 from .runner import markdown_table, mean_std, method_overrides, per_seed, run_resumable
 from .stress import stress_runs
 
-__all__ = ["mitosis_benchmark", "MITOSIS_METHODS", "COMBO", "choose_combo", "PROTOCOLS", "slide_bootstrap", "counts_by_group", "protocol_tables"]
+__all__ = ["mitosis_benchmark", "MITOSIS_METHODS", "COMBO", "choose_combo", "best_on_validation", "STAIN_AWARE", "PROTOCOLS", "slide_bootstrap", "counts_by_group", "protocol_tables"]
 
 MIDOG = ["midog21-hamamatsu-xr", "midog21-hamamatsu-s360", "midog21-aperio-cs2"]
 TUPAC = ["tupac16"]
@@ -194,8 +194,26 @@ def _mean_std(values: Sequence[float]) -> str:
     return mean_std(values, digits=3) if len(values) > 1 else f"{values[0]:.3f} (1 seed)"
 
 
+# Issue 27's judges: its stain-aware methods (and the combination) paired against Macenko and against the
+# augmentation-only method with the best mean validation balanced accuracy, besides lstainnorm and template.
+STAIN_AWARE = ("stain", "lstainnorm-stain")
+
+
+def best_on_validation(recs: Sequence[dict], candidates: Sequence[str]) -> str | None:
+    """The candidate with the highest mean validation balanced accuracy over its runs in ``recs``
+    (one protocol's records; test scores never enter), or None when none has a run."""
+    scores = {}
+    for m in candidates:
+        vals = [_val_bal_acc(d) for d in recs if d["method"] == m]
+        vals = [v for v in vals if v is not None]
+        if vals:
+            scores[m] = float(np.mean(vals))
+    return max(scores, key=scores.get) if scores else None
+
+
 def protocol_tables(sel: Sequence[dict], methods: Sequence[str], protocol: str) -> str:
-    """The markdown tables of one protocol: summary, per domain, paired against lstainnorm and template."""
+    """The markdown tables of one protocol: summary, per domain, paired against lstainnorm and template,
+    and the stain-aware methods paired against Macenko and the best augmentation (issue 27)."""
     recs = [d for d in sel if d["protocol"] == protocol]
     if not recs:
         return ""
@@ -222,6 +240,13 @@ def protocol_tables(sel: Sequence[dict], methods: Sequence[str], protocol: str) 
         if prow:
             text += (f"\n\nBalanced accuracy, each method minus `{reference}` (paired by seed; 95 % intervals: paired t over "
                      f"seeds, and a bootstrap of the seed-mean difference over test slides, {BOOTSTRAP_SAMPLES} resamples):\n\n")
+            text += markdown_table(["method", "difference", "95 % CI (paired t)", "95 % CI (slide bootstrap)", "per seed", "verdict"], prow)
+    stain_rows = [m for m in methods if m in STAIN_AWARE or "+" in m]
+    best_aug = best_on_validation(recs, AUGMENT_CANDIDATES)
+    for reference, why in (("macenko", ""), (best_aug, ", the augmentation with the best validation balanced accuracy")):
+        prow = _paired_rows(recs, stain_rows, reference) if reference and stain_rows else []
+        if prow:
+            text += (f"\n\nIssue 27: the stain-aware methods minus `{reference}`{why} (paired by seed; the same intervals):\n\n")
             text += markdown_table(["method", "difference", "95 % CI (paired t)", "95 % CI (slide bootstrap)", "per seed", "verdict"], prow)
     return text
 
