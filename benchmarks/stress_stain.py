@@ -53,7 +53,8 @@ def run_variant(out: Path, variant: str, seed: int) -> dict:
     stress_out = folder / "stress"
     if not (stress_out / "stress.json").is_file():
         print(f"[stress_stain] {variant} seed {seed}: stress", file=sys.stderr, flush=True)
-        subprocess.run([_lstainnorm(), "stress", str(run), "--data", str(folder / "synth" / "manifest.csv"), "--split", "test",
+        manifest = next(folder.glob("synth*/manifest.csv"))  # the demo names its data folder by tile size
+        subprocess.run([_lstainnorm(), "stress", str(run), "--data", str(manifest), "--split", "test",
                         "--axes", *AXES, "--levels", *LEVELS, "--out", str(stress_out)], check=True, stdout=subprocess.DEVNULL)
     res = json.loads((stress_out / "stress.json").read_text())
     rows = [json.loads(line) for line in (stress_out / "results.jsonl").read_text().splitlines() if line.strip()]

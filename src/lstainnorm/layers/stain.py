@@ -68,7 +68,7 @@ def macenko_stains(x: Tensor, stride: int = ESTIMATE_STRIDE, beta: float = 0.15,
         phi = torch.atan2((od * v2.unsqueeze(-1)).sum(1), (od * v1.unsqueeze(-1)).sum(1))
         phi = phi.masked_fill(~keep, float("nan"))
         enough = keep.sum(-1) >= TISSUE_MIN_PIXELS
-        phi[~enough] = 0.0  # no NaN-only rows for nanquantile; these images get Ruifrok's below
+        phi = torch.where(enough.unsqueeze(-1), phi, 0.0)  # no NaN-only rows for nanquantile; these images get Ruifrok's below
         lo = torch.nanquantile(phi, alpha / 100.0, dim=1).unsqueeze(-1)
         hi = torch.nanquantile(phi, 1.0 - alpha / 100.0, dim=1).unsqueeze(-1)
         a = v1 * torch.cos(lo) + v2 * torch.sin(lo)
