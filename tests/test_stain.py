@@ -172,3 +172,17 @@ def test_stain_stage_is_refused_where_it_cannot_work():
         ExportableNorm(LStainNorm(stain_first="estimate"))
     with pytest.raises(ValueError, match="stain stage"):
         _spaces_of(LStainNorm(stain_first="estimate"))
+
+
+def test_default_amounts_are_the_nct_sample_means(shared_data):
+    """DEFAULT_AMOUNTS is what its comment says: the mean of each NCT-CRC sample tile's stain_amounts."""
+    import numpy as np
+    from PIL import Image
+
+    from lstainnorm.layers.stain import DEFAULT_AMOUNTS
+
+    files = sorted((shared_data / "nct-crc-he-sample").glob("*.tif"))
+    if not files:
+        pytest.skip(f"no NCT-CRC sample tiles in {shared_data / 'nct-crc-he-sample'}")
+    x = torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1) for f in files])
+    assert torch.allclose(stain_amounts(x).mean(0), torch.tensor(DEFAULT_AMOUNTS), atol=0.005)

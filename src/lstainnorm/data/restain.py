@@ -26,11 +26,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["AXES", "Axis", "restain", "stain_matrix", "stain_matrices", "RUIFROK", "rotate_about_grey"]
+from ..layers.stain import OD_MIN as _OD_MIN
+from ..layers.stain import RUIFROK
 
-# Ruifrok & Johnston's H and E optical-density vectors (rows of scikit-image's rgb_from_hed).
-RUIFROK = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11]], dtype=torch.float64)
-_OD_MIN = 1.0 / 255.0  # darkest transmission the OD takes (torch-staintools' convention)
+__all__ = ["AXES", "Axis", "restain", "stain_matrix", "stain_matrices", "RUIFROK", "rotate_about_grey"]
 
 
 @dataclass(frozen=True)

@@ -29,18 +29,19 @@ import torch
 from torch import Tensor, nn
 
 from .checks import check_image, check_rgb_range, compute_dtype
+from .color import _RGB_FROM_HED
 from .registry import register_norm
 from .tissue import TISSUE_MIN_PIXELS, tissue_mask
 
 __all__ = ["StainOD", "stain_od", "macenko_stains", "stain_basis", "stain_amounts", "RUIFROK", "STAIN_MODES"]
 
-# Ruifrok & Johnston's H and E optical-density vectors (rows of scikit-image's rgb_from_hed).
-RUIFROK = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11]], dtype=torch.float64)
+# Ruifrok & Johnston's H and E optical-density vectors: the first two rows of the ``hed`` space's matrix.
+RUIFROK = torch.tensor(_RGB_FROM_HED[:2], dtype=torch.float64)
 OD_MIN = 1.0 / 255.0  # darkest transmission the OD takes (torch-staintools' convention)
 STAIN_MODES = ("estimate", "ruifrok", "learned")
 # The mean over the 9-tile NCT-CRC-HE-100K sample (``../shared/data/nct-crc-he-sample/*.tif``) of each
 # tile's ``stain_amounts`` (its own Macenko vectors), as the colour spaces' default templates are
-# estimated on that sample: 0.6385, 0.7063.
+# estimated on that sample: 0.6385, 0.7063 (tests/test_stain.py recomputes them where ../shared exists).
 DEFAULT_AMOUNTS = (0.64, 0.71)
 # Stain vectors are estimated on every ``ESTIMATE_STRIDE``-th row and column (1/9 of the pixels):
 # a stain direction is a statistic of thousands of pixels, the percentiles a sort of all of them.
