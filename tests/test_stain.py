@@ -99,6 +99,51 @@ def test_gradcheck_float64():
     assert layer.he.grad is not None and layer.log_amounts.grad is not None
 
 
+@pytest.mark.parametrize("case", ["tissue", "clamped gain", "glass and saturated white", "batch template"])
+def test_closed_form_backward_equals_autograd(case):
+    """StainODFunction's gradients (input and amounts) are autograd's, on tissue, where the gain bound
+    binds (an H-only tile), on glass with pixels at exactly 1.0 (OD 0: the clamp's tie) and black."""
+    from lstainnorm.layers.norm import closed_form_backward
+    from lstainnorm.layers.stain import StainODFunction
+
+    x = _tissue(3, 24, seed=1)
+    if case == "clamped gain":
+        x = _tissue(3, 24, e_scale=0.02, seed=2)
+    elif case == "glass and saturated white":
+        x[:, :, :4] = 1.0
+        x[:, :, -3:] = 0.0
+        x[2] = 0.97
+    he = macenko_stains(x)
+    t = torch.tensor([0.5, 0.4]) if case != "batch template" else torch.tensor([[0.5, 0.4]]).expand(3, 2).contiguous()
+    weight = torch.randn(3, 3, 24, 24, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for closed in (True, False):
+        xr, tr = x.clone().requires_grad_(True), t.clone().requires_grad_(True)
+        with closed_form_backward(closed):
+            y = stain_od(xr, he, tr, max_gain=2.0)
+        assert (y.grad_fn.name() == "StainODFunctionBackward") == closed
+        (y * weight).sum().backward()
+        grads.append((y.detach(), xr.grad, tr.grad))
+    (y1, gx1, gt1), (y0, gx0, gt0) = grads
+    assert torch.allclose(y1, y0, atol=1e-6)
+    assert torch.allclose(gx1, gx0, atol=1e-4, rtol=1e-4), (gx1 - gx0).abs().max()
+    assert torch.allclose(gt1, gt0, atol=1e-4, rtol=1e-4), (gt1, gt0)
+    # only the amounts need a gradient (the usual training case: an input image)
+    tr = t.clone().requires_grad_(True)
+    StainODFunction.apply(x, he, tr, 2.0).mul(weight).sum().backward()
+    assert torch.allclose(tr.grad, gt0, atol=1e-4, rtol=1e-4)
+
+
+def test_closed_form_gradcheck_float64():
+    from lstainnorm.layers.stain import StainODFunction
+
+    x = (0.25 + 0.6 * torch.rand(2, 3, 5, 6, dtype=torch.float64)).requires_grad_(True)
+    he = UNIT.expand(2, 2, 3).contiguous()
+    for gain in (50.0, 1.2):  # the gain bound free, and binding
+        t = torch.tensor([0.5, 0.4], dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda a, c: StainODFunction.apply(a, he, c, gain), (x, t))
+
+
 def test_basis_is_invertible_and_keeps_the_stain_rows():
     b = stain_basis(UNIT.unsqueeze(0))
     assert torch.allclose(b[0, :2], UNIT)

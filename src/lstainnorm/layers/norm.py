@@ -23,7 +23,6 @@ glass passes through unchanged (:func:`lstainnorm.tissue.tissue_weight`).
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from abc import ABC, abstractmethod
 from typing import Sequence
@@ -32,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .checks import check_image, check_rgb_range, compute_dtype
+from .closed_form import closed_form_backward, closed_form_enabled
 from .color import ColorSpace, get_space
 from .registry import register_norm
 from .stain import StainOD
@@ -201,31 +201,6 @@ class StandardiseFunction(torch.autograd.Function):
                 else:
                     g_x[..., rs, :] = part
         return g_x, g_mu, g_sigma, None, None, None
-
-
-_CLOSED_FORM = [True]
-
-
-@contextlib.contextmanager
-def closed_form_backward(enabled: bool = True):
-    """Turn the layers' closed-form backward (:class:`StandardiseFunction`,
-    :class:`lstainnorm.layers.fusion.FusionFunction`) on or off inside a ``with`` block.
-
-    On by default; off, eager training goes through autograd (what the benchmarks and tests
-    compare against). The closed-form functions are once differentiable: a double backward
-    (``create_graph=True``, e.g. a gradient penalty on the input) needs it off. Not thread-local.
-    """
-    before = _CLOSED_FORM[0]
-    _CLOSED_FORM[0] = bool(enabled)
-    try:
-        yield
-    finally:
-        _CLOSED_FORM[0] = before
-
-
-def closed_form_enabled() -> bool:
-    """Whether eager training uses the closed-form backward here (grad mode on, not tracing)."""
-    return _CLOSED_FORM[0] and torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 
 def _closed_form(x: Tensor, space: ColorSpace, mu: Tensor, sigma: Tensor, tissue_stats: bool, stats) -> bool:

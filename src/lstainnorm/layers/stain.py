@@ -30,10 +30,11 @@ from torch import Tensor, nn
 
 from .checks import check_image, check_rgb_range, compute_dtype
 from .color import _RGB_FROM_HED
+from .closed_form import closed_form_enabled
 from .registry import register_norm
 from .tissue import TISSUE_MIN_PIXELS, tissue_mask
 
-__all__ = ["StainOD", "stain_od", "macenko_stains", "stain_basis", "stain_amounts", "RUIFROK", "STAIN_MODES"]
+__all__ = ["StainOD", "StainODFunction", "stain_od", "macenko_stains", "stain_basis", "stain_amounts", "RUIFROK", "STAIN_MODES"]
 
 # Ruifrok & Johnston's H and E optical-density vectors: the first two rows of the ``hed`` space's matrix.
 RUIFROK = torch.tensor(_RGB_FROM_HED[:2], dtype=torch.float64)
@@ -92,12 +93,22 @@ def stain_basis(he: Tensor) -> Tensor:
     return torch.cat([he, r.unsqueeze(-2)], dim=-2)
 
 
-def _concentrations(x: Tensor, he: Tensor) -> tuple[Tensor, Tensor]:
-    """``(conc, basis)``: per-pixel concentrations ``(B, 3, H, W)`` of ``[h, e, r]``, and the basis."""
-    od = -torch.log(x.clamp(min=OD_MIN))
-    basis = stain_basis(he)  # (B, 3, 3), rows h, e, r: od = basis^T c
-    conc = torch.einsum("bkc,bchw->bkhw", torch.linalg.inv(basis).transpose(-1, -2), od)
-    return conc, basis
+def _od(x: Tensor) -> Tensor:
+    return -torch.log(x.clamp(min=OD_MIN))
+
+
+def _tissue_weights(x: Tensor) -> Tensor:
+    """``(B, 1, H, W)`` weights that average over each image's tissue (all pixels on glass, so
+    that the (tiny) amounts stay defined): ``mask / count``."""
+    mask = tissue_mask(x.detach())
+    few = mask.sum(dim=(-2, -1), keepdim=True) < TISSUE_MIN_PIXELS
+    w = (mask | few).to(x.dtype)
+    return w / w.sum(dim=(-2, -1), keepdim=True)
+
+
+def _inverse_rows(basis: Tensor) -> Tensor:
+    """``P`` with ``c = P od``: the concentrations of ``[h, e, r]`` from a pixel's OD (``od = basis^T c``)."""
+    return torch.linalg.inv(basis).transpose(-1, -2)
 
 
 def stain_amounts(x: Tensor, he: Tensor | None = None) -> Tensor:
@@ -105,16 +116,89 @@ def stain_amounts(x: Tensor, he: Tensor | None = None) -> Tensor:
     scales to its template. ``he`` (``(B, 2, 3)``): the stain vectors; default each image's own."""
     check_image(x, "x")
     he = macenko_stains(x).to(x) if he is None else he.to(x)
-    conc, _ = _concentrations(x, he)
-    return _amounts(x, conc[:, :2])
+    mean_od = (_od(x) * _tissue_weights(x)).sum(dim=(-2, -1))  # (B, 3)
+    return (_inverse_rows(stain_basis(he))[:, :2] @ mean_od.unsqueeze(-1)).squeeze(-1)
 
 
-def _amounts(x: Tensor, conc: Tensor) -> Tensor:
-    mask = tissue_mask(x.detach()).to(conc.dtype)  # (B, 1, H, W)
-    n = mask.sum(dim=(-2, -1))
-    few = n < TISSUE_MIN_PIXELS  # glass: all pixels, so the (tiny) amounts stay defined
-    mask = torch.where(few.view(-1, 1, 1, 1), torch.ones_like(mask), mask)
-    return (conc * mask).sum(dim=(-2, -1)) / mask.sum(dim=(-2, -1))
+def _stain_map(he: Tensor, t: Tensor, mean_od: Tensor, max_gain: float):
+    """The per-image ``(B, 3, 3)`` map of OD to normalised OD, ``M = basis^T diag(gain, gain, 1) P``,
+    with what the backward needs: ``(M, basis, P, a, lo, hi, ac)``. The amounts are linear in the OD,
+    ``a = P[:2] mean_tissue(od)``, so neither they nor the output need the concentration images."""
+    basis = stain_basis(he)
+    p = _inverse_rows(basis)
+    a = (p[:, :2] @ mean_od.unsqueeze(-1)).squeeze(-1)  # (B, 2)
+    t = t.to(a).expand_as(a)
+    lo, hi = t / max_gain, t * max_gain
+    ac = a.clamp(min=lo, max=hi)
+    scale = torch.cat([t / ac, torch.ones_like(a[:, :1])], dim=1)  # the residual is kept as it is
+    return basis.transpose(-1, -2) @ (scale.unsqueeze(-1) * p), basis, p, a, lo, hi, ac
+
+
+def _apply_map(m: Tensor, od: Tensor) -> Tensor:
+    return torch.einsum("bcd,bdhw->bchw", m, od)
+
+
+def _stain_od_autograd(x: Tensor, he: Tensor, t: Tensor, max_gain: float) -> Tensor:
+    od = _od(x)
+    mean_od = (od * _tissue_weights(x)).sum(dim=(-2, -1))
+    m = _stain_map(he, t, mean_od, max_gain)[0]
+    return torch.exp(-_apply_map(m, od).clamp(min=0.0)).clamp(0.0, 1.0)
+
+
+class StainODFunction(torch.autograd.Function):
+    r""":func:`stain_od` with its backward in closed form (eager training, fixed or estimated vectors).
+
+    The output is a per-image 3 x 3 map of the OD, ``out = exp(-max(y, 0))``, ``y = M od``, with
+    ``M = basis^T diag(s) P`` and ``s_k = t_k / clamp(a_k, t_k / g, t_k g)``, ``a = P[:2] m``, ``m``
+    the tissue mean of ``od``. With ``G`` the gradient at ``out`` and ``w`` the tissue weights::
+
+        g_y   = -G out [out < 1]                        (out < 1 iff y > 0 and the clamps pass)
+        S     = sum_pixels g_y od^T                     (B, 3, 3): the gradient at M
+        g_s_k = sum_cd S_cd basis_kc P_kd               (k = H, E)
+        g_ac  = -g_s t / ac^2
+        g_t   = g_s / ac + g_ac (i_lo / g + i_hi g),   g_m = P[:2]^T (g_ac i_a)
+        g_x   = -(M^T g_y + g_m w) / x  [x > 1/255]
+
+    ``i_lo, i_a, i_hi``: where ``a`` is below, inside and above the gain bounds (autograd's
+    clamp splits a tie half and half; scalar clamps pass nothing at a tie, hence the strict
+    inequalities). Autograd keeps the OD, the concentrations and their scaled copy (about four
+    images); this saves the input and the output and recomputes the OD (one log). Equal to
+    autograd's gradients (tests, gradcheck in float64). Once differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, he: Tensor, t: Tensor, max_gain: float):
+        # in place, and with the OD's sign folded into the sums: the pixel passes are the cost here
+        log_x = x.clamp(min=OD_MIN).log_()  # = -od
+        w = _tissue_weights(x)
+        m, basis, p, a, lo, hi, ac = _stain_map(he, t, -(log_x * w).sum(dim=(-2, -1)), max_gain)
+        out = _apply_map(m, log_x).clamp_(max=0.0).exp_()  # exp(-max(M od, 0)), in [0, 1] as it is
+        ctx.max_gain = max_gain
+        ctx.save_for_backward(x, out, w, m, basis, p, a, lo, hi, ac)
+        ctx.t_shape = t.shape
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        x, out, w, m, basis, p, a, lo, hi, ac = ctx.saved_tensors
+        g = ctx.max_gain
+        xc = x.clamp(min=OD_MIN)
+        g_u = torch.where(out < 1.0, grad * out, 0.0)  # = -g_y
+        s_grad = torch.einsum("bchw,bdhw->bcd", g_u, xc.log())  # the gradient at M: g_y od^T = g_u log(x)^T
+        g_s = torch.einsum("bcd,bkc,bkd->bk", s_grad, basis[:, :2], p[:, :2])
+        g_ac = -g_s * (lo * g) / ac.square()
+        half = lambda c: c.to(a) * 0.5  # noqa: E731
+        i_lo, i_hi = (a < lo).to(a) + half(a == lo), (a > hi).to(a) + half(a == hi)
+        g_t = g_x = None
+        if ctx.needs_input_grad[2]:
+            g_t = g_s / ac + g_ac * (i_lo / g + i_hi * g)
+            g_t = g_t.sum(0).reshape(ctx.t_shape) if len(ctx.t_shape) == 1 else g_t.reshape(ctx.t_shape)
+        if ctx.needs_input_grad[0]:
+            g_m = (p[:, :2].transpose(-1, -2) @ (g_ac * (1.0 - i_lo - i_hi)).unsqueeze(-1)).squeeze(-1)
+            g_x = torch.einsum("bcd,bchw->bdhw", m, g_u).sub_(g_m[..., None, None] * w).div_(xc)  # = -g_od / x
+            g_x = torch.where(x > OD_MIN, g_x, 0.0)
+        return g_x, None, g_t, None
 
 
 def stain_od(x: Tensor, he: Tensor, amounts: Tensor, max_gain: float = 4.0) -> Tensor:
@@ -127,18 +211,18 @@ def stain_od(x: Tensor, he: Tensor, amounts: Tensor, max_gain: float = 4.0) -> T
         max_gain: bound on each stain's scale factor (and its inverse).
 
     Returns:
-        RGB ``(B, 3, H, W)`` in [0, 1].
+        RGB ``(B, 3, H, W)`` in [0, 1]. Eagerly with fixed or estimated vectors, the
+        closed-form :class:`StainODFunction` runs (its gradients when training); learned vectors,
+        ``torch.compile`` and ``closed_form_backward(False)`` use autograd.
     """
     he = he / he.norm(dim=-1, keepdim=True).clamp(min=1e-6)
     if he.ndim == 2:
         he = he.expand(x.shape[0], 2, 3)
-    conc, basis = _concentrations(x, he)
-    a = _amounts(x, conc[:, :2])  # (B, 2)
-    t = amounts.to(conc).expand_as(a)
-    gain = t / a.clamp(min=t / max_gain, max=t * max_gain)
-    scale = torch.cat([gain, torch.ones_like(gain[:, :1])], dim=1)  # the residual is kept as it is
-    od = torch.einsum("bkc,bkhw->bchw", basis, conc * scale[..., None, None])
-    return torch.exp(-od.clamp(min=0.0)).clamp(0.0, 1.0)
+    amounts = amounts.to(x.dtype)
+    training = torch.is_grad_enabled() and (x.requires_grad or amounts.requires_grad)
+    if not he.requires_grad and not torch.compiler.is_compiling() and (not training or closed_form_enabled()):
+        return StainODFunction.apply(x, he, amounts, float(max_gain))  # also the in-place forward of inference
+    return _stain_od_autograd(x, he, amounts, max_gain)
 
 
 class StainOD(nn.Module):
