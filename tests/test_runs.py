@@ -122,6 +122,14 @@ def test_run_resumable_runs_each_job_once(tmp_path):
     assert [json.loads(x)["seed"] for x in lines] == [1, 2]
 
 
+def test_run_resumable_counts_a_repeated_job_once(tmp_path):
+    """`--methods none none` (a method given twice) trains once and tables one record, not two."""
+    calls = []
+    jobs = [{"method": "none", "seed": 0}, {"method": "none", "seed": 0}, {"method": "b", "seed": 0}]
+    recs = run_resumable(tmp_path, jobs, lambda j: calls.append(j["method"]) or {"score": 1}, "t", progress=False)
+    assert calls == ["none", "b"] and [r["method"] for r in recs] == ["none", "b"]
+
+
 def test_ablations_are_runnable_and_change_one_thing():
     from pathlib import Path
 

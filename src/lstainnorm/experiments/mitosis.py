@@ -82,14 +82,19 @@ def _val_bal_acc(record: dict) -> float | None:
     return None
 
 
+def _val_scores(recs: Sequence[dict], candidates: Sequence[str]) -> dict[str, list[float | None]]:
+    """``{candidate: [validation balanced accuracy of each of its runs in recs]}`` (None where a run has none)."""
+    return {m: [_val_bal_acc(d) for d in recs if d["method"] == m] for m in candidates}
+
+
 def choose_combo(sel: Sequence[dict], protocol: str, seeds: Sequence[int], methods: Sequence[str]) -> tuple[str | None, str]:
     """``(NORM+AUGMENT, why)``: the candidates of ``methods`` with the highest mean validation balanced
     accuracy over ``seeds`` on ``protocol``, or ``(None, why not)`` while a candidate's runs are missing."""
     best = {}
+    recs = [d for d in sel if d["protocol"] == protocol and d["seed"] in seeds]
     for kind, candidates in (("normalisation", NORM_CANDIDATES), ("augmentation", AUGMENT_CANDIDATES)):
         scores = {}
-        for m in (c for c in candidates if c in methods):
-            vals = [_val_bal_acc(d) for d in sel if d["protocol"] == protocol and d["method"] == m and d["seed"] in seeds]
+        for m, vals in _val_scores(recs, [c for c in candidates if c in methods]).items():
             if len(vals) < len(seeds) or any(v is None for v in vals):
                 return None, f"waits for every seed of {m} (with its validation balanced accuracy)"
             scores[m] = float(np.mean(vals))
@@ -202,12 +207,7 @@ STAIN_AWARE = ("stain", "lstainnorm-stain")
 def best_on_validation(recs: Sequence[dict], candidates: Sequence[str]) -> str | None:
     """The candidate with the highest mean validation balanced accuracy over its runs in ``recs``
     (one protocol's records; test scores never enter), or None when none has a run."""
-    scores = {}
-    for m in candidates:
-        vals = [_val_bal_acc(d) for d in recs if d["method"] == m]
-        vals = [v for v in vals if v is not None]
-        if vals:
-            scores[m] = float(np.mean(vals))
+    scores = {m: float(np.mean(got)) for m, vals in _val_scores(recs, candidates).items() if (got := [v for v in vals if v is not None])}
     return max(scores, key=scores.get) if scores else None
 
 

@@ -96,7 +96,9 @@ def run_resumable(
     A record is the job's settings, what ``run(job)`` returned and ``minutes``. Job values
     must be JSON values (lists, not tuples) so that a reloaded record matches its job.
     ``train=False`` runs nothing: the records so far (the tables of a benchmark in progress).
+    A job given twice (``--methods none none``) runs and counts once.
     """
+    jobs = list({json.dumps(j, sort_keys=True): j for j in jobs}.values())
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.jsonl"
     done = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
