@@ -208,6 +208,21 @@ def test_stain_stage_before_the_layers():
     assert fused(torch.empty(0, 3, 8, 8)).shape == (0, 3, 8, 8)
 
 
+def test_stain_stage_amounts_learn_as_the_layer_or_as_told():
+    """stain_learnable: None follows the layer's templates; False freezes the stage, and then no gradient
+    reaches the stage (none is sent back through the colour spaces for it), the layer's own still do."""
+    from lstainnorm import LStainNorm, StainNorm
+
+    assert LStainNorm(stain_first="ruifrok").stain_first.log_amounts.requires_grad
+    assert not LStainNorm(stain_first="ruifrok", learnable=False).stain_first.log_amounts.requires_grad
+    assert StainNorm("lab", learnable=False, stain_first="ruifrok", stain_learnable=True).stain_first.log_amounts.requires_grad
+    frozen = LStainNorm(stain_first="estimate", stain_learnable=False)
+    assert not frozen.stain_first.log_amounts.requires_grad
+    frozen(_tissue()).sum().backward()
+    assert frozen.stain_first.log_amounts.grad is None and frozen.delta.grad is not None
+    assert frozen.branches["lab"].dmu.grad is not None
+
+
 def test_stain_stage_is_refused_where_it_cannot_work():
     from lstainnorm import LStainNorm
     from lstainnorm.apply.export import ExportableNorm

@@ -417,3 +417,9 @@ def test_stain_first_config_builds_the_stage_and_its_template(tmp_path, synth):
     assert norm.stain_first is not None and norm.stain_first.stains == "estimate"
     with pytest.raises(ConfigError, match="norm.stain_first adds a stain stage"):
         _cfg(tmp_path, synth, "norm.stain_first=true", "norm.mode=macenko")
+    from lstainnorm.runs import build_norm
+
+    frozen, _ = _cfg(tmp_path, synth, "norm.stain_first=true", "norm.stain_learnable=false")
+    assert not build_norm(frozen.norm).stain_first.log_amounts.requires_grad
+    with pytest.raises(ConfigError, match="norm.stain_learnable .* needs norm.stain_first: true"):
+        _cfg(tmp_path, synth, "norm.stain_learnable=false")

@@ -150,7 +150,9 @@ class NormConfig:
     ``ruifrok`` (fixed standard vectors) or ``learned`` (learned from Ruifrok's); its template
     amounts learn unless ``learn_template: false``. ``stain_first: true`` (modes template, learnable,
     lstainnorm) runs that normalisation as a first stage, before the colour spaces: it undoes a
-    change of the H/E ratio, which no per-channel standardisation does (BENCHMARKS.md).
+    change of the H/E ratio, which no per-channel standardisation does (BENCHMARKS.md);
+    ``stain_learnable`` (default: as the layer's templates) whether that stage's amounts learn:
+    ``false`` spares the gradient back through every colour space, most of the stage's cost.
     ``consistency`` (default 0, off): weight of a loss term asking the layer to give the same
     normalised image for a tile and a re-stained copy of it (HED jitter of strength
     ``consistency_strength``, i.e. each stain's concentration scaled by up to +-5 % x strength:
@@ -177,6 +179,7 @@ class NormConfig:
     cache_dir: Optional[str] = None
     stains: str = "estimate"
     stain_first: bool = False
+    stain_learnable: Optional[bool] = None
     consistency: float = 0.0
     consistency_strength: float = 4.0
 
@@ -378,6 +381,9 @@ def _check_choices(cfg: DictConfig) -> None:
     if cfg.norm.stain_first and cfg.norm.mode not in ("template", "learnable", "lstainnorm"):
         raise ConfigError(f"norm.stain_first adds a stain stage to the layers template, learnable and lstainnorm, "
                           f"not to norm.mode={cfg.norm.mode} (norm.mode=stain is that stage alone)")
+    if cfg.norm.stain_learnable is not None and not cfg.norm.stain_first:
+        raise ConfigError("norm.stain_learnable says whether the stain stage's amounts learn; it needs norm.stain_first: true "
+                          "(norm.mode=stain learns its amounts unless norm.learn_template: false)")
     for key in ("consistency", "consistency_strength"):
         value = getattr(cfg.norm, key)
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):

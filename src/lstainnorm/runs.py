@@ -142,12 +142,12 @@ def _norm_kwargs(ncfg: NormConfig, template: Template | str | None) -> dict[str,
         if ncfg.sigma0 is not None:
             sigma0 = list(ncfg.sigma0)
         return {"space": ncfg.space, "mu0": mu0, "sigma0": sigma0, "tissue_stats": ncfg.tissue_stats,
-                "stain_first": ncfg.stains if ncfg.stain_first else None}
+                "stain_first": ncfg.stains if ncfg.stain_first else None, "stain_learnable": ncfg.stain_learnable}
     if mode == "lstainnorm":
         return {
             "spaces": tuple(ncfg.spaces), "templates": template, "tissue_stats": ncfg.tissue_stats,
             "fusion": ncfg.fusion, "learnable": ncfg.learn_template,
-            "stain_first": ncfg.stains if ncfg.stain_first else None,
+            "stain_first": ncfg.stains if ncfg.stain_first else None, "stain_learnable": ncfg.stain_learnable,
         }
     if mode == "stain":
         return {"stains": ncfg.stains, "learnable": ncfg.learn_template}

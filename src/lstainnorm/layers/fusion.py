@@ -434,7 +434,9 @@ class LStainNorm(_CompilableNorm):
         stain_first: ``None`` or the stain vectors (``"estimate"``, ``"ruifrok"``, ``"learned"``) of a
             :class:`~lstainnorm.layers.stain.StainOD` stage run before the branches (issue 27: it
             undoes a change of each stain's amount, which no branch undoes; its template amounts
-            learn when ``learnable``).
+            learn when ``learnable``, or as ``stain_learnable`` says).
+        stain_learnable: ``None`` (as ``learnable``), or whether the stage's amounts learn: frozen,
+            no gradient runs back through the branches to the stage (its cost falls about 4x).
 
     Shape:
         - Input: :math:`(B, 3, H, W)` RGB in [0, 1], any H, W >= 1.
@@ -460,6 +462,7 @@ class LStainNorm(_CompilableNorm):
         clamp: bool = False,
         validate: bool = True,
         stain_first: str | None = None,
+        stain_learnable: bool | None = None,
     ) -> None:
         super().__init__()
         if isinstance(spaces, str):
@@ -490,7 +493,7 @@ class LStainNorm(_CompilableNorm):
             self.delta = nn.Parameter(torch.zeros(n, 3))  # delta_s = 1 + offset, per channel
             self.a = nn.Parameter(torch.ones(n))
             self.b = nn.Parameter(torch.ones(n))
-        self._add_stain_stage(stain_first, learnable)
+        self._add_stain_stage(stain_first, learnable, stain_learnable)
 
     def extra_repr(self) -> str:
         return f"spaces={self.spaces}, fusion={self.fusion}, tissue_stats={self.tissue_stats}, clamp={self.clamp}"

@@ -342,11 +342,14 @@ class _CompilableNorm(nn.Module, ABC):
         self.validate = True
         self.stain_first: StainOD | None = None
 
-    def _add_stain_stage(self, stains: str | None, learnable: bool) -> None:
+    def _add_stain_stage(self, stains: str | None, learnable: bool, stain_learnable: bool | None = None) -> None:
         """``stain_first``: a :class:`StainOD` stage before the colour spaces (issue 27): each
-        stain's amount is scaled to a template first, then the layer standardises as before."""
+        stain's amount is scaled to a template first, then the layer standardises as before. Its
+        amounts learn as the layer's templates do unless ``stain_learnable`` says otherwise: learning
+        them sends a gradient back through every colour space (about 4x the stage's own cost)."""
         if stains is not None:
-            self.stain_first = StainOD(stains, learnable=learnable, validate=False)
+            learn = learnable if stain_learnable is None else bool(stain_learnable)
+            self.stain_first = StainOD(stains, learnable=learn, validate=False)
 
     def enable_compile(self, fallback: bool = False, **compile_kwargs) -> "_CompilableNorm":
         """Compile the hot path with ``torch.compile(fullgraph=True)`` (input checks stay eager).
@@ -465,7 +468,8 @@ class StainNorm(_CompilableNorm):
         validate: check every input for NaN/Inf and the [0, 1] range (one pass over the data).
         stain_first: ``None`` or the stain vectors (``"estimate"``, ``"ruifrok"``, ``"learned"``) of a
             :class:`~lstainnorm.layers.stain.StainOD` stage run before the colour space (its template
-            amounts learn when ``learnable``).
+            amounts learn when ``learnable``, or as ``stain_learnable`` says).
+        stain_learnable: ``None`` (as ``learnable``), or whether the stage's amounts learn.
 
     Shape:
         - Input: :math:`(B, 3, H, W)`, RGB in [0, 1], any H, W >= 1, float32/float64/half.
@@ -489,6 +493,7 @@ class StainNorm(_CompilableNorm):
         clamp: bool = True,
         validate: bool = True,
         stain_first: str | None = None,
+        stain_learnable: bool | None = None,
     ) -> None:
         super().__init__()
         self.space = get_space(space)
@@ -505,7 +510,7 @@ class StainNorm(_CompilableNorm):
         else:
             self.register_buffer("dmu", torch.zeros(3))
             self.register_buffer("dsigma", torch.zeros(3))
-        self._add_stain_stage(stain_first, self.learnable)
+        self._add_stain_stage(stain_first, self.learnable, stain_learnable)
 
     @property
     def mu(self) -> Tensor:
