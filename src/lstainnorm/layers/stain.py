@@ -193,7 +193,7 @@ class StainODFunction(torch.autograd.Function):
         g_t = g_x = None
         if ctx.needs_input_grad[2]:
             g_t = g_s / ac + g_ac * (i_lo / g + i_hi * g)
-            g_t = g_t.sum(0).reshape(ctx.t_shape) if len(ctx.t_shape) == 1 else g_t.reshape(ctx.t_shape)
+            g_t = g_t.sum_to_size(ctx.t_shape)  # a template for all images, or one per image
         if ctx.needs_input_grad[0]:
             g_m = (p[:, :2].transpose(-1, -2) @ (g_ac * (1.0 - i_lo - i_hi)).unsqueeze(-1)).squeeze(-1)
             g_x = torch.einsum("bcd,bchw->bdhw", m, g_u).sub_(g_m[..., None, None] * w).div_(xc)  # = -g_od / x
