@@ -7,9 +7,6 @@ STAMP  := $(VENV)/.installed
 # torch/torchvision pinned to the wheels that lie on the build machines' disk (no multi-GB download).
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
-# The suite runs on two pytest-xdist workers (one torch thread each, tests/conftest.py), a test
-# file per worker at a time so that a file's shared fixtures are built once; TEST_WORKERS=0: serial.
-TEST_WORKERS ?= 2
 # Real H&E data for the tests and benchmarks (absent: real-data tests skip, benchmarks use synthetic tiles).
 export LSTAINNORM_SHARED_DATA ?= $(abspath ../shared/data)
 
@@ -32,7 +29,7 @@ $(STAMP): pyproject.toml | $(PY)
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile) --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(VENV)/bin/lstainnorm demo --out demo_out

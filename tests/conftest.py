@@ -13,10 +13,7 @@ import pytest
 import torch
 
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*")
-# Two threads (the CI machine's cores); under pytest-xdist (`make test` runs two workers) each
-# worker gets its share of the cores, so that the workers do not oversubscribe them.
-_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // _WORKERS))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 # Training runs compile the layer by default (norm.compile=auto); tests train for a few steps on
 # tiny images, where a compilation would cost more than it saves. test_compile.py checks auto.
 os.environ.setdefault("LSTAINNORM_COMPILE", "0")
