@@ -219,8 +219,9 @@ def stain_od(x: Tensor, he: Tensor, amounts: Tensor, max_gain: float = 4.0) -> T
     if he.ndim == 2:
         he = he.expand(x.shape[0], 2, 3)
     amounts = amounts.to(x.dtype)
-    training = torch.is_grad_enabled() and (x.requires_grad or amounts.requires_grad)
-    if not he.requires_grad and not torch.compiler.is_compiling() and (not training or closed_form_enabled()):
+    grad = torch.is_grad_enabled()
+    training = grad and (x.requires_grad or amounts.requires_grad)
+    if not (grad and he.requires_grad) and not torch.compiler.is_compiling() and (not training or closed_form_enabled()):
         return StainODFunction.apply(x, he, amounts, float(max_gain))  # also the in-place forward of inference
     return _stain_od_autograd(x, he, amounts, max_gain)
 
