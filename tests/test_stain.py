@@ -115,6 +115,8 @@ def test_closed_form_backward_equals_autograd(case):
         x[2] = 0.97
     he = macenko_stains(x)
     t = torch.tensor([0.5, 0.4]) if case != "batch template" else torch.tensor([[0.5, 0.4]]).expand(3, 2).contiguous()
+    if case == "clamped gain":  # the E amount is below its bound t / 2 on every tile, so the clamp binds
+        assert (stain_amounts(x, he)[:, 1] < t[1] / 2.0).all()
     weight = torch.randn(3, 3, 24, 24, generator=torch.Generator().manual_seed(0))
     grads = []
     for closed in (True, False):
@@ -137,10 +139,15 @@ def test_closed_form_backward_equals_autograd(case):
 def test_closed_form_gradcheck_float64():
     from lstainnorm.layers.stain import StainODFunction
 
-    x = (0.25 + 0.6 * torch.rand(2, 3, 5, 6, dtype=torch.float64)).requires_grad_(True)
-    he = UNIT.expand(2, 2, 3).contiguous()
+    # two-stain tiles (random grey pixels would give a negative E amount, below any bound); off 1.0,
+    # where the output's clamp would tie under gradcheck's finite differences
+    x = (0.97 * _tissue(2, 6, seed=3).double()).requires_grad_(True)
+    he = UNIT.double().expand(2, 2, 3).contiguous()
     for gain in (50.0, 1.2):  # the gain bound free, and binding
-        t = torch.tensor([0.5, 0.4], dtype=torch.float64, requires_grad=True)
+        t = torch.tensor([0.5, 0.3], dtype=torch.float64, requires_grad=True)
+        a = stain_amounts(x.detach(), he)
+        binds = (a < t.detach() / gain) | (a > t.detach() * gain)
+        assert bool(binds.any()) == (gain < 2.0)
         assert torch.autograd.gradcheck(lambda a, c: StainODFunction.apply(a, he, c, gain), (x, t))
 
 

@@ -116,22 +116,30 @@ def stain_amounts(x: Tensor, he: Tensor | None = None) -> Tensor:
     scales to its template. ``he`` (``(B, 2, 3)``): the stain vectors; default each image's own."""
     check_image(x, "x")
     he = macenko_stains(x).to(x) if he is None else he.to(x)
-    mean_od = (_od(x) * _tissue_weights(x)).sum(dim=(-2, -1))  # (B, 3)
-    return (_inverse_rows(stain_basis(he))[:, :2] @ mean_od.unsqueeze(-1)).squeeze(-1)
+    return _amounts(_inverse_rows(stain_basis(he)), _tissue_mean(_od(x), _tissue_weights(x)))
+
+
+def _tissue_mean(img: Tensor, w: Tensor) -> Tensor:
+    """``(B, C)``: each channel's mean over the tissue, ``w`` from :func:`_tissue_weights`."""
+    return (img * w).sum(dim=(-2, -1))
+
+
+def _amounts(p: Tensor, mean_od: Tensor) -> Tensor:
+    """``(B, 2)`` mean H and E concentrations: linear in the tissue-mean OD, ``a = P[:2] mean_od``."""
+    return (p[:, :2] @ mean_od.unsqueeze(-1)).squeeze(-1)
 
 
 def _stain_map(he: Tensor, t: Tensor, mean_od: Tensor, max_gain: float):
     """The per-image ``(B, 3, 3)`` map of OD to normalised OD, ``M = basis^T diag(gain, gain, 1) P``,
-    with what the backward needs: ``(M, basis, P, a, lo, hi, ac)``. The amounts are linear in the OD,
-    ``a = P[:2] mean_tissue(od)``, so neither they nor the output need the concentration images."""
+    with what the backward needs: ``(M, basis, P, a, t, ac)`` (``t`` per image). The amounts are
+    linear in the OD, so neither they nor the output need the concentration images."""
     basis = stain_basis(he)
     p = _inverse_rows(basis)
-    a = (p[:, :2] @ mean_od.unsqueeze(-1)).squeeze(-1)  # (B, 2)
+    a = _amounts(p, mean_od)
     t = t.to(a).expand_as(a)
-    lo, hi = t / max_gain, t * max_gain
-    ac = a.clamp(min=lo, max=hi)
+    ac = a.clamp(min=t / max_gain, max=t * max_gain)
     scale = torch.cat([t / ac, torch.ones_like(a[:, :1])], dim=1)  # the residual is kept as it is
-    return basis.transpose(-1, -2) @ (scale.unsqueeze(-1) * p), basis, p, a, lo, hi, ac
+    return basis.transpose(-1, -2) @ (scale.unsqueeze(-1) * p), basis, p, a, t, ac
 
 
 def _apply_map(m: Tensor, od: Tensor) -> Tensor:
@@ -140,8 +148,7 @@ def _apply_map(m: Tensor, od: Tensor) -> Tensor:
 
 def _stain_od_autograd(x: Tensor, he: Tensor, t: Tensor, max_gain: float) -> Tensor:
     od = _od(x)
-    mean_od = (od * _tissue_weights(x)).sum(dim=(-2, -1))
-    m = _stain_map(he, t, mean_od, max_gain)[0]
+    m = _stain_map(he, t, _tissue_mean(od, _tissue_weights(x)), max_gain)[0]
     return torch.exp(-_apply_map(m, od).clamp(min=0.0)).clamp(0.0, 1.0)
 
 
@@ -171,23 +178,24 @@ class StainODFunction(torch.autograd.Function):
         # in place, and with the OD's sign folded into the sums: the pixel passes are the cost here
         log_x = x.clamp(min=OD_MIN).log_()  # = -od
         w = _tissue_weights(x)
-        m, basis, p, a, lo, hi, ac = _stain_map(he, t, -(log_x * w).sum(dim=(-2, -1)), max_gain)
+        m, basis, p, a, t_b, ac = _stain_map(he, t, -_tissue_mean(log_x, w), max_gain)
         out = _apply_map(m, log_x).clamp_(max=0.0).exp_()  # exp(-max(M od, 0)), in [0, 1] as it is
         ctx.max_gain = max_gain
-        ctx.save_for_backward(x, out, w, m, basis, p, a, lo, hi, ac)
+        ctx.save_for_backward(x, out, w, m, basis, p, a, t_b, ac)
         ctx.t_shape = t.shape
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
-        x, out, w, m, basis, p, a, lo, hi, ac = ctx.saved_tensors
+        x, out, w, m, basis, p, a, t, ac = ctx.saved_tensors
         g = ctx.max_gain
+        lo, hi = t / g, t * g  # as the forward's clamp computed them, so its ties are found here
         xc = x.clamp(min=OD_MIN)
         g_u = torch.where(out < 1.0, grad * out, 0.0)  # = -g_y
         s_grad = torch.einsum("bchw,bdhw->bcd", g_u, xc.log())  # the gradient at M: g_y od^T = g_u log(x)^T
         g_s = torch.einsum("bcd,bkc,bkd->bk", s_grad, basis[:, :2], p[:, :2])
-        g_ac = -g_s * (lo * g) / ac.square()
+        g_ac = -g_s * t / ac.square()
         half = lambda c: c.to(a) * 0.5  # noqa: E731
         i_lo, i_hi = (a < lo).to(a) + half(a == lo), (a > hi).to(a) + half(a == hi)
         g_t = g_x = None
