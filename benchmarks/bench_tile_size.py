@@ -3,6 +3,7 @@ and on one large tile of the same number of pixels, the peak memory of one large
 training (eager and compiled), and inference on a large region (whole or strip by strip).
 
     python benchmarks/bench_tile_size.py            # 21 x 224^2 vs 1 x 1024^2; 2048^2; 4000^2
+    python benchmarks/bench_tile_size.py --small 32 --large 64 --memory-side 64 --region 96 --repeats 1 --no-compile  # smoke test
 
 Issue 13's targets: per-pixel time of a 1024 x 1024 tile at most 1.5x that of 224 x 224 tiles,
 and a 2048 x 2048 tile's forward+backward under 2 GB. Memory is the peak RSS growth of a fresh
@@ -84,6 +85,7 @@ def main() -> None:
     ap.add_argument("--memory-side", type=int, default=2048)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--region", type=int, default=4000, help="side of the inference region")
+    ap.add_argument("--no-compile", action="store_true", help="skip the compiled memory row (compiling takes a minute or more)")
     ap.add_argument("--peak-child", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.peak_child:
@@ -98,7 +100,7 @@ def main() -> None:
     ns_large = _fwd_bwd_ms(norm, large, a.repeats) * 1e6 / large[:, 0].numel()
     with torch.no_grad():
         infer_small = time_ms(lambda: norm(small), a.repeats) * 1e6 / small[:, 0].numel()
-    mem = {mode: _child(a.memory_side, mode) for mode in ("eager", "compiled")}
+    mem = {mode: _child(a.memory_side, mode) for mode in (("eager",) if a.no_compile else ("eager", "compiled"))}
     region = {mode: _child(a.region, mode) for mode in ("infer-strips", "infer-whole")}
     rows = [
         [f"{n_small} x {a.small}^2", ns_small, "-"],

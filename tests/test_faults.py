@@ -318,17 +318,29 @@ def _normalize_cmd(inp: Path, out: Path, t: Path) -> list[str]:
             "normalize", "--template", str(t), str(inp), str(out)]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
-def test_normalize_interrupted_then_rerun_is_byte_identical(tmp_path, sig):
-    n = 200  # enough that the signal lands mid-run on a fast or a busy machine
-    tiles(tmp_path / "in", n=n, size=128)
-    t = template_yaml(tmp_path / "t.yaml")
+_INTERRUPTED_N = 200  # enough that the signal lands mid-run on a fast or a busy machine
+
+
+@pytest.fixture(scope="module")
+def normalized_reference(tmp_path_factory):
+    """Tiles, a template and an uninterrupted run's outputs, shared by both signals' tests."""
+    root = tmp_path_factory.mktemp("interrupted")
+    tiles(root / "in", n=_INTERRUPTED_N, size=128)
+    t = template_yaml(root / "t.yaml")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    subprocess.run(_normalize_cmd(tmp_path / "in", tmp_path / "ref", t), check=True, capture_output=True, env=env)
+    subprocess.run(_normalize_cmd(root / "in", root / "ref", t), check=True, capture_output=True, env=env)
+    return root, t
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
+def test_normalize_interrupted_then_rerun_is_byte_identical(tmp_path, sig, normalized_reference):
+    n = _INTERRUPTED_N
+    root, t = normalized_reference
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # Ctrl-C as a user's shell delivers it: a child inherits an ignored SIGINT from its parent (a
     # test run, a CI shell), and Python then installs no KeyboardInterrupt handler.
     proc = subprocess.Popen(
-        _normalize_cmd(tmp_path / "in", tmp_path / "out", t), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+        _normalize_cmd(root / "in", tmp_path / "out", t), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.time() + 120
@@ -339,8 +351,8 @@ def test_normalize_interrupted_then_rerun_is_byte_identical(tmp_path, sig):
     assert code != 0  # it was stopped mid-run
     partial = len(list((tmp_path / "out").glob("*.png")))
     assert partial < n
-    assert subprocess.run(_normalize_cmd(tmp_path / "in", tmp_path / "out", t), capture_output=True, env=env).returncode == 0
-    ref = {p.name: p.read_bytes() for p in (tmp_path / "ref").glob("*.png")}
+    assert subprocess.run(_normalize_cmd(root / "in", tmp_path / "out", t), capture_output=True, env=env).returncode == 0
+    ref = {p.name: p.read_bytes() for p in (root / "ref").glob("*.png")}
     got = {p.name: p.read_bytes() for p in (tmp_path / "out").glob("*.png")}
     assert got == ref
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".tmp-")]  # no half-written files

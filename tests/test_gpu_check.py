@@ -35,7 +35,8 @@ def test_bench_gpu_quick_on_cpu(tmp_path):
 
 def test_bench_tile_size_runs(tmp_path):
     res = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "bench_tile_size.py"), "--small", "32", "--large", "64", "--memory-side", "64", "--repeats", "1"],
+        [sys.executable, str(REPO / "benchmarks" / "bench_tile_size.py"), "--small", "32", "--large", "64", "--memory-side", "64", "--repeats", "1",
+         "--region", "96", "--no-compile"],  # a smoke test: the compiled path is tests/test_compile.py's
         capture_output=True, text=True, timeout=600,
     )
     assert res.returncode == 0, res.stderr[-2000:]
