@@ -1,7 +1,7 @@
 """The layer's training cost (issue 28): targets 1-3, each printed met / not met, in one run.
 
     python benchmarks/bench_cost.py                 # ~10 min on 2 CPU cores (with the compiled row)
-    python benchmarks/bench_cost.py --no-compile    # ~4 min, eager rows only
+    python benchmarks/bench_cost.py --no-compile    # ~7 min, eager rows only
     python benchmarks/bench_cost.py --quick         # smoke test: tiny sizes, numbers meaningless
 
 1. Training step (forward, backward, AdamW) of a ResNet-18 at 224 x 224, batch 32, alone and
