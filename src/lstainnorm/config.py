@@ -157,6 +157,10 @@ class NormConfig:
     normalised image for a tile and a re-stained copy of it (HED jitter of strength
     ``consistency_strength``, i.e. each stain's concentration scaled by up to +-5 % x strength:
     +-20 % by default, an H/E-ratio change); issue 27, not yet measured.
+    ``stats_by`` (default null: each tile's own statistics; modes template, learnable, lstainnorm,
+    classification): ``centre`` or ``group`` (the manifest's group column, e.g. the slide)
+    standardises every tile by the colour statistics pooled over its centre's (group's) tiles
+    in its split, each split's from its own tiles (:mod:`lstainnorm.tasks.group_stats`; issue 27).
     """
 
     mode: str = "lstainnorm"
@@ -182,6 +186,7 @@ class NormConfig:
     stain_learnable: Optional[bool] = None
     consistency: float = 0.0
     consistency_strength: float = 4.0
+    stats_by: Optional[str] = None
 
 
 @dataclass
@@ -391,6 +396,14 @@ def _check_choices(cfg: DictConfig) -> None:
     if cfg.norm.consistency > 0 and cfg.norm.mode not in ("learnable", "lstainnorm", "stain"):
         raise ConfigError(f"norm.consistency needs a normalisation layer that learns (norm.mode learnable, lstainnorm or stain), "
                           f"not norm.mode={cfg.norm.mode}: nothing else could make the two views agree")
+    if cfg.norm.stats_by is not None:
+        choose("norm.stats_by", cfg.norm.stats_by, ("centre", "group"))
+        if cfg.norm.mode not in ("template", "learnable", "lstainnorm") or cfg.norm.stain_first or cfg.norm.consistency > 0:
+            raise ConfigError(f"norm.stats_by standardises by pooled colour statistics: it needs norm.mode template, learnable or "
+                              f"lstainnorm without norm.stain_first or norm.consistency (got norm.mode={cfg.norm.mode}, "
+                              f"stain_first={cfg.norm.stain_first}, consistency={cfg.norm.consistency})")
+        if cfg.task != "classification":
+            raise ConfigError(f"norm.stats_by is for classification tiles; task={cfg.task} standardises each image by its own statistics")
     choose("norm.schedule", cfg.norm.schedule, ("step", "cosine", "none"))
     # YAML true/false arrive as "True"/"False" in this str field.
     cfg.norm.compile = str(cfg.norm.compile).lower()

@@ -20,6 +20,7 @@ import datetime as _dt
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -226,6 +227,11 @@ def load_norm(run_or_ckpt: str | Path) -> TrainedNorm:
         norm.load_state_dict(state)
     except RuntimeError as err:
         raise CheckpointError(f"{path}: its normalisation weights do not match norm.mode={cfg.norm.mode} ({err})") from None
+    if cfg.norm.stats_by:
+        warnings.warn(f"{path} was trained with norm.stats_by={cfg.norm.stats_by} (statistics pooled per {cfg.norm.stats_by}); "
+                      "the layer alone standardises each image by its own statistics (a whole slide by the slide's). "
+                      "`lstainnorm evaluate` and `stress` pool them as training did; in code pass "
+                      "stats= from lstainnorm.tasks.group_stats.group_statistics", stacklevel=2)
     return TrainedNorm(norm.eval(), cfg, path)
 
 

@@ -27,9 +27,8 @@ from torch import Tensor, nn
 
 from ..data.io import ImageReadError, image_to_tensor, read_rgb, tensor_to_image, to_uint8_rgb
 from ..files import atomic_path, temp_prefix
-from ..layers.fusion import LStainNorm
-from ..layers.norm import StainNorm
-from ..layers.tissue import tissue_mask
+from ..layers.fusion import LStainNorm, norm_spaces
+from ..layers.norm import PooledStats
 
 __all__ = [
     "SlideReader",
@@ -128,11 +127,7 @@ def _spaces_of(norm: nn.Module) -> list:
         raise ValueError("slide normalisation does not support a layer with a stain stage (norm.stain_first): its stain "
                          "vectors and amounts are per image, so tiles of one slide would be normalised apart (seams); "
                          "normalise the slide's tiles with `lstainnorm normalize` instead")
-    if isinstance(norm, LStainNorm):
-        return [norm.branches[s].space for s in norm.spaces]
-    if isinstance(norm, StainNorm):
-        return [norm.space]
-    raise TypeError(f"slide normalisation needs a StainNorm or LStainNorm, got {type(norm).__name__}")
+    return norm_spaces(norm, "slide normalisation")
 
 
 def _tiles(width: int, height: int, tile: int) -> Iterator[tuple[int, int, int, int]]:
@@ -151,35 +146,14 @@ def slide_statistics(norm: nn.Module, reader: SlideReader, tile: int = 2048, pro
     """
     from tqdm.auto import tqdm
 
-    spaces = _spaces_of(norm)
-    acc = {sp.name: [torch.zeros(3, dtype=torch.float64) for _ in range(4)] for sp in spaces}  # tissue: s, ss; all: s, ss
-    n_t, n_a = 0, 0
+    pooled = PooledStats(_spaces_of(norm), tissue=True)
     level, factor = reader.level_for(downsample)
     lw, lh = reader.level_size(level)
     cells = list(_tiles(lw, lh, tile))
     for x, y, w, h in tqdm(cells, desc="slide statistics", unit="tile", disable=not progress):
-        img = image_to_tensor(reader.read(int(x * factor), int(y * factor), w, h, level)).unsqueeze(0)
-        m = tissue_mask(img)[0, 0].flatten()
-        n_t += int(m.sum())
-        n_a += m.numel()
-        for sp in spaces:
-            v = sp.to_space(img)[0].flatten(1).double()  # (3, P)
-            a = acc[sp.name]
-            a[0] += v[:, m].sum(1)
-            a[1] += v[:, m].square().sum(1)
-            a[2] += v.sum(1)
-            a[3] += v.square().sum(1)
-    use_tissue = n_t >= 16
-    n = n_t if use_tissue else n_a
-    stats = {}
-    for sp in spaces:
-        s, ss = (acc[sp.name][0], acc[sp.name][1]) if use_tissue else (acc[sp.name][2], acc[sp.name][3])
-        mean = s / n
-        var = ((ss - s * s / n) / max(n - 1, 1)).clamp(min=0)
-        floor = torch.tensor(sp.std_floor, dtype=torch.float64)
-        sd = torch.maximum(var, floor.square()).sqrt()
-        stats[sp.name] = (mean.float().view(1, 3, 1, 1), sd.float().view(1, 3, 1, 1))
-    stats["_tissue_fraction"] = n_t / max(n_a, 1)
+        pooled.add(image_to_tensor(reader.read(int(x * factor), int(y * factor), w, h, level)).unsqueeze(0))
+    stats: dict = pooled.result()
+    stats["_tissue_fraction"] = pooled.tissue_fraction
     stats["_level"] = level
     return stats
 

@@ -295,7 +295,7 @@ class TileFolder(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         rec = self.records[i]
-        item = {"label": rec.label, "centre": rec.centre, "path": rec.path, "index": i, "image": None}
+        item = {"label": rec.label, "centre": rec.centre, "group": rec.group, "path": rec.path, "index": i, "image": None}
         try:
             arr = read_rgb(rec.path)
         except ImageReadError as err:
@@ -327,6 +327,8 @@ def collate_tiles(items: list[dict]) -> dict:
                 f"tiles in one batch have different sizes {sorted(shapes)[:4]}; set data.image_size to resize them"
             )
         batch["image"] = torch.stack([it["image"] for it in good])
+        if "stats" in good[0]:  # pooled colour statistics per item (norm.stats_by): {space: (mean, std)}, (B, 3, 1, 1)
+            batch["stats"] = {s: tuple(torch.cat([it["stats"][s][k] for it in good]) for k in (0, 1)) for s in good[0]["stats"]}
     else:
         batch["image"] = torch.empty(0, 3, 1, 1)
     return batch

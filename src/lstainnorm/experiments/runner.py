@@ -46,6 +46,8 @@ ABLATIONS: dict[str, list[str]] = {
 OPTIONS: dict[str, list[str]] = {
     "lstainnorm-stain": ["norm.stain_first=true"],                  # a StainOD stage before the branches
 }
+# Any layer with its statistics pooled per centre: ``METHOD@centre`` (e.g. ``template@centre``).
+POOLED = "@centre"
 # ``bench accuracy|segmentation --ablation``: the ablations, each single space, and the frozen Lab template.
 ABLATION_METHODS = ("lstainnorm", *ABLATIONS, "learnable-lab", "learnable-hsv", "learnable-rgb", "template")
 
@@ -68,6 +70,12 @@ def method_overrides(method: str, cache: Path, image: str | Path | None = None) 
         if aug not in AUGMENT_MODES or aug == "none" or norm in AUGMENT_MODES:
             raise ValueError(f"{method!r}: NORM+AUGMENT takes a normalisation and one of {[m for m in AUGMENT_MODES if m != 'none']}")
         return method_overrides(norm, cache, image) + [f"data.augment={aug}"]
+    if method.endswith(POOLED):
+        base = method[: -len(POOLED)]
+        if base not in ("template", "lstainnorm", "lstainnorm-frozen") and not base.startswith("learnable-"):
+            raise ValueError(f"{method!r}: {POOLED} pools the statistics of the layers template, learnable-SPACE, lstainnorm "
+                             "and lstainnorm-frozen")
+        return method_overrides(base, cache, image) + ["norm.stats_by=centre"]
     if method in OPTIONS:
         return ["norm.mode=lstainnorm", *OPTIONS[method]]
     if method in ABLATIONS:

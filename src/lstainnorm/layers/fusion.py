@@ -37,7 +37,7 @@ from .norm import DEFAULT_EPS, StainNorm, _CompilableNorm, _normalize, backward_
 from .registry import register_norm
 from .template import Template, resolve_templates
 
-__all__ = ["LStainNorm", "SharedAttention", "FusionFunction", "PoolFunction", "POOL", "FUSIONS", "attend", "lowrank_error"]
+__all__ = ["LStainNorm", "norm_spaces", "SharedAttention", "FusionFunction", "PoolFunction", "POOL", "FUSIONS", "attend", "lowrank_error"]
 
 POOL = 8
 FUSIONS = ("attention", "mean")  # how LStainNorm combines its branches
@@ -662,3 +662,12 @@ class LStainNorm(_CompilableNorm):
 @register_norm("lstainnorm")
 def _lstainnorm(**kwargs) -> LStainNorm:
     return LStainNorm(**kwargs)
+
+
+def norm_spaces(norm: nn.Module, purpose: str = "pooled statistics") -> list:
+    """The colour spaces whose statistics ``norm`` standardises by (what ``stats=`` must hold)."""
+    if isinstance(norm, LStainNorm):
+        return [norm.branches[s].space for s in norm.spaces]
+    if isinstance(norm, StainNorm):
+        return [norm.space]
+    raise TypeError(f"{purpose} needs a StainNorm or LStainNorm layer, got {type(norm).__name__}")

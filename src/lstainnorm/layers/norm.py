@@ -43,6 +43,7 @@ __all__ = [
     "stain_norm",
     "space_stats",
     "strip_stats",
+    "PooledStats",
     "StandardiseFunction",
     "closed_form_backward",
     "DEFAULT_EPS",
@@ -104,6 +105,62 @@ def strip_stats(x: Tensor, space: ColorSpace, tissue: bool, rows: int) -> tuple[
     sd = torch.maximum(var, floor).sqrt()
     dtype = x.dtype
     return mean.to(dtype).view(b, 3, 1, 1), sd.to(dtype).view(b, 3, 1, 1)
+
+
+class PooledStats:
+    """Per-space ``(mean, std)`` pooled over the pixels of many images (the tiles of a slide, the
+    tiles of a centre): the statistics the layer takes as ``stats=`` in place of each image's own.
+
+    As the layer computes one image's: over tissue pixels if ``tissue`` (all pixels where fewer
+    than ``TISSUE_MIN_PIXELS`` are tissue), unbiased std floored per space. Sums in float64.
+    """
+
+    def __init__(self, spaces: Sequence[ColorSpace], tissue: bool = True) -> None:
+        self.spaces = list(spaces)
+        self.tissue = bool(tissue)
+        # per space: sum y and sum y^2 over tissue, then over all pixels
+        self._sums = {sp.name: torch.zeros(4, 3, dtype=torch.float64) for sp in self.spaces}
+        self.tissue_pixels = 0
+        self.pixels = 0
+
+    @torch.no_grad()
+    def add(self, x: Tensor) -> None:
+        """Add the pixels of ``x``, RGB in [0, 1], shape ``(B, 3, H, W)``."""
+        check_image(x)
+        m = tissue_mask(x).transpose(0, 1).flatten(1)[0] if self.tissue else None  # (B*H*W,)
+        self.pixels += x.shape[0] * x.shape[-2] * x.shape[-1]
+        if m is not None:
+            self.tissue_pixels += int(m.sum())
+        for sp in self.spaces:
+            v = sp.to_space(x).transpose(0, 1).flatten(1).to(torch.float64).cpu()  # (3, B*H*W)
+            acc = self._sums[sp.name]
+            if m is not None:
+                vm = v[:, m.cpu()]
+                acc[0] += vm.sum(1)
+                acc[1] += vm.square().sum(1)
+            acc[2] += v.sum(1)
+            acc[3] += v.square().sum(1)
+
+    @property
+    def tissue_fraction(self) -> float:
+        """The fraction of the pixels added that are tissue (0 when ``tissue`` is off: not counted)."""
+        return self.tissue_pixels / max(self.pixels, 1)
+
+    def result(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """``{space name: (mean, std)}``, each ``(1, 3, 1, 1)`` float32."""
+        if self.pixels == 0:
+            raise ValueError("no pixels were added to the pooled statistics")
+        use_tissue = self.tissue and self.tissue_pixels >= min(TISSUE_MIN_PIXELS, self.pixels)
+        n = self.tissue_pixels if use_tissue else self.pixels
+        out = {}
+        for sp in self.spaces:
+            acc = self._sums[sp.name]
+            s1, s2 = (acc[0], acc[1]) if use_tissue else (acc[2], acc[3])
+            mean = s1 / n
+            var = ((s2 - s1 * s1 / n) / max(n - 1, 1)).clamp(min=0)
+            sd = torch.maximum(var, torch.tensor(sp.std_floor, dtype=torch.float64).square()).sqrt()
+            out[sp.name] = (mean.float().view(1, 3, 1, 1), sd.float().view(1, 3, 1, 1))
+        return out
 
 
 def _standardise(x: Tensor, space: ColorSpace, mu: Tensor, sigma: Tensor, eps: float):

@@ -20,6 +20,7 @@ from ..data.segmentation import SegmentationDataset, collate_segmentation, split
 from ..data.tiles import TileFolder, collate_tiles
 from ..runs import find_checkpoint, load_checkpoint, run_dir_of, write_json
 from .classify import in_cross_summary, write_predictions
+from .group_stats import with_group_stats
 from .loaders import resize_transform, segmentation_records
 from .module import StainNormModule
 
@@ -59,6 +60,8 @@ def quiet_lightning() -> None:
 
 def _test(module: StainNormModule, ds: Dataset, collate, batch_size: int, progress: bool) -> dict:
     quiet_lightning()
+    n = module.cfg.norm
+    ds = with_group_stats(ds, module.norm, n.stats_by, tissue=n.tissue_stats)  # the evaluated tiles' own statistics
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=0)
     trainer = L.Trainer(accelerator="auto", devices=1, logger=False, enable_progress_bar=progress, enable_model_summary=False)
     with warnings.catch_warnings():

@@ -15,6 +15,7 @@ import torch
 
 from ..baselines.augment import create_augmentation
 from ..config import config_from_dict
+from ..layers.fusion import LStainNorm
 from ..layers.model import StainNormalized
 from ..layers.template import Template
 from ..runs import build_norm, resolve_template_setting
@@ -86,6 +87,15 @@ class StainNormModule(L.LightningModule):
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x)
 
+    def _model_for(self, batch: dict):
+        """The model as it runs on ``batch``: with the batch's pooled statistics (norm.stats_by) if it has them."""
+        st = batch.get("stats")
+        if st is None:
+            return self.model
+        if not isinstance(self.norm, LStainNorm):
+            st = st[self.norm.space.name]
+        return lambda x: self.net(self.norm(x, stats=st))
+
     # -- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self):
         o, n = self.cfg.optim, self.cfg.norm
@@ -120,7 +130,7 @@ class StainNormModule(L.LightningModule):
             self.log("train/consistency", gap, on_step=False, on_epoch=True, batch_size=x.shape[0])
             loss = self.task.loss(out, target) + self.consistency * gap
         else:
-            out = self.net(x) if self.preprocess else self.model(x)
+            out = self.net(x) if self.preprocess else self._model_for(batch)(x)
             loss = self.task.loss(out, target)
         if not torch.isfinite(loss.detach()):
             # Stop before the optimiser writes NaN into every weight; checkpoints so far stay good.
@@ -136,7 +146,7 @@ class StainNormModule(L.LightningModule):
         self._note_skipped(batch)
         if batch["image"].shape[0] == 0:
             return None
-        out = self.task.predict(self.model, batch["image"])
+        out = self.task.predict(self._model_for(batch), batch["image"])
         loss = self.task.loss(out, self.task.target(batch))
         self.log("val/loss", loss, on_step=False, on_epoch=True, prog_bar=False, batch_size=batch["image"].shape[0], sync_dist=True)
         self.task.update(out, batch)
@@ -149,7 +159,7 @@ class StainNormModule(L.LightningModule):
         self._note_skipped(batch)
         if batch["image"].shape[0] == 0:
             return None
-        out = self.task.predict(self.model, batch["image"])
+        out = self.task.predict(self._model_for(batch), batch["image"])
         self.task.collect(out, batch)
 
     def on_test_epoch_start(self) -> None:

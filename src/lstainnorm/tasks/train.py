@@ -46,6 +46,7 @@ from ..runs import AUTO_COMPILE_MIN_STEPS, RUN_DIR_ENV, compile_norm, load_check
 from .callbacks import STOPPED_EXIT, AtomicCheckpointIO, DDPConsistencyCallback, HistoryCallback, InterruptAfterEpochs, SignalAtBatch, StopAndSave
 from .classify import in_cross_summary, write_predictions
 from .evaluate import load_module, quiet_lightning
+from .group_stats import with_group_stats
 from .loggers import ExperimentLogCallback, build_loggers, check_logger_extras, logger_names
 from .loaders import ClassificationData, SegmentationData, build_data, class_weights, sample_tiles
 from .module import TASKS, StainNormModule
@@ -144,6 +145,18 @@ def resolve_augment_stats(cfg: Config, data: Data, run_dir: Path) -> dict | None
         atomic_write_bytes(path, yaml.safe_dump(stats, sort_keys=False).encode())
     log.info("RandStainNA statistics of %d training tiles: %s", stats["n_images"], path)
     return stats
+
+
+def pool_statistics(cfg: Config, module: StainNormModule, data: Data) -> None:
+    """norm.stats_by: each split's tiles carry the colour statistics pooled over their centre (group) in that split."""
+    by, tissue = cfg.norm.stats_by, cfg.norm.tissue_stats
+    for split in ("train", "val", "test"):
+        ds = getattr(data, split)
+        if ds is not None:
+            setattr(data, split, with_group_stats(ds, module.norm, by, tissue=tissue))
+    log.info("norm.stats_by=%s: tiles standardised by the statistics of their %s (train %d, validation %d, test %d of them), "
+             "each split's from its own tiles", by, by, *(len(getattr(data, s).table) if getattr(data, s) is not None else 0
+                                                          for s in ("train", "val", "test")))
 
 
 def fit_classical(cfg: Config, module: StainNormModule, data: Data, run_dir: Path) -> None:
@@ -390,6 +403,8 @@ def train(
         if _rank() == 0:
             atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
             save_class_map(run_dir / "classes.json", data.classes)
+        if cfg.norm.stats_by:
+            pool_statistics(cfg, module, data)
         train_loader, val_loader, test_loader = data.loaders(cfg, cfg.seed)
         steps = _planned_steps(cfg, train_loader)
         compile_norm(module.norm, cfg.norm.compile, training=True, steps=steps)
