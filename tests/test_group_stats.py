@@ -145,6 +145,7 @@ def test_train_and_evaluate_with_statistics_per_centre(amibr, tmp_path, monkeypa
     assert "norm.stats_by=centre: tiles standardised by the statistics of their centre (train 4, validation" in log
     metrics = json.loads((run / "metrics.json").read_text())
     assert len(metrics["test"]["per_centre"]) == 4
+    assert (run / "normalization.png").is_file()  # drawn with the tiles' pooled statistics
     ev = evaluate(run, amibr, split="test", progress=False)
     assert ev["overall"]["bal_acc"] == pytest.approx(metrics["test"]["overall"]["bal_acc"])
     # the module runs its layer on the batch's pooled statistics, not on each tile's own

@@ -328,9 +328,10 @@ def build_data(cfg: Config) -> ClassificationData | SegmentationData:
     return build_classification_data(cfg, cfg.seed)
 
 
-def sample_tiles(data: ClassificationData | SegmentationData, n: int, crop: int = 256) -> torch.Tensor | None:
+def sample_tiles(data: ClassificationData | SegmentationData, n: int, crop: int = 256, with_stats: bool = False):
     """Up to ``n`` validation (and test) tiles of a run's data, round-robin over (class, centre),
-    cropped to one square size of at most ``crop``: ``(n, 3, s, s)``, or None without tiles."""
+    cropped to one square size of at most ``crop``: ``(n, 3, s, s)``, or None without tiles;
+    ``with_stats``: ``(tiles, their pooled statistics or None)``."""
     pools: dict[tuple, list] = {}
     for ds in (data.val, data.test):
         if ds is None:
@@ -340,11 +341,14 @@ def sample_tiles(data: ClassificationData | SegmentationData, n: int, crop: int 
         for i in range(len(ds)):
             pools.setdefault((centres[i], labels[i]), []).append((ds, i))
     picks = round_robin([pools[k] for k in sorted(pools, key=lambda k: (k[1], k[0]))], n)
-    imgs = [im for im in (ds[i]["image"] for ds, i in picks) if im is not None]
-    if not imgs:
+    items = [it for it in (ds[i] for ds, i in picks) if it["image"] is not None]
+    if not items:
         return None
-    size = min(crop, *(min(im.shape[-2:]) for im in imgs))
-    return torch.stack([im[:, :size, :size] for im in imgs])
+    size = min(crop, *(min(it["image"].shape[-2:]) for it in items))
+    x = torch.stack([it["image"][:, :size, :size] for it in items])
+    if with_stats:  # the items' pooled statistics (norm.stats_by), as collate_tiles stacks them; None without
+        return x, collate_tiles(items).get("stats")
+    return x
 
 
 def flips(x: torch.Tensor, seed: int, epoch: int, batch_idx: int, hflip: bool, vflip: bool) -> torch.Tensor:

@@ -84,17 +84,16 @@ class StainNormModule(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x)
+    def normalize(self, x: torch.Tensor, stats: dict | None = None) -> torch.Tensor:
+        """The layer on ``x``; ``stats``: a batch's pooled statistics ``{space: (mean, std)}`` (norm.stats_by)."""
+        if stats is None:
+            return self.norm(x)
+        return self.norm(x, stats=stats if isinstance(self.norm, LStainNorm) else stats[self.norm.space.name])
 
     def _model_for(self, batch: dict):
         """The model as it runs on ``batch``: with the batch's pooled statistics (norm.stats_by) if it has them."""
         st = batch.get("stats")
-        if st is None:
-            return self.model
-        if not isinstance(self.norm, LStainNorm):
-            st = st[self.norm.space.name]
-        return lambda x: self.net(self.norm(x, stats=st))
+        return self.model if st is None else (lambda x: self.net(self.normalize(x, st)))
 
     # -- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self):

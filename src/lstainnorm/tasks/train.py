@@ -200,12 +200,14 @@ def fit_classical(cfg: Config, module: StainNormModule, data: Data, run_dir: Pat
 def save_normalization_grid(module: StainNormModule, data: Data, path: Path, n: int = 8) -> Path | None:
     """Tiles before (top row) and after (bottom row) normalisation: validation tiles, and test
     tiles of other centres when there are any, taken round-robin over (class, centre)."""
-    x = sample_tiles(data, n)
-    if x is None:
+    picked = sample_tiles(data, n, with_stats=True)
+    if picked is None:
         return None
+    x, stats = picked  # stats: with norm.stats_by, the tiles' centres' (as the network saw them)
     module.eval()
     with torch.no_grad():
-        y = module.normalize(x.to(module.device)).float().cpu()
+        st = None if stats is None else {s: (m.to(module.device), v.to(module.device)) for s, (m, v) in stats.items()}
+        y = module.normalize(x.to(module.device), st).float().cpu()
     gap, size = 2, x.shape[-1]
     rows = []
     for t in (x, y):
