@@ -31,6 +31,7 @@ from .io import IMAGE_EXTENSIONS, ImageReadError, find_images, image_to_tensor, 
 __all__ = [
     "TileRecord",
     "TileFolder",
+    "stack_stats",
     "scan_image_folder",
     "read_manifest",
     "MANIFEST_COLUMNS",
@@ -310,6 +311,14 @@ class TileFolder(Dataset):
         return item
 
 
+def stack_stats(items: list[dict]) -> dict | None:
+    """The items' pooled colour statistics (norm.stats_by) as a batch's: ``{space: (mean, std)}``,
+    each ``(B, 3, 1, 1)``; None when the items carry none."""
+    if not items or "stats" not in items[0]:
+        return None
+    return {s: tuple(torch.cat([it["stats"][s][k] for it in items]) for k in (0, 1)) for s in items[0]["stats"]}
+
+
 def collate_tiles(items: list[dict]) -> dict:
     """Stack the readable items of a batch; list the unreadable ones in ``skipped``."""
     good = [it for it in items if it["image"] is not None]
@@ -327,8 +336,8 @@ def collate_tiles(items: list[dict]) -> dict:
                 f"tiles in one batch have different sizes {sorted(shapes)[:4]}; set data.image_size to resize them"
             )
         batch["image"] = torch.stack([it["image"] for it in good])
-        if "stats" in good[0]:  # pooled colour statistics per item (norm.stats_by): {space: (mean, std)}, (B, 3, 1, 1)
-            batch["stats"] = {s: tuple(torch.cat([it["stats"][s][k] for it in good]) for k in (0, 1)) for s in good[0]["stats"]}
+        if "stats" in good[0]:
+            batch["stats"] = stack_stats(good)
     else:
         batch["image"] = torch.empty(0, 3, 1, 1)
     return batch

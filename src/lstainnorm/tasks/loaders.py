@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..config import Config
 from ..data.segmentation import SegmentationDataset, collate_segmentation, monuseg_records, pair_images_masks, split_records
-from ..data.tiles import TileFolder, collate_tiles, grouped_split, round_robin, stratified_split
+from ..data.tiles import TileFolder, collate_tiles, grouped_split, round_robin, stack_stats, stratified_split
 
 __all__ = [
     "ClassificationData",
@@ -347,7 +347,7 @@ def sample_tiles(data: ClassificationData | SegmentationData, n: int, crop: int 
     size = min(crop, *(min(it["image"].shape[-2:]) for it in items))
     x = torch.stack([it["image"][:, :size, :size] for it in items])
     if with_stats:  # the items' pooled statistics (norm.stats_by), as collate_tiles stacks them; None without
-        return x, collate_tiles(items).get("stats")
+        return x, stack_stats(items)
     return x
 
 
