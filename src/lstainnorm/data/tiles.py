@@ -336,8 +336,9 @@ def collate_tiles(items: list[dict]) -> dict:
                 f"tiles in one batch have different sizes {sorted(shapes)[:4]}; set data.image_size to resize them"
             )
         batch["image"] = torch.stack([it["image"] for it in good])
-        if "stats" in good[0]:
-            batch["stats"] = stack_stats(good)
+        stats = stack_stats(good)
+        if stats is not None:
+            batch["stats"] = stats
     else:
         batch["image"] = torch.empty(0, 3, 1, 1)
     return batch

@@ -35,10 +35,6 @@ def _key(item: dict, by: str) -> str:
     return str(key)
 
 
-def _collate(items: list[dict]) -> list[dict]:
-    return items
-
-
 @torch.no_grad()
 def group_statistics(ds: Dataset, norm: nn.Module, by: str, tissue: bool = False, batch_size: int = 64) -> dict[str, dict]:
     """``{centre or group: {space: (mean, std)}}`` pooled over the tiles of ``ds`` (dict items with
@@ -47,7 +43,7 @@ def group_statistics(ds: Dataset, norm: nn.Module, by: str, tissue: bool = False
         raise ValueError(f"norm.stats_by: invalid value {by!r}; choose one of {list(STATS_BY)}")
     spaces = norm_spaces(norm, f"norm.stats_by={by}")
     pooled: dict[str, PooledStats] = defaultdict(lambda: PooledStats(spaces, tissue=tissue))
-    for items in DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=_collate):
+    for items in DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=list):
         by_key: dict[str, list[torch.Tensor]] = defaultdict(list)
         for it in items:
             if it["image"] is not None:
