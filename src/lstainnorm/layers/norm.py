@@ -72,6 +72,15 @@ def space_stats(
     return channel_stats(y, weight=mask, std_floor=floor)
 
 
+def _from_sums(s1: Tensor, s2: Tensor, n: Tensor, space: ColorSpace) -> tuple[Tensor, Tensor]:
+    """Mean and unbiased std, floored per ``space``, from float64 sums of y and y^2 over ``n``
+    pixels (shared by the strip-wise and the pooled statistics, so both match the layer's)."""
+    mean = s1 / n
+    var = ((s2 - n * mean.square()) / (n - 1.0).clamp(min=1.0)).clamp(min=0)
+    floor = torch.tensor(space.std_floor, dtype=torch.float64, device=s1.device).square()
+    return mean, torch.maximum(var, floor).sqrt()
+
+
 def strip_stats(x: Tensor, space: ColorSpace, tissue: bool, rows: int) -> tuple[Tensor, Tensor]:
     """:func:`space_stats` of ``to_space(x)`` (over tissue if ``tissue``), accumulated ``rows``
     rows at a time in float64, so that a large image is never converted whole.
@@ -99,10 +108,7 @@ def strip_stats(x: Tensor, space: ColorSpace, tissue: bool, rows: int) -> tuple[
     total = torch.where(use, cnt, torch.full_like(cnt, n))
     s1 = torch.where(use, wsums[0], sums[0])
     s2 = torch.where(use, wsums[1], sums[1])
-    mean = s1 / total
-    var = (s2 - total * mean.square()) / (total - 1.0).clamp(min=1.0)
-    floor = torch.tensor(space.std_floor, dtype=torch.float64, device=x.device).square()
-    sd = torch.maximum(var, floor).sqrt()
+    mean, sd = _from_sums(s1, s2, total, space)
     dtype = x.dtype
     return mean.to(dtype).view(b, 3, 1, 1), sd.to(dtype).view(b, 3, 1, 1)
 
@@ -156,9 +162,7 @@ class PooledStats:
         for sp in self.spaces:
             acc = self._sums[sp.name]
             s1, s2 = (acc[0], acc[1]) if use_tissue else (acc[2], acc[3])
-            mean = s1 / n
-            var = ((s2 - s1 * s1 / n) / max(n - 1, 1)).clamp(min=0)
-            sd = torch.maximum(var, torch.tensor(sp.std_floor, dtype=torch.float64).square()).sqrt()
+            mean, sd = _from_sums(s1, s2, torch.tensor(float(n), dtype=torch.float64), sp)
             out[sp.name] = (mean.float().view(1, 3, 1, 1), sd.float().view(1, 3, 1, 1))
         return out
 
