@@ -32,7 +32,7 @@ from ..tasks.train import train
 from .runner import markdown_table, mean_std, method_overrides, per_seed, run_resumable
 from .stress import stress_runs
 
-__all__ = ["mitosis_benchmark", "MITOSIS_METHODS", "COMBO", "choose_combo", "best_on_validation", "STAIN_AWARE", "PROTOCOLS", "slide_bootstrap", "counts_by_group", "protocol_tables"]
+__all__ = ["mitosis_benchmark", "MITOSIS_METHODS", "COMBO", "choose_combo", "best_on_validation", "STAIN_AWARE", "PROTOCOLS", "slide_bootstrap", "counts_by_group", "protocol_tables", "issue27_tables"]
 
 MIDOG = ["midog21-hamamatsu-xr", "midog21-hamamatsu-s360", "midog21-aperio-cs2"]
 TUPAC = ["tupac16"]
@@ -247,13 +247,30 @@ def protocol_tables(sel: Sequence[dict], methods: Sequence[str], protocol: str) 
             text += markdown_table(["method", "difference", "95 % CI (paired t)", "95 % CI (slide bootstrap)", "per seed", "verdict"], prow)
     stain_rows = [m for m in methods if m in STAIN_AWARE or m in POOLED_METHODS or "+" in m]
     best_aug = best_on_validation(recs, AUGMENT_CANDIDATES)
-    for reference, why in (("macenko", ""), (best_aug, ", the augmentation with the best validation balanced accuracy")):
-        prow = _paired_rows(recs, stain_rows, reference) if reference and stain_rows else []
+    if stain_rows:
+        text += issue27_tables(recs, stain_rows, best_aug)
+    return text
+
+
+def issue27_tables(recs: Sequence[dict], candidates: Sequence[str], best_aug: str | None) -> str:
+    """Issue 27's candidates paired against `none`, Macenko and the best augmentation (`template` is in
+    the table above), then its target as one line: a candidate resolved above all four of them."""
+    text, better = "", {}
+    for reference, why in (("none", ""), ("macenko", ""), (best_aug, ", the augmentation with the best validation balanced accuracy")):
+        prow = _paired_rows(recs, candidates, reference) if reference else []
         if prow:
             text += (f"\n\nIssue 27: the stain-aware methods (and those pooling statistics per centre) minus `{reference}`{why} "
                      "(paired by seed; the same intervals):\n\n")
             text += markdown_table(["method", "difference", "95 % CI (paired t)", "95 % CI (slide bootstrap)", "per seed", "verdict"], prow)
-    return text
+    judges = ["none", "template", "macenko"] + ([best_aug] if best_aug else [])
+    for m in candidates:
+        verdicts = {ref: {r[0]: r[-1] for r in _paired_rows(recs, [m], ref)}.get(m) for ref in judges}
+        better[m] = all(v == "better" for v in verdicts.values())
+    if not best_aug or not text:
+        return text
+    met = [m for m in candidates if better[m]]
+    return text + (f"\n\nIssue 27's target (a method resolved above `{'`, `'.join(judges)}`: paired t over seeds and the slide "
+                   f"bootstrap both above 0 against each): " + (f"met by {', '.join(f'`{m}`' for m in met)}." if met else "not met by any method."))
 
 
 def mitosis_benchmark(
