@@ -239,8 +239,9 @@ def protocol_tables(sel: Sequence[dict], methods: Sequence[str], protocol: str) 
                 f"{np.mean([d['per_centre'][c]['bal_acc'] for d in rs if c in d['per_centre']]):.3f} / "
                 f"{np.nanmean([d['per_centre'][c]['auroc'] for d in rs if c in d['per_centre']]):.3f}" for c in domains])
     text += "\n\nPer test domain, balanced accuracy / AUROC (mean over seeds):\n\n" + markdown_table(["method"] + domains, dom_rows)
+    paired = {}
     for reference in ("lstainnorm", "template"):
-        prow = _paired_rows(recs, methods, reference)
+        prow = paired[reference] = _paired_rows(recs, methods, reference)
         if prow:
             text += (f"\n\nBalanced accuracy, each method minus `{reference}` (paired by seed; 95 % intervals: paired t over "
                      f"seeds, and a bootstrap of the seed-mean difference over test slides, {BOOTSTRAP_SAMPLES} resamples):\n\n")
@@ -248,27 +249,27 @@ def protocol_tables(sel: Sequence[dict], methods: Sequence[str], protocol: str) 
     stain_rows = [m for m in methods if m in STAIN_AWARE or m in POOLED_METHODS or "+" in m]
     best_aug = best_on_validation(recs, AUGMENT_CANDIDATES)
     if stain_rows:
-        text += issue27_tables(recs, stain_rows, best_aug)
+        text += issue27_tables(recs, stain_rows, best_aug, paired["template"])
     return text
 
 
-def issue27_tables(recs: Sequence[dict], candidates: Sequence[str], best_aug: str | None) -> str:
-    """Issue 27's candidates paired against `none`, Macenko and the best augmentation (`template` is in
-    the table above), then its target as one line: a candidate resolved above all four of them."""
-    text, better = "", {}
+def issue27_tables(recs: Sequence[dict], candidates: Sequence[str], best_aug: str | None, template_rows: Sequence[list]) -> str:
+    """Issue 27's candidates paired against `none`, Macenko and the best augmentation (`template_rows`:
+    every method against `template`, the table above), then its target as one line: a candidate
+    resolved above all four of them."""
+    text = ""
+    verdicts = {"template": {r[0]: r[-1] for r in template_rows}}
     for reference, why in (("none", ""), ("macenko", ""), (best_aug, ", the augmentation with the best validation balanced accuracy")):
         prow = _paired_rows(recs, candidates, reference) if reference else []
+        verdicts[reference] = {r[0]: r[-1] for r in prow}
         if prow:
             text += (f"\n\nIssue 27: the stain-aware methods (and those pooling statistics per centre) minus `{reference}`{why} "
                      "(paired by seed; the same intervals):\n\n")
             text += markdown_table(["method", "difference", "95 % CI (paired t)", "95 % CI (slide bootstrap)", "per seed", "verdict"], prow)
-    judges = ["none", "template", "macenko"] + ([best_aug] if best_aug else [])
-    for m in candidates:
-        verdicts = {ref: {r[0]: r[-1] for r in _paired_rows(recs, [m], ref)}.get(m) for ref in judges}
-        better[m] = all(v == "better" for v in verdicts.values())
     if not best_aug or not text:
         return text
-    met = [m for m in candidates if better[m]]
+    judges = ["none", "template", "macenko", best_aug]
+    met = [m for m in candidates if all(verdicts[ref].get(m) == "better" for ref in judges)]
     return text + (f"\n\nIssue 27's target (a method resolved above `{'`, `'.join(judges)}`: paired t over seeds and the slide "
                    f"bootstrap both above 0 against each): " + (f"met by {', '.join(f'`{m}`' for m in met)}." if met else "not met by any method."))
 
