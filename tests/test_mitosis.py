@@ -209,6 +209,38 @@ def test_bench_mitosis_end_to_end_on_synthetic_crops(amibr, tmp_path, monkeypatc
     assert (out / "results.jsonl").read_text() == before  # trained nothing
 
 
+def test_stress_curves_outlive_the_run_folders_and_missing_ones_are_retrained(amibr, tmp_path, monkeypatch):
+    """`--stress` on records whose run folders are gone: finished curves are read back, a method never
+    stressed is listed (tables only) or trained again with its seed (and the records stay as they were)."""
+    import shutil
+
+    from lstainnorm.experiments.mitosis import mitosis_benchmark
+    from lstainnorm.runs import RUN_DIR_ENV
+
+    monkeypatch.delenv(RUN_DIR_ENV, raising=False)
+    config = Path(__file__).resolve().parents[1] / "configs" / "mitosis_amibr_cpu.yaml"
+    ov = ["model.backbone=test_resnet", "trainer.max_epochs=1", "data.center_crop=24", "data.batch_size=16", "norm.compile=false"]
+    out = tmp_path / "bench"
+    kw = dict(methods=["none", "template"], seeds=[0], protocols=["p1"], overrides=ov, progress=False, stress=True)
+    first = mitosis_benchmark(config, amibr.parent, out, **kw)
+    assert set(first["stress"]) == {"none", "template"} and "he-ratio" in first["stress"]["none"][0]
+    # The curves follow the metric the runs were chosen by (the config's trainer.monitor), not plain accuracy.
+    assert json.loads((out / "stress" / "none_s0" / "stress.json").read_text())["metric"] == "bal_acc"
+    records = (out / "results.jsonl").read_text()
+    shutil.rmtree(out / "runs")  # only the records and the stress folders were kept
+    (out / "stress" / "template_s0" / "stress.json").unlink()  # template's curves were never finished
+
+    tables = mitosis_benchmark(config, amibr.parent, out, **kw, run_missing=False)
+    assert tables["stress"]["none"] == first["stress"]["none"] and "template" not in tables["stress"]
+    assert "Not stressed yet" in tables["text"] and "template seed 0" in tables["text"] and "1 of 2 methods" in tables["text"]
+    assert not (out / "runs").exists()  # trained nothing
+
+    again = mitosis_benchmark(config, amibr.parent, out, **kw)
+    assert set(again["stress"]) == {"none", "template"} and "Not stressed yet" not in again["text"]
+    assert len(list((out / "runs").iterdir())) == 1  # template trained again, none read back
+    assert (out / "results.jsonl").read_text() == records
+
+
 def test_combination_is_chosen_on_validation_never_on_test(tmp_path):
     """best-norm+best-augment: the normalisation and the augmentation with the highest mean validation
     balanced accuracy, whatever their test scores; nothing while a candidate's seed is missing."""
@@ -284,3 +316,31 @@ def test_stain_aware_methods_are_paired_against_macenko_and_the_best_augmentatio
     recs = [r for r in recs if not (r["method"] == "stain" and r["seed"] == 1)]  # one seed resolves nothing
     text = protocol_tables(recs, ["none", "template", "macenko", "hed-jitter", "randstainna", "stain", "lstainnorm"], "p1")
     assert text.rstrip().endswith("not met by any method.")
+    # The consistency term is also paired against the same layer without it.
+    assert "The consistency term's own effect" not in text
+    recs += [rec(m, s, 0.7, t) for s in (0, 1) for m, t in (("lstainnorm-stain", 0.7), ("lstainnorm-stain-consistency", 0.6))]
+    text = protocol_tables(recs, ["none", "template", "macenko", "randstainna", "lstainnorm-stain", "lstainnorm-stain-consistency"], "p1")
+    own = text.split("The consistency term's own effect")[1].split("Issue 27's target")[0]
+    assert "| lstainnorm-stain-consistency |" in own and "-0.100 / -0.100 | worse |" in own
+
+
+def test_both_p2_directions_side_by_side_name_only_what_both_agree_on():
+    """The P2 summary: per-direction means, verdicts against `none` and `template` from each direction's
+    own pairing, and a method named ahead (or resolved) only when it is in both directions."""
+    from lstainnorm.experiments.mitosis import COMBO, both_directions_table
+
+    def rec(protocol, method, seed, test):
+        groups = {f"{protocol}-g{i}": {"atypical": [int(test * 8), 8], "normal": [int(test * 16), 16]} for i in range(6)}
+        return {"protocol": protocol, "method": method, "seed": seed, "bal_acc": test, "by_group": groups}
+
+    scores = {"p2-midog-to-tupac": {"none": 0.5, "template": 0.5, "x": 0.75, "y": 0.75, "a+b": 0.625},
+              "p2-tupac-to-midog": {"none": 0.5, "template": 0.5, "x": 0.75, "y": 0.375, "c+d": 0.625}}
+    sel = [rec(p, m, s, t) for p, ms in scores.items() for m, t in ms.items() for s in (0, 1, 2)]
+    text = both_directions_table(sel, ["none", "template", "x", "y", COMBO], {"p2-midog-to-tupac": "a+b", "p2-tupac-to-midog": "c+d"})
+    assert "| x | 0.750 | 0.750 | 0.750 |" in text and "| y | 0.750 | 0.375 | 0.562 |" in text
+    assert f"| {COMBO} (a+b / c+d) | 0.625 | 0.625 |" in text
+    assert "(b) / " in text and "(w)" in text  # each direction's own verdict
+    ahead = text.split("Ahead of both")[1]
+    assert "`x`" in ahead and "`y`" not in ahead
+    assert f"resolved above both in both directions: `x`, `{COMBO} (a+b / c+d)`." in ahead
+    assert both_directions_table([r for r in sel if r["protocol"] == "p2-midog-to-tupac"], ["none", "x"], {}) == ""

@@ -13,13 +13,15 @@ config) and trains every method once per protocol and seed:
 Balanced accuracy and AUROC per test domain, mean ± std over seeds, and paired comparisons against
 ``lstainnorm`` and ``template``: per-seed differences with a paired-t interval, and a 95 % interval from
 a bootstrap that resamples *slides* (crops of a slide are not independent) of the seed-mean difference.
-A difference is called resolved only when both intervals exclude 0. Resumable like every benchmark
+A difference is called resolved only when both intervals exclude 0. With both P2 directions, a last
+table sets them side by side (advice should hold in both). Resumable like every benchmark
 (:func:`~lstainnorm.experiments.runner.run_resumable`); the tables are the command's own output.
 """
 
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -27,12 +29,12 @@ import numpy as np
 
 from ..config import load_config
 from ..files import atomic_write_bytes
-from ..runs import write_json
+from ..runs import RUN_DIR_ENV, write_json
 from ..tasks.train import train
 from .runner import markdown_table, mean_std, method_overrides, per_seed, run_resumable
 from .stress import stress_runs
 
-__all__ = ["mitosis_benchmark", "MITOSIS_METHODS", "COMBO", "choose_combo", "best_on_validation", "STAIN_AWARE", "PROTOCOLS", "slide_bootstrap", "counts_by_group", "protocol_tables", "issue27_tables"]
+__all__ = ["mitosis_benchmark", "MITOSIS_METHODS", "COMBO", "choose_combo", "best_on_validation", "STAIN_AWARE", "PROTOCOLS", "slide_bootstrap", "counts_by_group", "protocol_tables", "issue27_tables", "both_directions_table"]
 
 MIDOG = ["midog21-hamamatsu-xr", "midog21-hamamatsu-s360", "midog21-aperio-cs2"]
 TUPAC = ["tupac16"]
@@ -63,11 +65,13 @@ NORM_CANDIDATES = ("template", "learnable-lab", "lstainnorm", "lstainnorm-frozen
                    "lstainnorm-stain")
 AUGMENT_CANDIDATES = ("hed-jitter", "randstainna")
 # Issue 26's methods, and issue 27's options: ``stain`` (StainOD alone: each image's own stain vectors,
-# each stain's amount scaled to a template), ``lstainnorm-stain`` (that stage first) and the layers with
-# statistics pooled per scanner (``@centre``). The latter are not combination candidates: the
-# combination was chosen (and run) before they existed.
+# each stain's amount scaled to a template), ``lstainnorm-stain`` (that stage first),
+# ``lstainnorm-stain-consistency`` (and the consistency term) and the layers with statistics pooled per
+# scanner (``@centre``). The last three are not combination candidates: the combination was chosen (and
+# run) before they existed.
 MITOSIS_METHODS = ("none", "template", "learnable-lab", "lstainnorm", "lstainnorm-frozen", "macenko", "reinhard",
-                   "stain", "lstainnorm-stain", "template@centre", "lstainnorm@centre", "hed-jitter", "randstainna", COMBO)
+                   "stain", "lstainnorm-stain", "lstainnorm-stain-consistency", "template@centre", "lstainnorm@centre",
+                   "hed-jitter", "randstainna", COMBO)
 
 
 def _val_bal_acc(record: dict) -> float | None:
@@ -203,7 +207,7 @@ def _mean_std(values: Sequence[float]) -> str:
 
 # Issue 27's judges: its stain-aware methods (and the combination) paired against Macenko and against the
 # augmentation-only method with the best mean validation balanced accuracy, besides lstainnorm and template.
-STAIN_AWARE = ("stain", "lstainnorm-stain")
+STAIN_AWARE = ("stain", "lstainnorm-stain", "lstainnorm-stain-consistency")
 # Issue 27's other option: layers standardising by statistics pooled per scanner (``norm.stats_by=centre``).
 POOLED_METHODS = ("template@centre", "lstainnorm@centre")
 
@@ -266,12 +270,65 @@ def issue27_tables(recs: Sequence[dict], candidates: Sequence[str], best_aug: st
             text += (f"\n\nIssue 27: the stain-aware methods (and those pooling statistics per centre) minus `{reference}`{why} "
                      "(paired by seed; the same intervals):\n\n")
             text += markdown_table(["method", "difference", "95 % CI (paired t)", "95 % CI (slide bootstrap)", "per seed", "verdict"], prow)
-    if not best_aug or not text:
+    judged = bool(text)
+    # What the consistency term adds: the same layer with and without it.
+    own = _paired_rows(recs, [m for m in candidates if m == "lstainnorm-stain-consistency"], "lstainnorm-stain")
+    if own:
+        text += ("\n\nThe consistency term's own effect: `lstainnorm-stain-consistency` minus `lstainnorm-stain` "
+                 "(paired by seed; the same intervals):\n\n")
+        text += markdown_table(["method", "difference", "95 % CI (paired t)", "95 % CI (slide bootstrap)", "per seed", "verdict"], own)
+    if not best_aug or not judged:
         return text
     judges = ["none", "template", "macenko", best_aug]
     met = [m for m in candidates if all(verdicts[ref].get(m) == "better" for ref in judges)]
     return text + (f"\n\nIssue 27's target (a method resolved above `{'`, `'.join(judges)}`: paired t over seeds and the slide "
                    f"bootstrap both above 0 against each): " + (f"met by {', '.join(f'`{m}`' for m in met)}." if met else "not met by any method."))
+
+
+P2 = ("p2-midog-to-tupac", "p2-tupac-to-midog")
+
+
+def both_directions_table(sel: Sequence[dict], methods: Sequence[str], combos: dict[str, str]) -> str:
+    """The two P2 directions side by side, for advice that holds only where both agree: each method's
+    mean balanced accuracy per direction and their mean, and its paired difference against `none`
+    and `template` per direction with that direction's verdict (the rows of its own tables; nothing
+    is pooled across directions, whose test sets differ). ``combos``: each direction's
+    ``best-norm+best-augment``, shown as one row."""
+    recs = {p: [d for d in sel if d["protocol"] == p] for p in P2}
+    if not all(recs.values()):
+        return ""
+    alias = {p: {**{m: m for m in methods}, COMBO: combos.get(p, "")} for p in P2}
+    paired = {(p, ref): {r[0]: r for r in _paired_rows(recs[p], [alias[p][m] for m in methods], ref)} for p in P2 for ref in ("none", "template")}
+
+    def cell(p: str, m: str, ref: str) -> str:
+        r = paired[(p, ref)].get(alias[p][m])
+        return f"{r[1]} ({_short(r[-1])})" if r else "-"
+
+    rows, ahead, resolved = [], [], []
+    for m in methods:
+        means = [[d["bal_acc"] for d in recs[p] if d["method"] == alias[p][m]] for p in P2]
+        if not all(means):
+            continue
+        name = m if m != COMBO else f"{COMBO} ({' / '.join(combos[p] for p in P2)})"
+        rows.append([name, *(f"{np.mean(v):.3f}" for v in means), f"{np.mean([np.mean(v) for v in means]):.3f}",
+                     *(f"{cell(P2[0], m, ref)} / {cell(P2[1], m, ref)}" for ref in ("none", "template"))])
+        diffs = [paired[(p, ref)].get(alias[p][m]) for p in P2 for ref in ("none", "template")]
+        if m not in ("none", "template") and all(r and float(r[1]) > 0 for r in diffs):
+            ahead.append(name)
+            if all(r[-1] == "better" for r in diffs):
+                resolved.append(name)
+    text = ("\n### P2, both directions: where they agree\n\nBalanced accuracy per direction (mean over seeds) and "
+            "the paired difference against `none` and `template`, MIDOG -> TUPAC16 / TUPAC16 -> MIDOG, each with its "
+            "direction's verdict (b: better, w: worse, ns: not resolved; the tables above):\n\n")
+    text += markdown_table(["method", "MIDOG -> TUPAC16", "TUPAC16 -> MIDOG", "mean", "minus `none`", "minus `template`"], rows)
+    text += ("\n\nAhead of both `none` and `template` in both directions (seed means): "
+             + (", ".join(f"`{m}`" for m in ahead) if ahead else "no method") + "; resolved above both in both directions: "
+             + (", ".join(f"`{m}`" for m in resolved) if resolved else "no method") + ".\n")
+    return text
+
+
+def _short(verdict: str) -> str:
+    return {"better": "b", "worse": "w"}.get(verdict, "ns")
 
 
 def mitosis_benchmark(
@@ -320,7 +377,7 @@ def mitosis_benchmark(
         return {"protocol": p, "method": m, "seed": s, "config": str(config), "overrides": list(overrides)}
 
     singles = [m for m in methods if m != COMBO]
-    sel, parts, total = [], [], 0
+    sel, parts, total, combos = [], [], 0, {}
     for p in protocols:  # a protocol's single methods, then its combination once they are known
         jobs = [job(p, m, s) for s in seeds for m in singles]
         got = run_resumable(out, jobs, run, "bench mitosis", progress, train=run_missing)
@@ -332,6 +389,7 @@ def mitosis_benchmark(
             combo, why = choose_combo(got, p, seeds, methods)
             note = f"\n`{COMBO}`: " + (f"**{combo}**, {why}." if combo else f"not run yet, it {why}.") + "\n"
             if combo:
+                combos[p] = combo
                 got = got + run_resumable(out, [job(p, combo, s) for s in seeds], run, "bench mitosis", progress, train=run_missing)
                 shown.append(combo)
         sel += got
@@ -345,14 +403,21 @@ def mitosis_benchmark(
         text += f"\n**In progress: {len(sel)} of {total} runs done**; rows list the runs done so far.\n"
     for part in parts:
         text += "\n" + part
+    if all(p in protocols for p in P2):
+        text += both_directions_table(sel, [m for m in methods if m != COMBO or all(p in combos for p in P2)], combos)
     result: dict = {"runs": sel, "text": text}
     if stress and sel:  # one seed of each method, on P1's test crops (the published split)
         first = min(seeds)
         chosen = [d for d in sel if d["protocol"] == "p1" and d["seed"] == first]
         if chosen:
-            st = stress_runs(chosen, manifest, out / "stress", split="test", progress=progress)
+            def rerun(r: dict) -> str:  # records copied without their run folders: train the run again for its curves
+                os.environ.pop(RUN_DIR_ENV, None)  # a new run folder, not the last run's
+                return run(job(r["protocol"], r["method"], r["seed"]))["run_dir"]
+
+            st = stress_runs(chosen, manifest, out / "stress", split="test", progress=progress, rerun=rerun if run_missing else None)
             result["stress"] = st["scores"]
-            text += f"\nStress curves (p1, seed {first}, the test crops):\n\n" + st["text"] + f"\nCurves: {st['png']}\n"
+            text += (f"\nStress curves (p1, seed {first}, the test crops; {len(st['scores'])} of {len(chosen)} methods):\n\n"
+                     + st["text"] + (f"\nCurves: {st['png']}\n" if st["scores"] else ""))
         else:
             text += "\nStress curves: skipped (they are drawn for p1's runs; p1 was not among the protocols)\n"
         result["text"] = text

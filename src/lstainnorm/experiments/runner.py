@@ -45,6 +45,8 @@ ABLATIONS: dict[str, list[str]] = {
 # LStainNorm with an issue-27 option on (not an ablation: something added, measured where named).
 OPTIONS: dict[str, list[str]] = {
     "lstainnorm-stain": ["norm.stain_first=true"],                  # a StainOD stage before the branches
+    # ... and the consistency term: the layer's image of a tile and of a re-stained copy must agree
+    "lstainnorm-stain-consistency": ["norm.stain_first=true", "norm.consistency=1.0"],
 }
 # Any layer with its statistics pooled per centre: ``METHOD@centre`` (e.g. ``template@centre``).
 POOLED = "@centre"

@@ -8,13 +8,14 @@ with a small panel per axis: the metric against severity, one line per method (m
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from ..files import atomic_write_bytes
-from ..tasks.stress import stress
+from ..tasks.stress import finished_stress, stress
 from .runner import markdown_table, mean_std
 
 __all__ = ["stress_runs", "BENCH_STRESS_LEVELS"]
@@ -61,26 +62,67 @@ def stress_runs(
     levels: Sequence[float] = BENCH_STRESS_LEVELS,
     axes: Sequence[str] | None = None,
     progress: bool = True,
+    rerun: Callable[[dict], str] | None = None,
 ) -> dict:
     """Stress every ``{"method", "seed", "run_dir"}`` of ``runs`` on ``data``; returns the scores
-    table (markdown), the per-method scores and the PNG's path."""
+    table (markdown), the per-method scores, the PNG's path and the runs left unstressed.
+
+    A run whose run folder is gone but whose stress folder (``out/METHOD_sSEED``) is finished is read
+    back: the curves outlive the run folders (keep the stress folders with the records). A run that is
+    not finished and whose run folder is gone is trained again by ``rerun(run) -> run folder`` if given (the same
+    config and seed), else left out and listed in ``missing``."""
     out = Path(out)
     per_method: dict[str, list[dict]] = {}
     curves: dict[str, list[list[dict]]] = {}
+    missing: list[str] = []
     metric, axis_names = "", list(axes or [])
     for r in runs:
-        if progress:
-            print(f"[bench stress] {r['method']} seed {r['seed']}", flush=True)
-        res = stress(r["run_dir"], data, axes=axes, levels=levels, split=split,
-                     out=out / f"{r['method']}_s{r['seed']}", progress=False)
-        metric, axis_names = res["metric"], res["axes"]
+        folder = out / f"{r['method']}_s{r['seed']}"
+        run_dir = r.get("run_dir")
+        alive = bool(run_dir) and Path(run_dir).is_dir()
+        # With the run folder there, stress() itself resumes (and refuses a folder of another checkpoint).
+        res = None if alive else finished_stress(folder, axes, levels)
+        if res is None:
+            if not alive:
+                if rerun is None:
+                    missing.append(f"{r['method']} seed {r['seed']}")
+                    continue
+                if progress:
+                    print(f"[bench stress] the run folder of {r['method']} seed {r['seed']} is gone: training it again", flush=True)
+                run_dir = rerun(r)
+                _drop_orphaned(folder)
+            if progress:
+                print(f"[bench stress] {r['method']} seed {r['seed']}", flush=True)
+            res = stress(run_dir, data, axes=axes, levels=levels, split=split, out=folder, progress=False)
+        metric, axis_names = res["metric"], [a for a in res["axes"] if not axes or a in axes]
         per_method.setdefault(r["method"], []).append(res["scores"])
         curves.setdefault(r["method"], []).append(res["rows"])
-    rows = [[m] + [mean_std([s[a] for s in scores], digits=3) for a in axis_names] for m, scores in per_method.items()]
-    table = markdown_table(["method"] + axis_names, rows)
+    text = ""
+    if per_method:
+        rows = [[m] + [mean_std([s[a] for s in scores], digits=3) for a in axis_names] for m, scores in per_method.items()]
+        table = markdown_table(["method"] + axis_names, rows)
+        text = (f"Robustness score ({metric}: area under the metric-vs-severity curve over severities "
+                f"{[0.0, *levels]}, divided by the value at 0; 1 = no loss), mean ± std over seeds:\n\n{table}\n")
+    if missing:
+        text += f"\nNot stressed yet (run folders gone, nothing trained in this mode): {', '.join(missing)}.\n"
     png = out / "stress_curves.png"
-    atomic_write_bytes(png, _curves_png(curves, metric, axis_names))
-    text = (f"Robustness score ({metric}: area under the metric-vs-severity curve over severities "
-            f"{[0.0, *levels]}, divided by the value at 0; 1 = no loss), mean ± std over seeds:\n\n{table}\n")
+    if per_method:
+        atomic_write_bytes(png, _curves_png(curves, metric, axis_names))
+    out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "stress.md", text.encode())
-    return {"text": text, "scores": per_method, "png": str(png), "metric": metric}
+    return {"text": text, "scores": per_method, "png": str(png), "metric": metric, "missing": missing}
+
+
+def _drop_orphaned(folder: Path) -> None:
+    """Half-done stress levels of a checkpoint that no longer exists cannot be finished; they would
+    mix two trainings in one curve, so a retrained run starts its folder again."""
+    settings = folder / "stress_settings.json"
+    if not settings.is_file():
+        return
+    try:
+        ckpt = json.loads(settings.read_text()).get("checkpoint")
+    except ValueError:
+        ckpt = None
+    if not ckpt or not Path(ckpt).is_file():
+        for name in ("stress_settings.json", "results.jsonl"):
+            (folder / name).unlink(missing_ok=True)

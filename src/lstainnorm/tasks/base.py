@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # typing only: the module imports the tasks, not the other wa
 
     from ..config import Config
 
-__all__ = ["Task"]
+__all__ = ["Task", "monitored_metric"]
 
 
 class Task(Protocol):
@@ -67,3 +67,12 @@ class Task(Protocol):
     def finish_collect(self, module: "L.LightningModule") -> dict[str, Any]:
         """Test metrics, overall and per centre (gathered over DDP ranks)."""
         ...
+
+
+def monitored_metric(cfg: "Config", task: type[Task] | Task) -> str:
+    """The validation metric a run picks its best checkpoint by (``val/<name>``): ``trainer.monitor``,
+    except that the schema's default (``val/acc``) follows the task (``val/dice`` for segmentation).
+    What a run was trained for is what its evaluations under stress should report."""
+    monitor = cfg.trainer.monitor
+    return task.monitor if cfg.task != "classification" and monitor == "val/acc" else monitor
+

@@ -6,7 +6,8 @@ at graded severities, morphology kept, and the run is evaluated at every level, 
 ``lstainnorm evaluate`` does (severity 0 is the evaluation itself). Outputs, in ``OUT``:
 
 - ``stress.csv``: one row per axis and severity with every overall metric;
-- ``stress.png``: the task's main metric against severity, one line per axis;
+- ``stress.png``: the metric the run was trained to monitor (``trainer.monitor``, e.g. balanced
+  accuracy) against severity, one line per axis;
 - ``index.html``: the plot, the table, the axes' definitions and one robustness score per axis,
   the area under the metric-vs-severity curve divided by the metric at severity 0 (1 = no loss);
 - ``stress.json``: the scores and settings. ``results.jsonl`` holds the finished levels: an
@@ -29,9 +30,10 @@ from torch.utils.data import Dataset
 from ..data.restain import AXES, restain
 from ..files import atomic_write_bytes, sweep_stale_temps
 from ..runs import find_checkpoint, run_dir_of
+from .base import monitored_metric
 from .evaluate import _test, data_name, evaluation_data, load_module
 
-__all__ = ["stress", "Restained", "robustness_score", "DEFAULT_LEVELS"]
+__all__ = ["stress", "finished_stress", "Restained", "robustness_score", "DEFAULT_LEVELS"]
 
 DEFAULT_LEVELS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -190,7 +192,7 @@ def stress(
     atomic_write_bytes(settings_path, json.dumps(settings, indent=2).encode())
     sweep_stale_temps(out)  # half-written files of an earlier run that was killed
 
-    metric = module.task.monitor.split("/", 1)[1]
+    metric = monitored_metric(module.cfg, module.task).split("/", 1)[1]
     done_path = out / "results.jsonl"
     done: dict[tuple[str, float], dict] = {}
     if done_path.is_file():
@@ -212,6 +214,8 @@ def stress(
         lines = [json.dumps(r) for r in done.values()]
         atomic_write_bytes(done_path, ("\n".join(lines) + "\n").encode())
     base = done[("none", 0.0)]
+    if metric not in base:  # monitored on a validation-only number (val/loss): report the task's own metric
+        metric = module.task.monitor.split("/", 1)[1]
     # Merged, not replaced: the folder's tables and plot cover every axis and level it holds, this
     # call's and those of earlier calls with other --axes/--levels (same run, data and seed).
     earlier = [a for a in AXES if a not in axes and any(k[0] == a for k in done)]
@@ -236,3 +240,22 @@ def stress(
     result = {"metric": metric, "scores": scores, "levels": levels, "axes": axes, "settings": settings, "merged": merged}
     atomic_write_bytes(out / "stress.json", json.dumps(result, indent=2).encode())
     return {**result, "rows": rows, "output": str(out)}
+
+
+def finished_stress(out: str | Path, axes: Sequence[str] | None = None, levels: Sequence[float] = DEFAULT_LEVELS) -> dict | None:
+    """What :func:`stress` returned for the folder ``out``, read back without the checkpoint, if the
+    folder holds every axis of ``axes`` (default all) at every level of ``levels``; else ``None``.
+    Lets a benchmark table stress curves whose runs' checkpoints are gone (only the records were kept)."""
+    out = Path(out)
+    try:
+        result = json.loads((out / "stress.json").read_text())
+        with open(out / "stress.csv", newline="") as fh:
+            rows = [{k: (v if k == "axis" else float(v)) for k, v in r.items()} for r in csv.DictReader(fh)]
+    except (OSError, ValueError, KeyError):  # absent, half-written by hand or of another version: not finished
+        return None
+    want = list(axes) if axes else list(AXES)
+    have = {(r["axis"], r["severity"]) for r in rows}
+    if not all((a, float(s)) in have for a in want for s in levels if s > 0):
+        return None
+    return {**result, "rows": rows, "output": str(out)}
+

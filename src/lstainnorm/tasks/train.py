@@ -43,6 +43,7 @@ from ..files import atomic_write_bytes, sweep_stale_temps
 from ..layers.stain import StainOD
 from ..layers.template import Template, estimate_template
 from ..runs import AUTO_COMPILE_MIN_STEPS, RUN_DIR_ENV, compile_norm, load_checkpoint, new_run_dir, resolve_template_setting, write_json
+from .base import monitored_metric
 from .callbacks import STOPPED_EXIT, AtomicCheckpointIO, DDPConsistencyCallback, HistoryCallback, InterruptAfterEpochs, SignalAtBatch, StopAndSave
 from .classify import in_cross_summary, write_predictions
 from .evaluate import load_module, quiet_lightning
@@ -323,9 +324,7 @@ def preflight(cfg: Config) -> None:
     elif not timm.is_model(name):
         raise ConfigError(f"model.backbone: unknown timm model {name!r}{_suggest(name, timm.list_models())}")
     task = TASKS[cfg.task]
-    monitor = cfg.trainer.monitor
-    if cfg.task != "classification" and monitor == "val/acc":  # the schema's default follows the task
-        monitor = task.monitor
+    monitor = monitored_metric(cfg, task)
     if monitor not in task.metrics:
         raise ConfigError(f"trainer.monitor: {cfg.task} logs no metric {monitor!r}{_suggest(monitor, task.metrics)}; choose one of {list(task.metrics)}")
     try:
@@ -416,7 +415,7 @@ def train(
         elif str(cfg.norm.compile) == "auto" and hasattr(module.norm, "enable_compile"):
             log.info("norm.compile=auto: the normalisation layer runs eagerly (%s training steps, fewer than the %d where "
                      "compiling pays off; norm.compile=true compiles anyway)", steps, AUTO_COMPILE_MIN_STEPS)
-        monitor = cfg.trainer.monitor if cfg.task == "classification" or cfg.trainer.monitor != "val/acc" else module.task.monitor
+        monitor = monitored_metric(cfg, module.task)
         stopper = StopAndSave(run_dir, train_loader)
         trainer, ckpt, stop = _make_trainer(cfg, run_dir, monitor, [stopper, *extra_callbacks])
     except BaseException:
