@@ -32,22 +32,24 @@ def _curves_png(results: dict[str, list[dict]], metric: str, axes: Sequence[str]
 
     cols = 3
     rows = int(np.ceil(len(axes) / cols))
-    fig, grid = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), sharey=True, squeeze=False)
+    fig, grid = plt.subplots(rows, cols, figsize=(3.2 * cols + 1.8, 2.4 * rows), sharey=True, squeeze=False)
     for k, axis in enumerate(axes):
         ax = grid[k // cols][k % cols]
-        for method, runs in results.items():
+        for i, (method, runs) in enumerate(results.items()):
             sev = sorted({r["severity"] for run in runs for r in run if r["axis"] == axis})
             mean = [np.mean([r[metric] for run in runs for r in run if r["axis"] == axis and r["severity"] == s]) for s in sev]
-            ax.plot(sev, mean, marker="o", markersize=3, label=method)
+            # tab20: a colour of its own for each of up to 20 methods (the default cycle repeats after 10)
+            ax.plot(sev, mean, marker="o", markersize=3, label=method, color=plt.cm.tab20(i % 20))
         ax.set_title(axis, fontsize=9)
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=7)
     for k in range(len(axes), rows * cols):
         grid[k // cols][k % cols].axis("off")
     grid[0][0].set_ylabel(metric, fontsize=8)
-    grid[0][0].legend(fontsize=6)
+    handles, labels = grid[0][0].get_legend_handles_labels()
     fig.supxlabel("severity", fontsize=8)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.82, 1))  # the legend beside the panels, not over the first one
+    fig.legend(handles, labels, loc="center right", fontsize=6, frameon=False)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80)
     plt.close(fig)
@@ -99,10 +101,14 @@ def stress_runs(
         curves.setdefault(r["method"], []).append(res["rows"])
     text = ""
     if per_method:
-        rows = [[m] + [mean_std([s[a] for s in scores], digits=3) for a in axis_names] for m, scores in per_method.items()]
+        single = all(len(scores) == 1 for scores in per_method.values())
+        # One seed has no spread: its score alone, not a "± 0.000" that would claim one.
+        rows = [[m] + [f"{scores[0][a]:.3f}" if single else mean_std([s[a] for s in scores], digits=3) for a in axis_names]
+                for m, scores in per_method.items()]
         table = markdown_table(["method"] + axis_names, rows)
         text = (f"Robustness score ({metric}: area under the metric-vs-severity curve over severities "
-                f"{[0.0, *levels]}, divided by the value at 0; 1 = no loss), mean ± std over seeds:\n\n{table}\n")
+                f"{[0.0, *levels]}, divided by the value at 0; 1 = no loss), "
+                f"{'one seed' if single else 'mean ± std over seeds'}:\n\n{table}\n")
     if missing:
         text += f"\nNot stressed yet (run folders gone, nothing trained in this mode): {', '.join(missing)}.\n"
     png = out / "stress_curves.png"
