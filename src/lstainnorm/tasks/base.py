@@ -75,4 +75,3 @@ def monitored_metric(cfg: "Config", task: type[Task] | Task) -> str:
     What a run was trained for is what its evaluations under stress should report."""
     monitor = cfg.trainer.monitor
     return task.monitor if cfg.task != "classification" and monitor == "val/acc" else monitor
-

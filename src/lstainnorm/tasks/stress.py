@@ -258,4 +258,3 @@ def finished_stress(out: str | Path, axes: Sequence[str] | None = None, levels: 
     if not all((a, float(s)) in have for a in want for s in levels if s > 0):
         return None
     return {**result, "rows": rows, "output": str(out)}
-
