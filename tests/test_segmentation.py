@@ -148,3 +148,24 @@ def test_real_monuseg_smoke(shared_data, tmp_path):
     os.environ.pop(RUN_DIR_ENV, None)
     assert res["val"]["overall"]["n"] == 1 and 0.0 <= res["val"]["overall"]["dice"] <= 1.0
     assert json.loads((Path(res["run_dir"]) / "metrics.json").read_text())["best_epoch"] == 1  # counted from 1, as the log
+
+
+def test_segmentation_bench_tables_only_pairs_against_template(tmp_path):
+    """`bench segmentation --tables-only`: trains nothing (the config does not even exist), tables the
+    recorded runs and pairs each method with `template` seed by seed when `lstainnorm` has no runs."""
+    from lstainnorm.experiments.segmentation import segmentation_benchmark
+
+    config, out = tmp_path / "absent.yaml", tmp_path / "seg"
+    out.mkdir()
+    dice = {("template", 0): 0.70, ("template", 1): 0.72, ("stain", 0): 0.75, ("stain", 1): 0.78}
+    with open(out / "results.jsonl", "w") as f:
+        for (method, seed), d in dice.items():
+            f.write(json.dumps({"method": method, "seed": seed, "config": str(config), "overrides": [], "dice": d, "iou": d - 0.1,
+                                "aji": d - 0.3, "pq": d - 0.4, "per_centre": {"A": {"dice": d, "aji": 0.0, "pq": 0.0}},
+                                "run_dir": "", "best_epoch": 3, "minutes": 1.0}) + "\n")
+    res = segmentation_benchmark(config, out, methods=["template", "stain", "lstainnorm-stain"], seeds=[0, 1], progress=False,
+                                 run_missing=False)
+    assert [d["method"] for d in res["runs"]] == ["template", "template", "stain", "stain"]  # nothing trained
+    assert "minus `lstainnorm`" not in res["text"]
+    pairs = res["text"].split("each method minus `template` on the same seed:")[1]
+    assert "| stain | +0.055 |" in pairs and "+0.050 / +0.060" in pairs

@@ -528,7 +528,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--protocols", nargs="+", choices=["p1", "p2-midog-to-tupac", "p2-tupac-to-midog"],
                    default=["p1", "p2-midog-to-tupac", "p2-tupac-to-midog"],
                    help="p1: the published split; p2-*: train on some scanners, test on every crop of the others (default: all three)")
-    g.add_argument("--tables-only", action="store_true", help="train nothing: the tables of the runs finished so far")
+    g.add_argument("--tables-only", action="store_true", help="mitosis and segmentation: train nothing, the tables of the runs finished so far")
 
 
 def _bench_run(a: argparse.Namespace) -> int:
@@ -548,7 +548,7 @@ def _bench_run(a: argparse.Namespace) -> int:
         from .experiments.segmentation import SEGMENTATION_METHODS, segmentation_benchmark
 
         res = segmentation_benchmark(a.config or Path("configs/segment_monuseg_cpu.yaml"), a.out / "segmentation", methods=a.methods or SEGMENTATION_METHODS, seeds=a.seeds,
-                                     overrides=a.overrides, stress=a.stress, report=report)
+                                     overrides=a.overrides, stress=a.stress, report=report, run_missing=not a.tables_only)
         print(res["text"])
         print(f"written: {a.out / 'segmentation' / (report + '.md')}")
         return 0
