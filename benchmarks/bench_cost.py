@@ -10,8 +10,7 @@
    mode from 500 steps). Interleaved rounds, median. Target: <= 10 % in the default mode of
    any run length, i.e. eager and compiled both. Issue 27's options ride along (LStainNorm after
    a StainOD stage, learning its amounts or frozen; StainOD alone): their target is LStainNorm's
-   own eager cost, the consistency term's too (the staged layer a second time, on a HED-jittered
-   view, and the gap between the two outputs). A row with no layer but an input gradient measures the floor that any
+   own eager cost. A row with no layer but an input gradient measures the floor that any
    trainable layer in front of the network pays: the first convolution's gradient at its input,
    which the network alone never computes; a learnable Lab template is the cheapest such layer.
 2. Peak memory (RSS growth in a fresh process, after a warm-up on one small crop so that library
@@ -47,7 +46,6 @@ from _common import load_tiles, machine, markdown_table, save, status_kb  # noqa
 
 import lstainnorm  # noqa: E402
 from lstainnorm.allocator import keep_freed_pages  # noqa: E402
-from lstainnorm.baselines.augment import create_augmentation  # noqa: E402
 from lstainnorm.layers.norm import closed_form_backward  # noqa: E402
 
 TARGETS = {"step": 10.0, "peak_batch": 1024.0, "peak_2048": 2048.0, "rel_err": 1e-5}
@@ -55,8 +53,6 @@ TARGETS = {"step": 10.0, "peak_batch": 1024.0, "peak_2048": 2048.0, "rel_err": 1
 STAGED = "with LStainNorm after a StainOD stage (eager, issue 27)"
 STAGED_FROZEN = "with LStainNorm after a frozen StainOD stage (eager, issue 27)"
 STAIN_ALONE = "with StainOD alone (eager, issue 27)"
-# norm.consistency=1: the staged layer run a second time on a HED-jittered view, as ``train`` does.
-CONSISTENT = "with LStainNorm after a StainOD stage and the consistency term (eager, issue 27)"
 # No layer, but a gradient at the input: the part of any trainable front layer's cost that is the network's.
 FLOOR = "ResNet-18 with an input gradient (no layer)"
 # The cheapest trainable layer the README offers (its "learnable" column).
@@ -147,7 +143,7 @@ def training_rows(x: torch.Tensor, repeats: int, compile: bool) -> list[dict]:
 
     y = torch.arange(x.shape[0]) % 9
     variants = ["ResNet-18 alone", FLOOR, LEARNABLE, "with LStainNorm (eager, closed-form backward)", "with LStainNorm (eager, autograd backward)",
-                STAGED, STAGED_FROZEN, STAIN_ALONE, CONSISTENT]
+                STAGED, STAGED_FROZEN, STAIN_ALONE]
     if compile:
         variants.append("with LStainNorm (compiled)")
     steps = {}
@@ -161,7 +157,7 @@ def training_rows(x: torch.Tensor, repeats: int, compile: bool) -> list[dict]:
         elif variant == LEARNABLE:
             net = lstainnorm.with_stain_norm(net, lstainnorm.create_norm("learnable", space="lab"))
         elif variant != variants[0]:
-            staged = variant in (STAGED, STAGED_FROZEN, CONSISTENT)
+            staged = variant in (STAGED, STAGED_FROZEN)
             norm = lstainnorm.LStainNorm(stain_first="estimate" if staged else None, stain_learnable=False if variant == STAGED_FROZEN else None)
             if "compiled" in variant:
                 norm.enable_compile()
@@ -174,19 +170,6 @@ def training_rows(x: torch.Tensor, repeats: int, compile: bool) -> list[dict]:
             with closed_form_backward(closed):
                 torch.nn.functional.cross_entropy(net(x), y).backward()
             opt.step()
-
-        if variant == CONSISTENT:
-            view_of = create_augmentation("hed-jitter", 4.0)  # norm.consistency_strength's default
-
-            def step(net=net, opt=opt, view_of=view_of):  # noqa: F811 - the training step of tasks/module.py
-                opt.zero_grad(set_to_none=True)
-                with closed_form_backward(True):
-                    z = net.norm(x)
-                    with torch.no_grad():
-                        view = view_of(x, seed=(0, 0, 0, 1))
-                    gap = torch.nn.functional.mse_loss(net.norm(view), z)
-                    (torch.nn.functional.cross_entropy(net.model(z), y) + gap).backward()
-                opt.step()
 
         print(f"[cost] warm-up: {variant}", file=sys.stderr, flush=True)
         step()
@@ -267,7 +250,7 @@ def main() -> None:
         ["3. outputs vs autograd path (float32, largest difference)", f"{check['output_max_diff']:.1e}", "0", _met(check["output_max_diff"] == 0.0)],
         ["3. gradcheck, float64 (every parameter and the input)", "passed" if check["gradcheck_float64"] else "failed", "passes", _met(check["gradcheck_float64"])],
     ]
-    for variant in (STAGED, STAGED_FROZEN, STAIN_ALONE, CONSISTENT):  # issue 27: no more than LStainNorm's cost (eager, train's mode below 500 steps)
+    for variant in (STAGED, STAGED_FROZEN, STAIN_ALONE):  # issue 27: no more than LStainNorm's cost (eager, train's mode below 500 steps)
         own = by[variant]["overhead_pct"]
         targets.append([f"issue 27: step overhead {variant[5:]}", f"{own:+.1f} %", f"<= LStainNorm's {eager:+.1f} %", _met(own <= eager)])
     text = "\n\n".join(

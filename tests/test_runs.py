@@ -187,6 +187,14 @@ def test_paired_table_compares_seed_by_seed():
     assert paired_table(recs, "acc", reference="absent") == ""
 
 
+def test_mean_std_claims_no_spread_for_one_seed():
+    from lstainnorm.experiments.runner import mean_std
+
+    assert mean_std([0.70, 0.74], digits=3) == "0.720 ± 0.028"
+    assert mean_std([0.764], digits=3) == "0.764 (1 seed)"
+    assert mean_std([0.5], scale=100) == "50.0 (1 seed)"
+
+
 def test_per_seed_lists_values_in_seed_order():
     from lstainnorm.experiments.runner import per_seed
 

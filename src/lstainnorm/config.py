@@ -9,7 +9,6 @@ mapped onto this schema (:func:`map_reference_config`).
 
 from __future__ import annotations
 
-import math
 
 import difflib
 from dataclasses import dataclass, field
@@ -153,10 +152,6 @@ class NormConfig:
     change of the H/E ratio, which no per-channel standardisation does (BENCHMARKS.md);
     ``stain_learnable`` (default: as the layer's templates) whether that stage's amounts learn:
     ``false`` spares the gradient back through every colour space, most of the stage's cost.
-    ``consistency`` (default 0, off): weight of a loss term asking the layer to give the same
-    normalised image for a tile and a re-stained copy of it (HED jitter of strength
-    ``consistency_strength``, i.e. each stain's concentration scaled by up to +-5 % x strength:
-    +-20 % by default, an H/E-ratio change); issue 27, not yet measured.
     ``stats_by`` (default null: each tile's own statistics; modes template, learnable, lstainnorm,
     classification): ``centre`` or ``group`` (the manifest's group column, e.g. the slide)
     standardises every tile by the colour statistics pooled over its centre's (group's) tiles
@@ -184,8 +179,6 @@ class NormConfig:
     stains: str = "estimate"
     stain_first: bool = False
     stain_learnable: Optional[bool] = None
-    consistency: float = 0.0
-    consistency_strength: float = 4.0
     stats_by: Optional[str] = None
 
 
@@ -389,19 +382,11 @@ def _check_choices(cfg: DictConfig) -> None:
     if cfg.norm.stain_learnable is not None and not cfg.norm.stain_first:
         raise ConfigError("norm.stain_learnable says whether the stain stage's amounts learn; it needs norm.stain_first: true "
                           "(norm.mode=stain learns its amounts unless norm.learn_template: false)")
-    for key in ("consistency", "consistency_strength"):
-        value = getattr(cfg.norm, key)
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-            raise ConfigError(f"norm.{key} must be a number >= 0, got {value!r}")
-    if cfg.norm.consistency > 0 and cfg.norm.mode not in ("learnable", "lstainnorm", "stain"):
-        raise ConfigError(f"norm.consistency needs a normalisation layer that learns (norm.mode learnable, lstainnorm or stain), "
-                          f"not norm.mode={cfg.norm.mode}: nothing else could make the two views agree")
     if cfg.norm.stats_by is not None:
         choose("norm.stats_by", cfg.norm.stats_by, ("centre", "group"))
-        if cfg.norm.mode not in ("template", "learnable", "lstainnorm") or cfg.norm.stain_first or cfg.norm.consistency > 0:
+        if cfg.norm.mode not in ("template", "learnable", "lstainnorm") or cfg.norm.stain_first:
             raise ConfigError(f"norm.stats_by standardises by pooled colour statistics: it needs norm.mode template, learnable or "
-                              f"lstainnorm without norm.stain_first or norm.consistency (got norm.mode={cfg.norm.mode}, "
-                              f"stain_first={cfg.norm.stain_first}, consistency={cfg.norm.consistency})")
+                              f"lstainnorm without norm.stain_first (got norm.mode={cfg.norm.mode}, stain_first={cfg.norm.stain_first})")
         if cfg.task != "classification":
             raise ConfigError(f"norm.stats_by is for classification tiles; task={cfg.task} standardises each image by its own statistics")
     choose("norm.schedule", cfg.norm.schedule, ("step", "cosine", "none"))
@@ -462,6 +447,44 @@ def _check_choices(cfg: DictConfig) -> None:
         raise ConfigError(f"norm.sigma0 must have 3 values, got {list(cfg.norm.sigma0)}")
 
 
+# Keys a release removed. Saved runs' config.yaml files still carry them: their "off" value is dropped
+# with a note; asking for what was removed is an error that says why it went.
+REMOVED_KEYS = {
+    "norm.consistency": "the consistency term (issue 27) was removed: on AMi-Br it moved balanced accuracy by -0.021, "
+                        "+0.006 and +0.007 (three protocols, three seeds, none resolved) and it doubled the layer's "
+                        "training cost (BENCHMARKS.md, 'Sixth run'); delete the key",
+    "norm.consistency_strength": "it set the consistency term's re-staining, removed with the term; delete the key",
+}
+
+
+def _is_off(value: Any) -> bool:
+    try:
+        return float(value) == 0.0
+    except (TypeError, ValueError):
+        return False
+
+
+def _drop_removed(raw: dict, overrides: Sequence[str], notes: list[str]) -> list[str]:
+    """``raw`` without the keys of :data:`REMOVED_KEYS` (in place) and ``overrides`` without them."""
+    kept = []
+    for ov in overrides:
+        key, _, value = ov.partition("=")
+        if key.strip() in REMOVED_KEYS:
+            if key.strip() == "norm.consistency" and not _is_off(value):
+                raise ConfigError(f"override {ov!r}: {REMOVED_KEYS[key.strip()]}")
+            notes.append(f"override {ov!r} ignored: {REMOVED_KEYS[key.strip()]}")
+            continue
+        kept.append(ov)
+    norm = raw.get("norm")
+    if isinstance(norm, dict):
+        for key in [k for k in norm if f"norm.{k}" in REMOVED_KEYS]:
+            value = norm.pop(key)
+            if key == "consistency" and not _is_off(value):
+                raise ConfigError(f"norm.consistency: {value!r}: {REMOVED_KEYS['norm.consistency']}")
+            notes.append(f"norm.{key} ignored: {REMOVED_KEYS['norm.' + key]}")
+    return kept
+
+
 def make_config(raw: dict | None = None, overrides: Sequence[str] = ()) -> tuple[Config, list[str]]:
     """Build a validated config from a dict (a loaded YAML) and ``key=value`` overrides.
 
@@ -471,6 +494,9 @@ def make_config(raw: dict | None = None, overrides: Sequence[str] = ()) -> tuple
     notes: list[str] = []
     if is_reference_config(raw):
         raw, notes = map_reference_config(raw)
+    if isinstance(raw.get("norm"), dict):
+        raw["norm"] = dict(raw["norm"])  # the caller's dict stays as it was
+    overrides = _drop_removed(raw, overrides, notes)
     schema = OmegaConf.structured(Config)
     try:
         cfg = OmegaConf.merge(schema, OmegaConf.create(raw))
@@ -527,8 +553,11 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> tuple
 def config_from_dict(saved: dict) -> Config:
     """A config saved by a run (``config.yaml``, a checkpoint's hyper-parameters) back on the schema.
 
-    Keys the schema gained since the run was saved get their defaults.
+    Keys the schema gained since the run was saved get their defaults; keys it lost
+    (:data:`REMOVED_KEYS`, training-only settings) are dropped.
     """
+    if isinstance(saved.get("norm"), dict):
+        saved = {**saved, "norm": {k: v for k, v in saved["norm"].items() if f"norm.{k}" not in REMOVED_KEYS}}
     try:
         return cast(Config, OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(saved)))
     except (ConfigKeyError, ValidationError, OmegaConfBaseException) as err:

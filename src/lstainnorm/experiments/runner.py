@@ -45,8 +45,6 @@ ABLATIONS: dict[str, list[str]] = {
 # LStainNorm with an issue-27 option on (not an ablation: something added, measured where named).
 OPTIONS: dict[str, list[str]] = {
     "lstainnorm-stain": ["norm.stain_first=true"],                  # a StainOD stage before the branches
-    # ... and the consistency term: the layer's image of a tile and of a re-stained copy must agree
-    "lstainnorm-stain-consistency": ["norm.stain_first=true", "norm.consistency=1.0"],
 }
 # Any layer with its statistics pooled per centre: ``METHOD@centre`` (e.g. ``template@centre``).
 POOLED = "@centre"
@@ -131,10 +129,12 @@ def run_resumable(
 
 
 def mean_std(values: Sequence[float], scale: float = 1.0, digits: int = 1) -> str:
-    """``mean ± std`` (sample std; 0 for a single value) of ``values * scale``."""
+    """``mean ± std`` (sample std) of ``values * scale``; one value alone, marked ``(1 seed)``: it has no
+    spread to show, and ``± 0.0`` would claim one."""
     m = scale * float(np.mean(values))
-    s = scale * float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-    return f"{m:.{digits}f} ± {s:.{digits}f}"
+    if len(values) == 1:
+        return f"{m:.{digits}f} (1 seed)"
+    return f"{m:.{digits}f} ± {scale * float(np.std(values, ddof=1)):.{digits}f}"
 
 
 def per_seed(records: Sequence[dict], key: str, fmt: str = "{}") -> str:

@@ -82,8 +82,12 @@ def stress_runs(
         folder = out / f"{r['method']}_s{r['seed']}"
         run_dir = r.get("run_dir")
         alive = bool(run_dir) and Path(run_dir).is_dir()
-        # With the run folder there, stress() itself resumes (and refuses a folder of another checkpoint).
-        res = None if alive else finished_stress(folder, axes, levels)
+        # A finished folder is read back: always when the run folder is gone, and when it is there if the
+        # folder stressed that run's checkpoint (kept folders hold stress.json and stress.csv only, from
+        # which stress() would start over). Otherwise stress() resumes (and refuses another checkpoint's).
+        res = finished_stress(folder, axes, levels)
+        if res is not None and alive and not _stressed_in(res, Path(run_dir)):
+            res = None
         if res is None:
             if not alive:
                 if rerun is None:
@@ -117,6 +121,12 @@ def stress_runs(
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "stress.md", text.encode())
     return {"text": text, "scores": per_method, "png": str(png), "metric": metric, "missing": missing}
+
+
+def _stressed_in(result: dict, run_dir: Path) -> bool:
+    """Whether a finished stress ``result`` stressed a checkpoint inside ``run_dir``."""
+    ckpt = (result.get("settings") or {}).get("checkpoint")
+    return bool(ckpt) and Path(ckpt).resolve().is_relative_to(run_dir.resolve())
 
 
 def _drop_orphaned(folder: Path) -> None:

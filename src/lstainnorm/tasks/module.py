@@ -76,9 +76,6 @@ class StainNormModule(L.LightningModule):
             self.augment = create_augmentation(mode, self.cfg.data.augment_strength, augment_stats)
         # Classical normalisers are a fixed pre-processing step: applied before augmentation.
         self.preprocess = bool(getattr(self.norm, "preprocessing", False))
-        # norm.consistency: the layer's output for a re-stained copy should equal the tile's (issue 27).
-        self.consistency = float(self.cfg.norm.consistency)
-        self.consistency_view = create_augmentation("hed-jitter", self.cfg.norm.consistency_strength) if self.consistency > 0 else None
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -120,17 +117,8 @@ class StainNormModule(L.LightningModule):
         x, target = self.task.augment_pair(x, batch, self.cfg.seed, self.current_epoch, batch_idx)
         if self.augment is not None:
             x = self.augment(x, seed=(self.cfg.seed, self.current_epoch, batch_idx))
-        if self.consistency_view is not None and not self.preprocess:
-            z = self.norm(x)
-            out = self.net(z)
-            with torch.no_grad():
-                view = self.consistency_view(x, seed=(self.cfg.seed, self.current_epoch, batch_idx, 1))
-            gap = torch.nn.functional.mse_loss(self.norm(view), z)
-            self.log("train/consistency", gap, on_step=False, on_epoch=True, batch_size=x.shape[0])
-            loss = self.task.loss(out, target) + self.consistency * gap
-        else:
-            out = self.net(x) if self.preprocess else self._model_for(batch)(x)
-            loss = self.task.loss(out, target)
+        out = self.net(x) if self.preprocess else self._model_for(batch)(x)
+        loss = self.task.loss(out, target)
         if not torch.isfinite(loss.detach()):
             # Stop before the optimiser writes NaN into every weight; checkpoints so far stay good.
             raise FloatingPointError(
