@@ -9,7 +9,6 @@ mapped onto this schema (:func:`map_reference_config`).
 
 from __future__ import annotations
 
-
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
