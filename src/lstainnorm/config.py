@@ -195,13 +195,24 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW for the network; cosine annealing as the reference (lr 5e-4 to 5e-6, T_max 10)."""
+    """AdamW for the network; cosine annealing as the reference (lr 5e-4 to 5e-6, T_max 10).
+
+    ``warmup_epochs`` (default 0: none, as the reference) ramps every group's learning rate linearly
+    over that many epochs' optimiser steps (fractions allowed); the schedules then step per optimiser
+    step, keeping their per-epoch values. ``ema_decay`` (default null: off) keeps an exponential
+    moving average of all weights, the layer's included, updated every step (Lightning's
+    ``EMAWeightAveraging``): validation, the best checkpoint and the test use the averaged weights,
+    which move less from one epoch to the next than the raw ones. Its horizon is about
+    ``1 / (1 - ema_decay)`` steps: 0.99 averages about the last 100.
+    """
 
     lr: float = 5e-4
     weight_decay: float = 1e-5
     scheduler: str = "cosine"
     T_max: int = 10
     min_lr: float = 5e-6
+    warmup_epochs: float = 0.0
+    ema_decay: Optional[float] = None
 
 
 @dataclass
@@ -421,6 +432,10 @@ def _check_choices(cfg: DictConfig) -> None:
         sec, name = key.split(".")
         if cfg[sec][name] < 1:
             raise ConfigError(f"{key} must be at least 1, got {cfg[sec][name]}")
+    if not cfg.optim.warmup_epochs >= 0:
+        raise ConfigError(f"optim.warmup_epochs must be >= 0, got {cfg.optim.warmup_epochs}")
+    if cfg.optim.ema_decay is not None and not 0.0 <= cfg.optim.ema_decay < 1.0:
+        raise ConfigError(f"optim.ema_decay must be in [0, 1) (0 or null: no averaging), got {cfg.optim.ema_decay}")
     for key in ("optim.lr", "norm.lr"):
         sec, name = key.split(".")
         if not cfg[sec][name] >= 0:

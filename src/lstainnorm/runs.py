@@ -265,3 +265,25 @@ def _clean(o: Any) -> Any:
 def write_json(path: str | Path, obj: Any) -> Path:
     """Write a result as indented JSON, atomically; NaN becomes null, other objects their str()."""
     return atomic_write_bytes(path, json.dumps(_clean(obj), indent=2, default=str).encode())
+
+
+def code_version() -> dict[str, Any]:
+    """What code produced a result: the package version, torch's, and (from a git checkout) the commit
+    and whether tracked files differed from it. Saved with every run and benchmark record, so a table
+    can say which commits its rows come from."""
+    import subprocess
+
+    from . import __version__
+
+    out: dict[str, Any] = {"lstainnorm": __version__, "torch": torch.__version__, "commit": None, "dirty": None}
+    here = Path(__file__).resolve().parent
+    try:
+        def git(*args: str) -> str:
+            return subprocess.run(["git", "-C", str(here), *args], capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+
+        if Path(git("rev-parse", "--show-toplevel")) in here.parents:
+            out["commit"] = git("rev-parse", "HEAD")
+            out["dirty"] = bool(git("status", "--porcelain", "--untracked-files=no", "--", ":/src", ":/configs"))
+    except (OSError, subprocess.SubprocessError, ValueError):
+        pass  # an installed wheel, or no git: the version alone
+    return out

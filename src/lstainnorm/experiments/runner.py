@@ -22,7 +22,7 @@ from ..baselines.augment import AUGMENT_MODES
 from ..files import atomic_write_bytes
 from ..layers.color import list_spaces
 from ..layers.registry import list_norms
-from ..runs import RUN_DIR_ENV
+from ..runs import RUN_DIR_ENV, code_version
 
 __all__ = [
     "run_resumable", "benchmark_methods", "method_overrides", "markdown_table", "median_ms", "mean_std", "paired_table",
@@ -101,7 +101,8 @@ def run_resumable(
 ) -> list[dict[str, Any]]:
     """Run every job not yet in ``out/results.jsonl``; return the records of ``jobs``, in order.
 
-    A record is the job's settings, what ``run(job)`` returned and ``minutes``. Job values
+    A record is the job's settings, what ``run(job)`` returned, ``minutes`` and ``code``
+    (:func:`~lstainnorm.runs.code_version`: the commit it ran). Job values
     must be JSON values (lists, not tuples) so that a reloaded record matches its job.
     ``train=False`` runs nothing: the records so far (the tables of a benchmark in progress).
     A job given twice (``--methods none none``) runs and counts once.
@@ -114,6 +115,7 @@ def run_resumable(
     def record_of(job: dict) -> dict | None:
         return next((d for d in done if all(d.get(k) == v for k, v in job.items())), None)
 
+    code = None
     for job in jobs:
         if record_of(job) is not None or not train:
             continue
@@ -123,6 +125,8 @@ def run_resumable(
         t = time.time()
         rec = {**job, **run(job)}
         rec["minutes"] = (time.time() - t) / 60
+        code = code or code_version()
+        rec["code"] = code  # tables say which commits their rows come from
         done.append(rec)
         atomic_write_bytes(path, ("\n".join(json.dumps(d) for d in done) + "\n").encode())
     return [r for r in (record_of(job) for job in jobs) if r is not None]

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..config import Config, ModelConfig
 
-__all__ = ["build_classifier", "lr_lambdas"]
+__all__ = ["build_classifier", "lr_lambdas", "warmup_lambdas"]
 
 
 def build_classifier(mcfg: ModelConfig, n_classes: int) -> nn.Module:
@@ -62,3 +62,11 @@ def lr_lambdas(cfg: Config, groups: list[dict]) -> list:
         else:
             out.append(lambda e: 1.0)
     return out
+
+
+def warmup_lambdas(epoch_lambdas: list, steps_per_epoch: int, warmup_steps: int) -> list:
+    """The per-epoch factors of :func:`lr_lambdas` as per-step factors, times a linear warmup over the
+    first ``warmup_steps`` optimiser steps (every group alike, the layer's included): the first steps
+    of a network from scratch, with the layer's statistics still moving, are where a run can collapse."""
+    spe, warm = max(1, int(steps_per_epoch)), max(1, int(warmup_steps))
+    return [lambda step, f=f: f(step // spe) * min(1.0, (step + 1) / warm) for f in epoch_lambdas]

@@ -21,8 +21,9 @@ from ..layers.template import Template
 from ..runs import build_norm, resolve_template_setting
 from .base import Task
 from ..layers.model import norm_param_groups
-from .build import lr_lambdas
+from .build import lr_lambdas, warmup_lambdas
 from .classify import ClassificationTask
+from .seeding import seeded
 from .segment import SegmentationTask
 
 __all__ = ["StainNormModule", "TASKS"]
@@ -66,8 +67,11 @@ class StainNormModule(L.LightningModule):
         self.task: Task = TASKS[self.cfg.task](self.cfg, self.classes, self.centres)
         if class_weights is not None:
             self.task.weight = torch.tensor(class_weights, dtype=torch.float32)  # type: ignore[attr-defined]
-        self.norm = build_norm(self.cfg.norm, tpl)
-        self.net = self.task.build_net()
+        # Each from its own stream (seeding.py): the layer's initial weights do not move the network's.
+        with seeded(self.cfg.seed, "norm"):
+            self.norm = build_norm(self.cfg.norm, tpl)
+        with seeded(self.cfg.seed, "net"):
+            self.net = self.task.build_net()
         self.model = StainNormalized(self.net, self.norm)
         self.skipped: set[str] = set()
         self.augment = None
@@ -98,7 +102,13 @@ class StainNormModule(L.LightningModule):
         groups = [{"params": [p for p in self.net.parameters() if p.requires_grad], "lr": o.lr, "weight_decay": o.weight_decay, "name": "net"}]
         groups += norm_param_groups(self.norm, n.lr, n.weight_decay)
         opt = torch.optim.AdamW(groups, lr=o.lr)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambdas(self.cfg, groups))
+        factors = lr_lambdas(self.cfg, groups)
+        if o.warmup_epochs > 0 and self._trainer is not None:
+            # Per optimiser step: the epoch schedules as they are, times a linear warmup.
+            per_epoch = max(1, int(self.trainer.estimated_stepping_batches) // max(1, int(self.trainer.max_epochs or 1)))
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambdas(factors, per_epoch, round(o.warmup_epochs * per_epoch)))
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factors)
         # One step per epoch for every group (the reference stepped once per parameter tensor).
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch", "frequency": 1}}
 

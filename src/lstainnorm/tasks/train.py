@@ -42,7 +42,7 @@ from ..data.tiles import save_class_map
 from ..files import atomic_write_bytes, sweep_stale_temps
 from ..layers.stain import StainOD
 from ..layers.template import Template, estimate_template
-from ..runs import AUTO_COMPILE_MIN_STEPS, RUN_DIR_ENV, compile_norm, load_checkpoint, new_run_dir, resolve_template_setting, write_json
+from ..runs import AUTO_COMPILE_MIN_STEPS, RUN_DIR_ENV, code_version, compile_norm, load_checkpoint, new_run_dir, resolve_template_setting, write_json
 from .base import monitored_metric
 from .callbacks import STOPPED_EXIT, AtomicCheckpointIO, DDPConsistencyCallback, HistoryCallback, InterruptAfterEpochs, SignalAtBatch, StopAndSave
 from .classify import in_cross_summary, write_predictions
@@ -51,6 +51,7 @@ from .group_stats import with_group_stats
 from .loggers import ExperimentLogCallback, build_loggers, check_logger_extras, logger_names
 from .loaders import ClassificationData, SegmentationData, build_data, class_weights, sample_tiles
 from .module import TASKS, StainNormModule
+from .seeding import derive_seed
 
 __all__ = ["train", "RUN_DIR_ENV"]
 
@@ -248,6 +249,9 @@ def _make_trainer(cfg: Config, run_dir: Path, monitor: str, extra_callbacks: Seq
     )
     stop = L.pytorch.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=cfg.trainer.patience)
     callbacks: list[L.Callback] = [ckpt, last_ckpt, stop, HistoryCallback(run_dir), DDPConsistencyCallback(run_dir), *extra_callbacks]
+    if cfg.optim.ema_decay:
+        # Before the checkpoints: they save the averaged weights it puts into the state dict.
+        callbacks.insert(0, L.pytorch.callbacks.EMAWeightAveraging(decay=float(cfg.optim.ema_decay)))
     loggers = build_loggers(logger_names(cfg.trainer.logger), run_dir)
     if loggers:
         callbacks += [L.pytorch.callbacks.LearningRateMonitor(logging_interval="epoch"), ExperimentLogCallback()]
@@ -425,6 +429,9 @@ def train(
     finally:
         _on_sigterm(previous)
     log.info("run directory: %s", run_dir)
+    # The training loop's own stream (dropout and anything else that draws from the global generator),
+    # independent of how many numbers the set-up above drew.
+    L.seed_everything(derive_seed(cfg.seed, "fit"), workers=True, verbose=False)
     try:
         trainer.fit(module, train_loader, val_loader, ckpt_path=str(last) if last else None)
     except SystemExit:
@@ -466,6 +473,7 @@ def train(
     results["template"] = best.template_record()
     results["train_centres"] = list(data.train_centres)
     results["seconds"] = round(time.time() - t0, 1)
+    results["code"] = code_version()
     if trainer.is_global_zero:
         grid = save_normalization_grid(best, data, run_dir / "normalization.png")
         results["normalization_grid"] = str(grid) if grid else None
