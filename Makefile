@@ -46,7 +46,7 @@ bench: bench-layers bench-cost bench-synthetic bench-speed bench-slide bench-acc
 bench-layers: $(BENCH_STAMP)
 	$(PY) benchmarks/bench_layers.py
 
-# The layer's training cost, targets 1-3 of issue 28 met / not met (~11 minutes on 2 CPU cores).
+# The layer's training cost, its targets printed met / not met (~11 minutes on 2 CPU cores).
 bench-cost: $(BENCH_STAMP)
 	$(PY) benchmarks/bench_cost.py
 

@@ -1,4 +1,4 @@
-"""The layer's training cost (issue 28): targets 1-3, each printed met / not met, in one run.
+"""The layer's training cost: targets 1-3, each printed met / not met, in one run.
 
     python benchmarks/bench_cost.py                 # ~10 min on 2 CPU cores (with the compiled row)
     python benchmarks/bench_cost.py --no-compile    # ~7 min, eager rows only
@@ -8,7 +8,7 @@
    with LStainNorm in front: eager with the closed-form backward (``train``'s mode below 500
    steps), eager through autograd (the code before it, as baseline) and compiled (``train``'s
    mode from 500 steps). Interleaved rounds, median. Target: <= 10 % in the default mode of
-   any run length, i.e. eager and compiled both. Issue 27's options ride along (LStainNorm after
+   any run length, i.e. eager and compiled both. The stain-aware options ride along (LStainNorm after
    a StainOD stage, learning its amounts or frozen; StainOD alone): their target is LStainNorm's
    own eager cost. A row with no layer but an input gradient measures the floor that any
    trainable layer in front of the network pays: the first convolution's gradient at its input,
@@ -49,10 +49,10 @@ from lstainnorm.allocator import keep_freed_pages  # noqa: E402
 from lstainnorm.layers.norm import closed_form_backward  # noqa: E402
 
 TARGETS = {"step": 10.0, "peak_batch": 1024.0, "peak_2048": 2048.0, "rel_err": 1e-5}
-# Issue 27's options, whose training cost is to be no more than LStainNorm's.
-STAGED = "with LStainNorm after a StainOD stage (eager, issue 27)"
-STAGED_FROZEN = "with LStainNorm after a frozen StainOD stage (eager, issue 27)"
-STAIN_ALONE = "with StainOD alone (eager, issue 27)"
+# The stain-aware options, whose training cost is to be no more than LStainNorm's.
+STAGED = "with LStainNorm after a StainOD stage (eager)"
+STAGED_FROZEN = "with LStainNorm after a frozen StainOD stage (eager)"
+STAIN_ALONE = "with StainOD alone (eager)"
 # No layer, but a gradient at the input: the part of any trainable front layer's cost that is the network's.
 FLOOR = "ResNet-18 with an input gradient (no layer)"
 # The cheapest trainable layer the README offers (its "learnable" column).
@@ -250,9 +250,9 @@ def main() -> None:
         ["3. outputs vs autograd path (float32, largest difference)", f"{check['output_max_diff']:.1e}", "0", _met(check["output_max_diff"] == 0.0)],
         ["3. gradcheck, float64 (every parameter and the input)", "passed" if check["gradcheck_float64"] else "failed", "passes", _met(check["gradcheck_float64"])],
     ]
-    for variant in (STAGED, STAGED_FROZEN, STAIN_ALONE):  # issue 27: no more than LStainNorm's cost (eager, train's mode below 500 steps)
+    for variant in (STAGED, STAGED_FROZEN, STAIN_ALONE):  # the stain-aware options: no more than LStainNorm's cost (eager, train's mode below 500 steps)
         own = by[variant]["overhead_pct"]
-        targets.append([f"issue 27: step overhead {variant[5:]}", f"{own:+.1f} %", f"<= LStainNorm's {eager:+.1f} %", _met(own <= eager)])
+        targets.append([f"stain-aware: step overhead {variant[5:]}", f"{own:+.1f} %", f"<= LStainNorm's {eager:+.1f} %", _met(own <= eager)])
     text = "\n\n".join(
         [
             f"Tiles: {source}; {machine()}; glibc allocator tuned: {keep_freed_pages()}; {args.repeats} interleaved rounds, median.",

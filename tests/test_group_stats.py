@@ -1,4 +1,4 @@
-"""norm.stats_by (issue 27): colour statistics pooled per centre or group instead of per tile."""
+"""norm.stats_by: colour statistics pooled per centre or group instead of per tile."""
 
 from __future__ import annotations
 

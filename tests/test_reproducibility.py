@@ -136,3 +136,14 @@ def test_streams_are_independent_and_leave_the_global_generator_alone():
     torch.rand(10)
     with seeded(5, "net"):
         assert torch.equal(torch.rand(3), x)
+
+
+def test_tables_say_which_commits_their_rows_come_from():
+    from lstainnorm.experiments.runner import commits_line
+
+    one = [{"code": {"commit": "a" * 40, "dirty": False}}] * 3
+    assert commits_line(one) == "Code: aaaaaaaaaa (3 runs)."
+    mixed = one + [{"code": {"commit": "b" * 40, "dirty": True}}, {}]
+    line = commits_line(mixed)
+    assert "aaaaaaaaaa (3 runs)" in line and "bbbbbbbbbb+changes (1 run)" in line and "unrecorded (1 run)" in line
+    assert "mix code versions" in line

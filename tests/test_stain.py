@@ -1,4 +1,4 @@
-"""StainOD: stain-aware normalisation in optical density (issue 27)."""
+"""StainOD: stain-aware normalisation in optical density."""
 
 from __future__ import annotations
 

@@ -355,7 +355,7 @@ def test_pretrained_without_local_weights_is_a_clear_error(tmp_path):
 
 
 def test_removed_consistency_keys_are_dropped_when_off_and_refused_when_on(tmp_path, synth):
-    """norm.consistency was removed (issue 27: no gain, twice the layer's cost). A saved run's
+    """norm.consistency was removed (no gain, twice the layer's cost). A saved run's
     config.yaml still carries it switched off: that loads, with a note; asking for the term is a
     clear error, from the YAML and from an override."""
     from lstainnorm.config import config_from_dict, make_config
@@ -375,7 +375,7 @@ def test_removed_consistency_keys_are_dropped_when_off_and_refused_when_on(tmp_p
 
 
 def test_stain_mode_trains_from_the_config(tmp_path, synth):
-    """norm.mode=stain (issue 27) trains end to end, with a learned stain matrix; norm.stains is validated."""
+    """norm.mode=stain trains end to end, with a learned stain matrix; norm.stains is validated."""
     import torch
 
     from lstainnorm.tasks.module import StainNormModule

@@ -505,7 +505,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
                    "randstainna, hed-jitter, template, learnable-<space> for each colour space, lstainnorm, "
                    "the ablations lstainnorm-frozen, -init-reference, -init-image, -mean, -tissue, and NORM+AUGMENT "
                    "(e.g. macenko+hed-jitter) (default: all for accuracy; none template learnable-lab lstainnorm macenko "
-                   "for segmentation; issue 26's nine and best-norm+best-augment, chosen on validation, for mitosis)")
+                   "for segmentation; fourteen methods and best-norm+best-augment, chosen on validation, for mitosis)")
     g.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     g.add_argument("--epochs", type=positive_int, help="training epochs (default 8 for accuracy, 20 for organ)")
     g.add_argument("--per-class", type=positive_int, default=200)
@@ -632,6 +632,8 @@ def quiet_third_party() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .extras import missing_extra
+
     quiet_third_party()
     keep_freed_pages()  # eager colour-space work allocates many image-sized temporaries
     parser = build_parser()
@@ -653,6 +655,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
     except (ValueError, FileNotFoundError, TypeError, FloatingPointError) as err:
         print(f"lstainnorm {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except ModuleNotFoundError as err:  # an optional extra this install left out: say which to install
+        better = missing_extra(err, f"lstainnorm {args.command}")
+        if better is None:
+            raise
+        print(f"lstainnorm {args.command}: error: {better}", file=sys.stderr)
         return 1
     except (PermissionError, FileExistsError, NotADirectoryError, IsADirectoryError) as err:
         # An output folder that cannot be made or written (a file in the way, no permission).

@@ -14,8 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, cast, get_args
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+try:
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+except ModuleNotFoundError:  # the core install: configs are read and validated with the [train] extra;
+    OmegaConf = None  # a trained run's saved config still loads (config_from_dict), as plain dataclasses
+    DictConfig = ListConfig = ConfigKeyError = OmegaConfBaseException = ValidationError = type("_Absent", (Exception,), {})
 
 from .baselines.augment import AUGMENT_MODES
 from .layers.color import list_spaces
@@ -143,7 +147,7 @@ class NormConfig:
     and a fraction of the memory on a CPU, BENCHMARKS.md), and falls back to eager with a warning
     where compilation fails; ``true`` compiles every run and the apply commands; ``false`` never.
     ``LSTAINNORM_COMPILE=0`` turns ``auto`` off for a whole session.
-    ``stains`` (mode ``stain``, :class:`lstainnorm.layers.stain.StainOD`, issue 27): the H and E
+    ``stains`` (mode ``stain``, :class:`lstainnorm.layers.stain.StainOD`): the H and E
     vectors of the optical-density normalisation: ``estimate`` (each image's own, Macenko),
     ``ruifrok`` (fixed standard vectors) or ``learned`` (learned from Ruifrok's); its template
     amounts learn unless ``learn_template: false``. ``stain_first: true`` (modes template, learnable,
@@ -154,7 +158,7 @@ class NormConfig:
     ``stats_by`` (default null: each tile's own statistics; modes template, learnable, lstainnorm,
     classification): ``centre`` or ``group`` (the manifest's group column, e.g. the slide)
     standardises every tile by the colour statistics pooled over its centre's (group's) tiles
-    in its split, each split's from its own tiles (:mod:`lstainnorm.tasks.group_stats`; issue 27).
+    in its split, each split's from its own tiles (:mod:`lstainnorm.tasks.group_stats`).
     """
 
     mode: str = "lstainnorm"
@@ -464,9 +468,9 @@ def _check_choices(cfg: DictConfig) -> None:
 # Keys a release removed. Saved runs' config.yaml files still carry them: their "off" value is dropped
 # with a note; asking for what was removed is an error that says why it went.
 REMOVED_KEYS = {
-    "norm.consistency": "the consistency term (issue 27) was removed: on AMi-Br it moved balanced accuracy by -0.021, "
+    "norm.consistency": "the consistency term, measured in 0.1.0, was removed: on AMi-Br it moved balanced accuracy by -0.021, "
                         "+0.006 and +0.007 (three protocols, three seeds, none resolved) and it doubled the layer's "
-                        "training cost (BENCHMARKS.md, 'Sixth run'); delete the key",
+                        "training cost; delete the key",
     "norm.consistency_strength": "it set the consistency term's re-staining, removed with the term; delete the key",
 }
 
@@ -504,6 +508,7 @@ def make_config(raw: dict | None = None, overrides: Sequence[str] = ()) -> tuple
 
     Returns ``(config, notes)``; notes say, for example, that a reference config was mapped.
     """
+    _need_omegaconf("reading a config")
     raw = dict(raw or {})
     notes: list[str] = []
     if is_reference_config(raw):
@@ -544,6 +549,7 @@ def _rephrase(err: Exception, cfg: DictConfig) -> ConfigError:
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> tuple[Config, list[str]]:
     """Read a YAML config (ours or the reference's), apply overrides, validate."""
+    _need_omegaconf(f"reading config {path}")
     raw: dict = {}
     if path is not None:
         path = Path(path)
@@ -572,10 +578,34 @@ def config_from_dict(saved: dict) -> Config:
     """
     if isinstance(saved.get("norm"), dict):
         saved = {**saved, "norm": {k: v for k, v in saved["norm"].items() if f"norm.{k}" not in REMOVED_KEYS}}
+    if OmegaConf is None:
+        return _plain_config(saved)
     try:
         return cast(Config, OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(saved)))
     except (ConfigKeyError, ValidationError, OmegaConfBaseException) as err:
         raise _rephrase(err, OmegaConf.structured(Config)) from None
+
+
+def _need_omegaconf(what: str) -> None:
+    if OmegaConf is None:
+        raise ModuleNotFoundError(f"{what} needs omegaconf, which this install leaves out: pip install 'lstainnorm[train]'", name="omegaconf")
+
+
+def _plain_config(saved: dict) -> Config:
+    """A saved config as the schema's dataclasses, without OmegaConf (the core install loading a trained
+    layer): known keys of each section set, the rest at their defaults, unknown keys dropped."""
+    import dataclasses
+
+    def build(cls, values: Any):
+        values = values if isinstance(values, dict) else {}
+        kw = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in values:
+                continue
+            kw[f.name] = build(f.default_factory, values[f.name]) if dataclasses.is_dataclass(f.default_factory) else values[f.name]
+        return cls(**kw)
+
+    return build(Config, saved)
 
 
 def to_dict(cfg: Config) -> dict:

@@ -271,11 +271,14 @@ def code_version() -> dict[str, Any]:
     """What code produced a result: the package version, torch's, and (from a git checkout) the commit
     and whether tracked files differed from it. Saved with every run and benchmark record, so a table
     can say which commits its rows come from."""
+    import importlib.metadata
     import subprocess
 
-    from . import __version__
-
-    out: dict[str, Any] = {"lstainnorm": __version__, "torch": torch.__version__, "commit": None, "dirty": None}
+    try:
+        version = importlib.metadata.version("lstainnorm")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        version = None
+    out: dict[str, Any] = {"lstainnorm": version, "torch": torch.__version__, "commit": None, "dirty": None}
     here = Path(__file__).resolve().parent
     try:
         def git(*args: str) -> str:

@@ -12,6 +12,9 @@ PyTorch runs it on one thread per worker, so throughput grows with ``num_workers
 a GPU: skip the transform and apply ``transform.norm`` (a plain ``nn.Module``) to the collated
 batch on the device instead; the transform also takes a ``(B, 3, H, W)`` batch directly.
 
+Without torchvision (the core install) it is a plain ``nn.Module`` on tensors (and PIL images where
+Pillow is installed): ``StainNormalize.from_template(None)(x)``.
+
 Example:
     >>> from torchvision.transforms import v2
     >>> t = v2.Compose([StainNormalize.from_template(None), v2.ToDtype(torch.float32, scale=True)])
@@ -26,19 +29,35 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor, nn
-from torchvision import tv_tensors
-from torchvision.transforms import v2
-from torchvision.transforms.v2._utils import is_pure_tensor
 
 from .layers.norm import StainNorm
 from .layers.template import Template
 
+try:
+    from PIL import Image
+except ModuleNotFoundError:  # the core install: tensors only
+    Image = None  # type: ignore[assignment]
+try:
+    from torchvision import tv_tensors
+    from torchvision.transforms import v2
+    from torchvision.transforms.v2._utils import is_pure_tensor
+
+    _Base: type = v2.Transform
+    _TYPES: tuple = (tv_tensors.Image, is_pure_tensor) + ((Image.Image,) if Image is not None else ())
+except ModuleNotFoundError:  # the core install: a plain module on tensors (and PIL images with Pillow)
+    tv_tensors = None
+
+    class _Base(nn.Module):  # type: ignore[no-redef]
+        def forward(self, inpt: Any) -> Any:
+            return self.transform(inpt, {})
+
+    _TYPES = ()
+
 __all__ = ["StainNormalize"]
 
 
-class StainNormalize(v2.Transform):
+class StainNormalize(_Base):
     """Normalise images with a frozen stain-normalisation layer (any of lstainnorm's layers).
 
     Args:
@@ -50,7 +69,7 @@ class StainNormalize(v2.Transform):
     float in [0, 1]) or a ``tv_tensors.Image``; the output has the input's type, shape and dtype.
     """
 
-    _transformed_types = (tv_tensors.Image, Image.Image, is_pure_tensor)
+    _transformed_types = _TYPES
 
     def __init__(self, norm: nn.Module) -> None:
         super().__init__()
@@ -92,13 +111,16 @@ class StainNormalize(v2.Transform):
         return y.to(dtype)
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
-        if isinstance(inpt, Image.Image):
+        if Image is not None and isinstance(inpt, Image.Image):
             if inpt.mode != "RGB":
                 raise ValueError(f"expected an RGB PIL image, got mode {inpt.mode!r} (use .convert('RGB'))")
             x = torch.from_numpy(np.asarray(inpt, dtype=np.uint8).copy()).permute(2, 0, 1)
             return Image.fromarray(self._apply(x).permute(1, 2, 0).numpy(), mode="RGB")
-        out = self._apply(inpt.as_subclass(Tensor) if isinstance(inpt, tv_tensors.Image) else inpt)
-        return tv_tensors.wrap(out, like=inpt) if isinstance(inpt, tv_tensors.Image) else out
+        wrapped = tv_tensors is not None and isinstance(inpt, tv_tensors.Image)
+        if not isinstance(inpt, Tensor):
+            raise TypeError(f"expected a tensor or a PIL image, got {type(inpt).__name__}")
+        out = self._apply(inpt.as_subclass(Tensor) if wrapped else inpt)
+        return tv_tensors.wrap(out, like=inpt) if wrapped else out
 
     def extra_repr(self) -> str:
         return f"norm={type(self.norm).__name__}"

@@ -23,6 +23,7 @@ training pipeline applies it before augmentation, like the separate pre-processi
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import math
 import warnings
@@ -35,6 +36,7 @@ from torch import Tensor, nn
 
 from ..data.io import image_to_tensor, read_rgb
 from ..data.tiles import round_robin
+from ..extras import missing_extra
 from ..files import atomic_write_bytes
 from ..layers.checks import check_image, check_rgb_range
 from ..layers.color import rgb_to_lab
@@ -116,6 +118,9 @@ class ClassicalNorm(nn.Module):
             raise ValueError(f"backend must be 'torch-staintools' or 'torchstain', got {backend!r}")
         if backend == "torchstain" and method == "vahadane":
             raise ValueError("torchstain has no Vahadane; use backend='torch-staintools'")
+        module = backend.replace("-", "_")
+        if importlib.util.find_spec(module) is None:  # say so now, not at the first tile
+            raise missing_extra(ModuleNotFoundError(name=module), f"normalisation {method!r}")  # type: ignore[misc]
         self.method, self.backend = method, backend
         if min_tissue is None:
             min_tissue = 0.01 if method == "reinhard" else 0.05

@@ -31,10 +31,10 @@ from ..config import load_config
 from ..files import atomic_write_bytes
 from ..runs import RUN_DIR_ENV, write_json
 from ..tasks.train import train
-from .runner import markdown_table, mean_std, method_overrides, per_seed, run_resumable
+from .runner import commits_line, markdown_table, mean_std, method_overrides, per_seed, run_resumable
 from .stress import stress_runs
 
-__all__ = ["mitosis_benchmark", "MITOSIS_METHODS", "COMBO", "choose_combo", "best_on_validation", "STAIN_AWARE", "PROTOCOLS", "slide_bootstrap", "counts_by_group", "protocol_tables", "issue27_tables", "both_directions_table"]
+__all__ = ["mitosis_benchmark", "MITOSIS_METHODS", "COMBO", "choose_combo", "best_on_validation", "STAIN_AWARE", "PROTOCOLS", "slide_bootstrap", "counts_by_group", "protocol_tables", "stain_aware_tables", "both_directions_table"]
 
 MIDOG = ["midog21-hamamatsu-xr", "midog21-hamamatsu-s360", "midog21-aperio-cs2"]
 TUPAC = ["tupac16"]
@@ -64,7 +64,7 @@ COMBO = "best-norm+best-augment"
 NORM_CANDIDATES = ("template", "learnable-lab", "lstainnorm", "lstainnorm-frozen", "macenko", "reinhard", "stain",
                    "lstainnorm-stain")
 AUGMENT_CANDIDATES = ("hed-jitter", "randstainna")
-# Issue 26's methods, and issue 27's options: ``stain`` (StainOD alone: each image's own stain vectors,
+# The methods compared, the stain-aware options among them: ``stain`` (StainOD alone: each image's own stain vectors,
 # each stain's amount scaled to a template), ``lstainnorm-stain`` (that stage first) and the layers with
 # statistics pooled per scanner (``@centre``). The pooled ones are not combination candidates: the
 # combination was chosen (and run) before they existed. (``lstainnorm-stain-consistency``, the staged layer
@@ -200,10 +200,10 @@ def _paired_rows(sel: Sequence[dict], methods: Sequence[str], reference: str) ->
     return rows
 
 
-# Issue 27's judges: its stain-aware methods (and the combination) paired against Macenko and against the
+# The stain-aware methods (and the combination) paired against Macenko and against the
 # augmentation-only method with the best mean validation balanced accuracy, besides lstainnorm and template.
 STAIN_AWARE = ("stain", "lstainnorm-stain")
-# Issue 27's other option: layers standardising by statistics pooled per scanner (``norm.stats_by=centre``).
+# Layers standardising by statistics pooled per scanner (``norm.stats_by=centre``).
 POOLED_METHODS = ("template@centre", "lstainnorm@centre")
 
 
@@ -216,7 +216,7 @@ def best_on_validation(recs: Sequence[dict], candidates: Sequence[str]) -> str |
 
 def protocol_tables(sel: Sequence[dict], methods: Sequence[str], protocol: str) -> str:
     """The markdown tables of one protocol: summary, per domain, paired against lstainnorm and template,
-    and the stain-aware methods paired against Macenko and the best augmentation (issue 27)."""
+    and the stain-aware methods paired against Macenko and the best augmentation."""
     recs = [d for d in sel if d["protocol"] == protocol]
     if not recs:
         return ""
@@ -248,13 +248,13 @@ def protocol_tables(sel: Sequence[dict], methods: Sequence[str], protocol: str) 
     stain_rows = [m for m in methods if m in STAIN_AWARE or m in POOLED_METHODS or "+" in m]
     best_aug = best_on_validation(recs, AUGMENT_CANDIDATES)
     if stain_rows:
-        text += issue27_tables(recs, stain_rows, best_aug, paired["template"])
+        text += stain_aware_tables(recs, stain_rows, best_aug, paired["template"])
     return text
 
 
-def issue27_tables(recs: Sequence[dict], candidates: Sequence[str], best_aug: str | None, template_rows: Sequence[list]) -> str:
-    """Issue 27's candidates paired against `none`, Macenko and the best augmentation (`template_rows`:
-    every method against `template`, the table above), then its target as one line: a candidate
+def stain_aware_tables(recs: Sequence[dict], candidates: Sequence[str], best_aug: str | None, template_rows: Sequence[list]) -> str:
+    """The stain-aware and pooled candidates paired against `none`, Macenko and the best augmentation (`template_rows`:
+    every method against `template`, the table above), then one line saying whether any is: a candidate
     resolved above all four of them."""
     text = ""
     verdicts = {"template": {r[0]: r[-1] for r in template_rows}}
@@ -262,14 +262,14 @@ def issue27_tables(recs: Sequence[dict], candidates: Sequence[str], best_aug: st
         prow = _paired_rows(recs, candidates, reference) if reference else []
         verdicts[reference] = {r[0]: r[-1] for r in prow}
         if prow:
-            text += (f"\n\nIssue 27: the stain-aware methods (and those pooling statistics per centre) minus `{reference}`{why} "
+            text += (f"\n\nThe stain-aware methods (and those pooling statistics per centre) minus `{reference}`{why} "
                      "(paired by seed; the same intervals):\n\n")
             text += markdown_table(["method", "difference", "95 % CI (paired t)", "95 % CI (slide bootstrap)", "per seed", "verdict"], prow)
     if not best_aug or not text:
         return text
     judges = ["none", "template", "macenko", best_aug]
     met = [m for m in candidates if all(verdicts[ref].get(m) == "better" for ref in judges)]
-    return text + (f"\n\nIssue 27's target (a method resolved above `{'`, `'.join(judges)}`: paired t over seeds and the slide "
+    return text + (f"\n\nResolved above every judge (a method above `{'`, `'.join(judges)}`: paired t over seeds and the slide "
                    f"bootstrap both above 0 against each): " + (f"met by {', '.join(f'`{m}`' for m in met)}." if met else "not met by any method."))
 
 
@@ -387,6 +387,8 @@ def mitosis_benchmark(
 
     text = (f"AMi-Br ({data}), config `{config}`{' with ' + ' '.join(overrides) if overrides else ''}; seeds {list(seeds)}; "
             "balanced accuracy and AUROC on each protocol's test crops, mean ± std over seeds.\n")
+    if sel:
+        text += commits_line(sel) + "\n"
     if len(sel) < total:
         text += f"\n**In progress: {len(sel)} of {total} runs done**; rows list the runs done so far.\n"
     for part in parts:

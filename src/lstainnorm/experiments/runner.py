@@ -25,7 +25,7 @@ from ..layers.registry import list_norms
 from ..runs import RUN_DIR_ENV, code_version
 
 __all__ = [
-    "run_resumable", "benchmark_methods", "method_overrides", "markdown_table", "median_ms", "mean_std", "paired_table",
+    "run_resumable", "commits_line", "benchmark_methods", "method_overrides", "markdown_table", "median_ms", "mean_std", "paired_table",
     "per_seed",
     "LAYER_MODES", "ABLATIONS", "ABLATION_METHODS", "OPTIONS",
 ]
@@ -33,7 +33,7 @@ __all__ = [
 # The method's own layers; every other registered norm is a baseline plugin (fixed pre-processing).
 LAYER_MODES = ("none", "template", "learnable", "lstainnorm", "stain")
 
-# LStainNorm with one thing changed (issue 14's ablations); each is compared with ``lstainnorm``
+# LStainNorm with one thing changed (the ablations); each is compared with ``lstainnorm``
 # as the config trains it (templates estimated on the training set, learned, attention fusion).
 ABLATIONS: dict[str, list[str]] = {
     "lstainnorm-frozen": ["norm.learn_template=false"],             # templates fixed at their estimate
@@ -42,7 +42,7 @@ ABLATIONS: dict[str, list[str]] = {
     "lstainnorm-mean": ["norm.fusion=mean"],                        # plain mean of the branches, no attention
     "lstainnorm-tissue": ["norm.tissue_stats=true"],                # statistics over tissue pixels only
 }
-# LStainNorm with an issue-27 option on (not an ablation: something added, measured where named).
+# LStainNorm with a stain-aware option on (not an ablation: something added, measured where named).
 OPTIONS: dict[str, list[str]] = {
     "lstainnorm-stain": ["norm.stain_first=true"],                  # a StainOD stage before the branches
 }
@@ -130,6 +130,20 @@ def run_resumable(
         done.append(rec)
         atomic_write_bytes(path, ("\n".join(json.dumps(d) for d in done) + "\n").encode())
     return [r for r in (record_of(job) for job in jobs) if r is not None]
+
+
+def commits_line(records: Sequence[dict]) -> str:
+    """Which code the records come from: ``commit (n runs)`` per commit, ``+changes`` where tracked
+    files differed from it, ``unrecorded`` for records older than the field. One commit is what a table
+    that ranks methods needs; more than one is said, never hidden."""
+    counts: dict[str, int] = {}
+    for d in records:
+        c = d.get("code") or {}
+        key = (c["commit"][:10] + ("+changes" if c.get("dirty") else "")) if c.get("commit") else ("unrecorded" if not c else f"lstainnorm {c.get('lstainnorm')} (no git)")
+        counts[key] = counts.get(key, 0) + 1
+    parts = ", ".join(f"{k} ({n} run{'s' if n != 1 else ''})" for k, n in sorted(counts.items(), key=lambda t: -t[1]))
+    warn = "" if len(counts) <= 1 else "; **rows mix code versions**: rerun them on one commit before ranking methods"
+    return f"Code: {parts}{warn}."
 
 
 def mean_std(values: Sequence[float], scale: float = 1.0, digits: int = 1) -> str:

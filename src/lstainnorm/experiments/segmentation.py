@@ -16,7 +16,7 @@ from ..config import load_config
 from ..files import atomic_write_bytes
 from ..runs import write_json
 from ..tasks.train import train
-from .runner import markdown_table, mean_std, method_overrides, paired_table, per_seed, run_resumable
+from .runner import commits_line, markdown_table, mean_std, method_overrides, paired_table, per_seed, run_resumable
 from .stress import stress_runs
 
 __all__ = ["segmentation_benchmark", "SEGMENTATION_METHODS"]
@@ -85,9 +85,9 @@ def segmentation_benchmark(
     )
     text = (
         f"Config `{config}`{' with ' + ' '.join(overrides) if overrides else ''}; test = held-out hospitals; mean over test images, "
-        f"then mean ± std over seeds {list(seeds)}.\n\n{table}\n\nDice per held-out hospital (mean over seeds):\n\n{per}"
+        f"then mean ± std over seeds {list(seeds)}.\n{commits_line(sel) if sel else ''}\n\n{table}\n\nDice per held-out hospital (mean over seeds):\n\n{per}"
     )
-    # Against the method and against the fixed template (issue 27's judge), where each has runs.
+    # Against the method and against the fixed template, where each has runs.
     for ref in ("lstainnorm", "template"):
         paired = paired_table(sel, "dice", reference=ref, digits=3) if len(seeds) > 1 else ""
         if paired:

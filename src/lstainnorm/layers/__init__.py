@@ -8,7 +8,7 @@ Nothing here imports from the application (data loading, tasks, apply, the CLI):
 - :mod:`.template`  templates: YAML files, estimation from data
 - :mod:`.norm`      :class:`StainNorm`, normalisation in one colour space (method.md section 1)
 - :mod:`.fusion`    :class:`LStainNorm`, branches fused by self-attention (method.md section 2)
-- :mod:`.stain`     :class:`StainOD`, stain-aware normalisation in optical density (issue 27)
+- :mod:`.stain`     :class:`StainOD`, stain-aware normalisation in optical density
 - :mod:`.identity`  the ``none`` layer
 - :mod:`.registry`  ``create_norm`` / ``register_norm`` / ``list_norms``
 - :mod:`.model`     ``with_stain_norm``: a layer in front of any network; ``norm_param_groups``

@@ -404,7 +404,7 @@ class _CompilableNorm(nn.Module, ABC):
         self.stain_first: StainOD | None = None
 
     def _add_stain_stage(self, stains: str | None, learnable: bool, stain_learnable: bool | None = None) -> None:
-        """``stain_first``: a :class:`StainOD` stage before the colour spaces (issue 27): each
+        """``stain_first``: a :class:`StainOD` stage before the colour spaces: each
         stain's amount is scaled to a template first, then the layer standardises as before. Its
         amounts learn as the layer's templates do unless ``stain_learnable`` says otherwise: learning
         them sends a gradient back through every colour space (about 4x the stage's own cost)."""

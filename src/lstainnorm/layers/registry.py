@@ -21,6 +21,8 @@ from typing import Callable
 
 from torch import nn
 
+from ..extras import needs_extra
+
 __all__ = ["create_norm", "register_norm", "list_norms", "ENTRY_POINT_GROUP"]
 
 ENTRY_POINT_GROUP = "lstainnorm.norms"
@@ -61,7 +63,8 @@ def _constructor(name: str) -> Callable[..., nn.Module]:
         ep = _plugins().get(key)
         if ep is None:
             raise ValueError(f"unknown normalisation {name!r}; choose one of {list_norms()}")
-        _REGISTRY[key] = ep.load()
+        with needs_extra(f"normalisation {name!r}"):
+            _REGISTRY[key] = ep.load()
     return _REGISTRY[key]
 
 
@@ -77,4 +80,6 @@ def create_norm(name: str, **kwargs) -> nn.Module:
         >>> create_norm("learnable", space="hsv")
         StainNorm(space='hsv', learnable=True, tissue_stats=False)
     """
-    return _constructor(name)(**kwargs)
+    build = _constructor(name)
+    with needs_extra(f"normalisation {name!r}"):  # plugins import their backends when built
+        return build(**kwargs)

@@ -1,4 +1,4 @@
-"""Stain-aware normalisation in optical density: ``StainOD`` (issue 27).
+"""Stain-aware normalisation in optical density: ``StainOD``.
 
 Beer-Lambert: a pixel's optical density ``od = -ln(I / I0)`` is a sum of stain vectors times
 concentrations, ``od = c_H h + c_E e + c_R r`` (``r`` = ``h x e``, what the two stains do not

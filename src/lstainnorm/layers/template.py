@@ -329,15 +329,20 @@ def estimate_template(
     Returns:
         A :class:`Template` with ``meta["n_images"]``.
     """
-    from tqdm.auto import tqdm
-
     sps = [get_space(s) for s in spaces]
     if not sps:
         raise ValueError("spaces must name at least one colour space")
     batches, total = _iter_image_batches(source, batch_size)
     sums = {sp.name: torch.zeros(2, 3, dtype=torch.float64) for sp in sps}
     n = n_glass = 0
-    bar = tqdm(batches, total=total, desc="estimating template", unit="batch", disable=not progress)
+    bar = batches
+    if progress:
+        try:  # a progress bar where tqdm is installed (the [train] extra); none in the core install
+            from tqdm.auto import tqdm
+
+            bar = tqdm(batches, total=total, desc="estimating template", unit="batch")
+        except ModuleNotFoundError:
+            pass
     for bi, batch in enumerate(bar):
         if isinstance(batch, Tensor) and batch.dim() == 4:
             if batch.dtype == torch.uint8:
@@ -382,7 +387,8 @@ def estimate_template(
             n += x.shape[0]
         if max_images is not None and n >= max_images:
             break
-    bar.close()
+    if hasattr(bar, "close"):
+        bar.close()
     if n == 0 and n_glass:
         raise ValueError(
             f"none of the {n_glass} images holds tissue (all glass or black): a template estimated from them would "

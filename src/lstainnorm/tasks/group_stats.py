@@ -1,4 +1,4 @@
-"""Colour statistics per centre or per slide instead of per tile (``norm.stats_by``, issue 27).
+"""Colour statistics per centre or per slide instead of per tile (``norm.stats_by``).
 
 The layers standardise each tile by its own mean and std. On crops centred on one object (a
 mitotic figure) those statistics are partly the object's, so the standardisation removes some
