@@ -147,3 +147,60 @@ def test_tables_say_which_commits_their_rows_come_from():
     line = commits_line(mixed)
     assert "aaaaaaaaaa (3 runs)" in line and "bbbbbbbbbb+changes (1 run)" in line and "unrecorded (1 run)" in line
     assert "mix code versions" in line
+
+
+def test_best_threshold_maximises_balanced_accuracy_and_prefers_the_middle():
+    from lstainnorm.tasks.classify import best_threshold, classification_metrics, decide
+
+    p1 = torch.tensor([0.1, 0.2, 0.3, 0.35, 0.6, 0.7, 0.8, 0.9])
+    probs = torch.stack([1 - p1, p1], 1)
+    labels = torch.tensor([0, 0, 0, 1, 0, 1, 1, 1])
+    t = best_threshold(probs, labels)
+    # 0.325 (every positive above, 3 of 4 negatives below) and 0.65 (the reverse) both give 0.875:
+    # the one nearer 0.5 wins.
+    assert t == pytest.approx(0.65)
+    m = classification_metrics(probs, labels, 2, t)
+    assert m["bal_acc"] == pytest.approx(0.875) and m["confusion"] == [[4, 0], [1, 3]]
+    assert classification_metrics(probs, labels, 2)["bal_acc"] == pytest.approx(0.75)  # argmax
+    assert m["auroc"] == classification_metrics(probs, labels, 2)["auroc"]
+    assert decide(probs, None).tolist() == (p1 >= 0.5).long().tolist()
+    assert best_threshold(probs, torch.zeros(8, dtype=torch.long)) is None  # one class: nothing to fit
+    assert best_threshold(torch.rand(4, 3).softmax(1), torch.tensor([0, 1, 2, 0])) is None
+
+
+def test_threshold_val_fits_on_validation_and_evaluate_reuses_it(tmp_path, synth):
+    from lstainnorm.tasks.evaluate import load_module
+
+    cfg, notes = _cfg(tmp_path, synth, "thr", "trainer.threshold=val", "trainer.max_epochs=1", "norm.mode=none", "data.split_seed=0")
+    res = train(cfg, notes)
+    t = res["threshold"]
+    assert t is None or 0.0 <= t <= 1.0
+    saved = json.loads((Path(res["run_dir"]) / "metrics.json").read_text())
+    assert saved["threshold"] == t
+    assert load_module(res["run_dir"]).task.threshold == t
+    with pytest.raises(ConfigError, match="trainer.threshold"):
+        make_config({}, ["trainer.threshold=median"])
+
+
+def test_split_seed_fixes_the_validation_split_across_seeds(synth):
+    from lstainnorm.tasks.loaders import build_classification_data
+
+    def val_paths(*ov):
+        cfg, _ = make_config({"data": {"manifest": str(synth / "manifest.csv"), "val_split": "carved"}}, list(ov))
+        return sorted(r.path for r in build_classification_data(cfg, cfg.seed).val.records)
+
+    assert val_paths("seed=1", "data.split_seed=0") == val_paths("seed=2", "data.split_seed=0")
+    assert val_paths("seed=1") != val_paths("seed=2") or val_paths("seed=1") != val_paths("seed=3")
+
+
+def test_grouped_split_with_strata_puts_every_centre_in_validation():
+    from lstainnorm.data.tiles import grouped_split
+
+    rng = np.random.default_rng(0)
+    centres = ["big"] * 400 + ["c1"] * 120 + ["c2"] * 120 + ["c3"] * 120  # 6 slides or more each
+    groups = [f"{c}-{i // 20}" for i, c in enumerate(centres)]  # slides of 20 tiles
+    labels = rng.integers(0, 2, len(centres)).tolist()
+    for seed in range(5):
+        tr, va = grouped_split(labels, groups, 0.2, seed, strata=centres)
+        assert {centres[i] for i in va} == {"big", "c1", "c2", "c3"}
+        assert not {groups[i] for i in tr} & {groups[i] for i in va}

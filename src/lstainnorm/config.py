@@ -97,7 +97,10 @@ class DataConfig:
     stratified by class otherwise. ``balance`` handles class imbalance: ``sampler`` (each epoch
     draws the training tiles with class-balanced probabilities), ``loss`` (cross-entropy weighted by
     inverse class frequency) or ``none``. ``center_crop`` keeps the central square of each tile
-    (before ``image_size`` resizes it).
+    (before ``image_size`` resizes it). ``split_seed`` seeds that held-out validation split (default
+    null: the run's ``seed``); a fixed value keeps one validation split across seeds, so that seeds
+    differ in the network's randomness only, not also in which slides train. The grouped split keeps
+    each centre's share of every class (stratified by class and centre).
     """
 
     train: Optional[str] = None
@@ -123,6 +126,7 @@ class DataConfig:
     augment: str = "none"
     augment_strength: float = 1.0
     balance: str = "none"
+    split_seed: Optional[int] = None
 
 
 @dataclass
@@ -226,6 +230,12 @@ class TrainerConfig:
     ``logger``: Lightning experiment loggers, one name or a list of ``csv`` (default; ``history.csv``
     is written whatever this says), ``tensorboard``, ``mlflow``, ``wandb``, or ``none``; each writes
     under ``RUN/logs/`` and works offline (the last three need ``pip install 'lstainnorm[NAME]'``).
+
+    ``threshold`` (classification, two classes): ``argmax`` (default) decides for the more probable
+    class; ``val`` decides by the threshold on class 1's probability that maximises the best
+    checkpoint's validation balanced accuracy, then applies it to the test tiles (and to ``evaluate``
+    and ``stress`` of the run): balanced accuracy then no longer hinges on how the network's
+    probabilities happen to be calibrated at the chosen epoch. ``metrics.json`` records it.
     """
 
     max_epochs: int = 100
@@ -243,6 +253,7 @@ class TrainerConfig:
     progress: bool = True
     threads: Optional[int] = None
     logger: Any = "csv"
+    threshold: str = "argmax"
 
 
 @dataclass
@@ -410,6 +421,9 @@ def _check_choices(cfg: DictConfig) -> None:
     choose("optim.scheduler", cfg.optim.scheduler, ("cosine", "none"))
     choose("data.augment", cfg.data.augment, AUGMENT_MODES)
     choose("data.balance", cfg.data.balance, BALANCE_CHOICES)
+    choose("trainer.threshold", cfg.trainer.threshold, ("argmax", "val"))
+    if cfg.trainer.threshold == "val" and cfg.task != "classification":
+        raise ConfigError(f"trainer.threshold=val decides between two classes; task={cfg.task} has no class threshold")
     if cfg.task != "classification" and cfg.data.balance != "none":
         raise ConfigError(f"data.balance={cfg.data.balance} applies to classification only (task: {cfg.task})")
     if cfg.data.columns is not None:

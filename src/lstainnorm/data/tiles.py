@@ -166,10 +166,12 @@ def stratified_split(labels: Sequence[int], fraction: float, seed: int = 0) -> t
     return sorted(first), sorted(second)
 
 
-def grouped_split(labels: Sequence[int], groups: Sequence[str], fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
+def grouped_split(labels: Sequence[int], groups: Sequence[str], fraction: float, seed: int = 0,
+                  strata: Sequence[str] | None = None) -> tuple[list[int], list[int]]:
     """Seeded split of indices that keeps each group (e.g. slide) whole: about ``fraction`` of the
     items go to the second list, with the classes in about their overall proportions
-    (scikit-learn's ``StratifiedGroupKFold``, one fold of ``round(1 / fraction)``).
+    (scikit-learn's ``StratifiedGroupKFold``, one fold of ``round(1 / fraction)``); with ``strata``
+    (e.g. each item's centre), stratified by class and stratum together, so every centre is in both.
 
     Raises:
         ValueError: fewer than 2 groups (nothing can be held out without splitting a group).
@@ -184,6 +186,8 @@ def grouped_split(labels: Sequence[int], groups: Sequence[str], fraction: float,
         raise ValueError(f"a grouped validation split needs at least 2 groups, got {n_groups}")
     folds = min(n_groups, max(2, int(round(1.0 / fraction))))
     labels_a = np.asarray(labels)
+    if strata is not None and len(set(strata)) > 1:
+        _, labels_a = np.unique([f"{y}\x00{s}" for y, s in zip(labels_a.tolist(), strata)], return_inverse=True)
     # A class with fewer members than folds only draws scikit-learn's warning; the split is still whole groups.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)

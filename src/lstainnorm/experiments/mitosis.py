@@ -354,9 +354,11 @@ def mitosis_benchmark(
         return {
             **{k: test["overall"][k] for k in ("bal_acc", "auroc", "acc", "f1")},
             "per_centre": {c: {k: v[k] for k in ("n", "bal_acc", "auroc", "confusion")} for c, v in test["per_centre"].items()},
-            # Validation balanced accuracy of the chosen checkpoint: what picks the best normalisation
-            # and the best augmentation to combine (never the test split).
-            "val_bal_acc": res.get("best_val"),
+            # Validation balanced accuracy of the chosen checkpoint (whatever metric chose it): what picks
+            # the best normalisation and the best augmentation to combine (never the test split).
+            "val_bal_acc": res["val"]["overall"]["bal_acc"], "val_auroc": res["val"]["overall"].get("auroc"),
+            "monitor": res.get("monitor"), "best_val": res.get("best_val"), "threshold": res.get("threshold"),
+            "epochs_run": res.get("epochs_run"),
             "by_group": counts_by_group(res["test_predictions"]),
             "predictions": res["test_predictions"], "run_dir": res["run_dir"], "best_epoch": res.get("best_epoch"),
         }

@@ -18,19 +18,48 @@ from ..files import atomic_write_bytes
 from .build import build_classifier
 from .loaders import centre_index, flips
 
-__all__ = ["ClassificationTask", "classification_metrics", "in_cross_summary"]
+__all__ = ["ClassificationTask", "classification_metrics", "decide", "best_threshold", "in_cross_summary"]
 
 
-def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, n_classes: int) -> dict[str, Any]:
-    """Accuracy, balanced accuracy, macro-F1, macro AUROC and the confusion matrix (torchmetrics)."""
+def decide(probs: torch.Tensor, threshold: float | None = None) -> torch.Tensor:
+    """Predicted classes: the most probable, or with two classes and a ``threshold``, class 1 where
+    its probability reaches it (see :func:`best_threshold`)."""
+    if threshold is None or probs.shape[-1] != 2:
+        return probs.argmax(-1)
+    return (probs[:, 1] >= threshold).long()
+
+
+def best_threshold(probs: torch.Tensor, labels: torch.Tensor) -> float | None:
+    """The threshold on class 1's probability that maximises balanced accuracy on ``probs`` (two
+    classes; chosen on validation, applied to test: ``trainer.threshold: val``). Midway between
+    neighbouring probabilities; among equally good ones the nearest to 0.5. None without both classes."""
+    if probs.shape[-1] != 2 or labels.numel() == 0 or len(labels.unique()) < 2:
+        return None
+    p = probs[:, 1].double().cpu()
+    y = labels.cpu()
+    cuts = torch.unique(p)
+    cands = torch.cat([cuts[:1] - 1e-6, (cuts[1:] + cuts[:-1]) / 2, cuts[-1:] + 1e-6]).clamp(0.0, 1.0)
+    pred1 = p[None, :] >= cands[:, None]                                   # (thresholds, tiles)
+    tpr = (pred1 & (y == 1)).sum(1).double() / (y == 1).sum()
+    tnr = (~pred1 & (y == 0)).sum(1).double() / (y == 0).sum()
+    bal = (tpr + tnr) / 2
+    best = bal.max()
+    ok = torch.nonzero(bal >= best - 1e-12).flatten()
+    return float(cands[ok[torch.argmin((cands[ok] - 0.5).abs())]])
+
+
+def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, n_classes: int, threshold: float | None = None) -> dict[str, Any]:
+    """Accuracy, balanced accuracy, macro-F1, macro AUROC and the confusion matrix (torchmetrics);
+    the class decisions by :func:`decide` (AUROC does not depend on them)."""
     if labels.numel() == 0:
         return {"n": 0}
     probs = probs.float()
+    pred = decide(probs, threshold)
     out: dict[str, Any] = {
         "n": int(labels.numel()),
-        "acc": float(FC.multiclass_accuracy(probs, labels, n_classes, average="micro")),
-        "bal_acc": float(FC.multiclass_accuracy(probs, labels, n_classes, average="macro")),
-        "f1": float(FC.multiclass_f1_score(probs, labels, n_classes, average="macro")),
+        "acc": float(FC.multiclass_accuracy(pred, labels, n_classes, average="micro")),
+        "bal_acc": float(FC.multiclass_accuracy(pred, labels, n_classes, average="macro")),
+        "f1": float(FC.multiclass_f1_score(pred, labels, n_classes, average="macro")),
     }
     present = labels.unique()
     # AUROC is undefined for classes absent from the labels; macro-average over present ones.
@@ -39,7 +68,7 @@ def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, n_classes:
         out["auroc"] = float(per[present].mean())
     else:
         out["auroc"] = float("nan")
-    out["confusion"] = FC.multiclass_confusion_matrix(probs, labels, n_classes).tolist()
+    out["confusion"] = FC.multiclass_confusion_matrix(pred, labels, n_classes).tolist()
     return out
 
 
@@ -66,6 +95,8 @@ class ClassificationTask:
         self._collected: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         # Per-class weights of the cross-entropy (data.balance: loss), or None.
         self.weight: torch.Tensor | None = None
+        # Two classes: class 1 where its probability reaches this (trainer.threshold: val), else argmax.
+        self.threshold: float | None = None
 
     def build_net(self) -> nn.Module:
         return build_classifier(self.cfg.model, len(self.classes))
@@ -116,14 +147,15 @@ class ClassificationTask:
         keep = torch.ones_like(idx, dtype=torch.bool)
         keep[1:] = idx[1:] != idx[:-1]
         probs, labels, cents, idx = probs[keep].cpu(), labels[keep].cpu(), cents[keep].cpu(), idx[keep].cpu()
-        res: dict[str, Any] = {"overall": classification_metrics(probs, labels, k), "per_centre": {}}
+        t = self.threshold
+        res: dict[str, Any] = {"overall": classification_metrics(probs, labels, k, t), "per_centre": {}}
         # Per tile (dataset index order): train and evaluate write them as a predictions CSV.
-        res["predictions"] = {"index": idx.tolist(), "label": labels.tolist(), "pred": probs.argmax(-1).tolist(),
-                              "prob": probs.max(-1).values.tolist(), "probs": probs.tolist()}
+        res["predictions"] = {"index": idx.tolist(), "label": labels.tolist(), "pred": (pred := decide(probs, t)).tolist(),
+                              "prob": probs.gather(1, pred[:, None]).squeeze(1).tolist(), "probs": probs.tolist()}
         for ci, name in enumerate(self.centres):
             sel = cents == ci
             if sel.any():
-                res["per_centre"][name] = classification_metrics(probs[sel], labels[sel], k)
+                res["per_centre"][name] = classification_metrics(probs[sel], labels[sel], k, t)
         return res
 
 

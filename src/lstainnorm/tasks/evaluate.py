@@ -40,6 +40,15 @@ def load_module(run_or_ckpt: str | Path) -> StainNormModule:
         module.load_state_dict(ckpt["state_dict"])
     except (TypeError, KeyError, RuntimeError) as err:
         raise ValueError(f"cannot load checkpoint {ckpt_path}: {type(err).__name__}: {err}") from err
+    # trainer.threshold=val: the run's decision threshold (fitted on its validation tiles) decides here too.
+    metrics = run_dir_of(ckpt_path) / "metrics.json"
+    if module.cfg.task == "classification" and module.cfg.trainer.threshold == "val" and metrics.is_file():
+        try:
+            t = json.loads(metrics.read_text()).get("threshold")
+        except ValueError:
+            t = None
+        if isinstance(t, (int, float)):
+            module.task.threshold = float(t)  # type: ignore[attr-defined]
     return module.eval()
 
 

@@ -205,8 +205,9 @@ def build_classification_data(cfg: Config, seed: int) -> ClassificationData:
                          "(one class folder per class, or two values in the manifest's class column)")
     if val is None:
         groups = train.groups
+        seed = d.split_seed if d.split_seed is not None else seed
         if all(groups):
-            tr_idx, va_idx = grouped_split(train.labels, groups, d.val_fraction, seed)
+            tr_idx, va_idx = grouped_split(train.labels, groups, d.val_fraction, seed, strata=train.centres)
             how = f"by group, {len(set(train.subset(va_idx).groups))} of {len(set(groups))} groups"
         else:
             tr_idx, va_idx = stratified_split(train.labels, d.val_fraction, seed)

@@ -45,7 +45,7 @@ from ..layers.template import Template, estimate_template
 from ..runs import AUTO_COMPILE_MIN_STEPS, RUN_DIR_ENV, code_version, compile_norm, load_checkpoint, new_run_dir, resolve_template_setting, write_json
 from .base import monitored_metric
 from .callbacks import STOPPED_EXIT, AtomicCheckpointIO, DDPConsistencyCallback, HistoryCallback, InterruptAfterEpochs, SignalAtBatch, StopAndSave
-from .classify import in_cross_summary, write_predictions
+from .classify import best_threshold, in_cross_summary, write_predictions
 from .evaluate import load_module, quiet_lightning
 from .group_stats import with_group_stats
 from .loggers import ExperimentLogCallback, build_loggers, check_logger_extras, logger_names
@@ -459,7 +459,19 @@ def train(
     }
     best = load_module(best_path)
     results["val"] = _evaluate_loader(trainer, best, val_loader)
-    results["val"].pop("predictions", None)
+    val_predictions = results["val"].pop("predictions", None)
+    if cfg.task == "classification" and cfg.trainer.threshold == "val":
+        # The decision threshold of the chosen checkpoint, fitted on validation only (test never enters).
+        t = best_threshold(torch.tensor(val_predictions["probs"]), torch.tensor(val_predictions["label"])) if val_predictions else None
+        results["threshold"] = t
+        if t is None:
+            log.info("trainer.threshold=val: no threshold (validation lacks a class, or there are more than two): argmax decides")
+        else:
+            best.task.threshold = t
+            results["val"] = _evaluate_loader(trainer, best, val_loader)
+            results["val"].pop("predictions", None)
+            log.info("trainer.threshold=val: %s where p(%s) >= %.4f (validation balanced accuracy %.4f)",
+                     data.classes[1], data.classes[1], t, results["val"]["overall"]["bal_acc"])
     if test_loader is not None:
         results["test"] = _evaluate_loader(trainer, best, test_loader)
         preds = results["test"].pop("predictions", None)
