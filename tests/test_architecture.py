@@ -27,7 +27,7 @@ LAYERS = [
     ["runs"],
     ["apply", "transforms"],
     ["tasks"],
-    ["experiments"],
+    ["experiments", "compare"],
     ["cli", "__init__", "__main__"],
 ]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}

@@ -580,7 +580,59 @@ def _bench_run(a: argparse.Namespace) -> int:
     return 0
 
 
+@command(
+    "compare",
+    "compare normalisations on your own centres: every method, protocol and seed trained, then paired statistics and a report",
+    """
+    lstainnorm compare my.yaml --methods none template lstainnorm --seeds 0 1 2 -o cmp
+    lstainnorm compare my.yaml --protocol leave-one-centre-out --workers 2        # two runs at a time
+    lstainnorm compare my.yaml --protocol "A,B->C" --methods none macenko template+hed-jitter template@centre
+    lstainnorm compare my.yaml --executor submitit --executor-option slurm_partition=gpu --executor-option gpus_per_node=1
+    lstainnorm compare my.yaml -o cmp --report-only                              # tables of the runs so far
+    Resumable: a second call skips the runs recorded in OUT/results.jsonl and resumes unfinished ones;
+    failed runs are listed with their logs and retried with --retry-failed.
+    """,
+)
+def _compare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", type=Path, help="the training config (YAML): its data (a manifest with a centre column, or a "
+                   "segmentation split), network and recipe")
+    p.add_argument("--methods", nargs="+", default=["none", "template", "lstainnorm"],
+                   help="methods by name: none, template, learnable-<space>, lstainnorm, stain, the baselines (reinhard, macenko, "
+                   "vahadane), augmentations (hed-jitter, randstainna), NORM+AUGMENT, METHOD@centre (statistics pooled per "
+                   "centre), the ablations lstainnorm-frozen, -mean, -tissue (default: none template lstainnorm)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (default 0 1 2)")
+    p.add_argument("--protocol", dest="protocols", nargs="+", default=["split"], metavar="PROTOCOL",
+                   help="split (the data's own split; default), leave-one-centre-out (each centre held out in turn), or "
+                   "TRAIN->TEST with comma-separated centres (e.g. 'A,B->C'); several may be given")
+    p.add_argument("--baseline", help="the method every other is paired against (default: the first of --methods)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override for every run")
+    p.add_argument("--workers", type=positive_int, default=1, help="runs at once (local: processes sharing this machine's cores, "
+                   "one GPU each where there are as many; submitit: jobs in flight; default 1)")
+    p.add_argument("--executor", choices=["local", "submitit"], default="local",
+                   help="local (this machine; default) or submitit (SLURM where available, else submitit's local executor)")
+    p.add_argument("--executor-option", dest="executor_options", action="append", default=[], metavar="KEY=VALUE",
+                   help="submitit parameter, e.g. slurm_partition=gpu, timeout_min=240, gpus_per_node=1")
+    p.add_argument("--retry-failed", action="store_true", help="run the jobs that failed before again")
+    p.add_argument("--report-only", action="store_true", help="train nothing: the report of the runs recorded so far")
+    p.add_argument("-o", "--out", type=Path, default=Path("compare_out"), help="folder for runs, records and the report (default compare_out)")
+
+
+def _compare_run(a: argparse.Namespace) -> int:
+    from .compare import compare
+
+    res = compare(a.config, a.out, methods=a.methods, seeds=a.seeds, protocols=a.protocols, baseline=a.baseline,
+                  overrides=a.overrides, workers=a.workers, executor=a.executor, executor_options=a.executor_options,
+                  retry_failed=a.retry_failed, train=not a.report_only)
+    print(res["text"])
+    print(f"written: {a.out / 'compare.md'}, {a.out / 'report.html'}, summary.csv, pairs.csv, runs.csv")
+    if res["failures"]:
+        print(f"{len(res['failures'])} run(s) failed; their logs are listed above (--retry-failed runs them again)", file=sys.stderr)
+        return 1
+    return 0
+
+
 _RUNNERS = {
+    "compare": _compare_run,
     "bench": _bench_run,
     "synth": _synth_run,
     "template": _template_run,

@@ -23,6 +23,7 @@ EXTRA_OF = {
     "onnx": "export", "onnxruntime": "export", "onnxscript": "export",
     "matplotlib": "report",
     "tensorboard": "loggers", "mlflow": "loggers", "wandb": "loggers",
+    "submitit": "cluster",
 }
 
 

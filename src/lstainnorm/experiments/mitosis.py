@@ -20,7 +20,6 @@ table sets them side by side (advice should hold in both). Resumable like every 
 
 from __future__ import annotations
 
-import csv
 import os
 from pathlib import Path
 from typing import Sequence
@@ -31,6 +30,7 @@ from ..config import load_config
 from ..files import atomic_write_bytes
 from ..runs import RUN_DIR_ENV, write_json
 from ..tasks.train import train
+from ..compare.stats import counts_by_group
 from .runner import commits_line, markdown_table, mean_std, method_overrides, per_seed, run_resumable
 from .stress import stress_runs
 
@@ -114,19 +114,6 @@ def choose_combo(sel: Sequence[dict], protocol: str, seeds: Sequence[int], metho
     return f"{norm}+{aug}", why
 
 BOOTSTRAP_SAMPLES = 2000
-
-
-def counts_by_group(predictions: str | Path) -> dict[str, dict[str, list[int]]]:
-    """``{group: {class: [right, total]}}`` from a run's ``test_predictions.csv`` (a row without a group
-    is its own group): all that the balanced accuracy of any resampling of whole groups needs, small
-    enough to keep in the benchmark's results.jsonl (which then needs no run folder to be re-tabled)."""
-    out: dict[str, dict[str, list[int]]] = {}
-    with open(predictions, newline="") as fh:
-        for r in csv.DictReader(fh):
-            cell = out.setdefault(r["group"] or r["path"], {}).setdefault(r["label"], [0, 0])
-            cell[0] += int(r["label"] == r["prediction"])
-            cell[1] += 1
-    return out
 
 
 def _arrays(counts: dict[str, dict[str, list[int]]], groups: Sequence[str], classes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,136 @@
+"""The statistics of a comparison: paired differences over seeds, a bootstrap over test groups, verdicts
+and power lines.
+
+Two methods trained with the same seeds are compared seed by seed (their difference on each seed), not
+by their means: the seed's own luck (which tiles, which initial weights) is shared and cancels. Two
+intervals judge a difference:
+
+- a paired t interval over seeds: how much another seed would move it;
+- a bootstrap over test groups (slides, images): how much other test slides would move it. Crops of
+  one slide are not independent, so whole groups are resampled.
+
+A difference is called (``better`` / ``worse``) only when both exclude 0. The power line says what
+these seeds can resolve at the spread they show: the smallest difference whose paired-t interval
+would exclude 0, and how many seeds a 1-point difference would need.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+__all__ = ["paired_t", "group_bootstrap", "verdict", "power_line", "counts_by_group", "BOOTSTRAP_SAMPLES", "t_quantile"]
+
+BOOTSTRAP_SAMPLES = 2000
+
+
+def counts_by_group(predictions: str | Path) -> dict[str, dict[str, list[int]]]:
+    """``{group: {class: [right, total]}}`` from a run's ``test_predictions.csv`` (a row without a group
+    is its own group): all that the balanced accuracy of any resampling of whole groups needs, small
+    enough to keep in a comparison's records (which then need no run folder to be tabled again)."""
+    out: dict[str, dict[str, list[int]]] = {}
+    with open(predictions, newline="") as fh:
+        for r in csv.DictReader(fh):
+            cell = out.setdefault(r["group"] or r["path"], {}).setdefault(r["label"], [0, 0])
+            cell[0] += int(r["label"] == r["prediction"])
+            cell[1] += 1
+    return out
+
+
+def t_quantile(df: int, q: float = 0.975) -> float:
+    """Student's t quantile (scipy where installed; the [train] extra has it)."""
+    from scipy import stats
+
+    return float(stats.t.ppf(q, df))
+
+
+def paired_t(diffs: Sequence[float]) -> tuple[float, float, float] | None:
+    """``(mean, low, high)``: the mean per-seed difference and its 95 % paired-t interval; None for one seed."""
+    d = np.asarray(diffs, dtype=float)
+    if len(d) < 2:
+        return None
+    half = t_quantile(len(d) - 1) * float(np.std(d, ddof=1)) / math.sqrt(len(d))
+    m = float(np.mean(d))
+    return m, m - half, m + half
+
+
+def _balanced_accuracy(counts: Mapping[str, Mapping[str, Sequence[int]]], groups: Sequence[str], classes: Sequence[str], weights: np.ndarray) -> np.ndarray:
+    right = np.array([[counts.get(g, {}).get(c, [0, 0])[0] for c in classes] for g in groups], dtype=float)
+    total = np.array([[counts.get(g, {}).get(c, [0, 0])[1] for c in classes] for g in groups], dtype=float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_class = (weights @ right) / (weights @ total)  # (samples + 1, classes)
+    return np.nanmean(per_class, axis=1)  # a class absent from a resample does not count
+
+
+def _mean_score(scores: Mapping[str, float], groups: Sequence[str], weights: np.ndarray) -> np.ndarray:
+    v = np.array([scores.get(g, np.nan) for g in groups], dtype=float)
+    present = ~np.isnan(v)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (weights[:, present] @ v[present]) / weights[:, present].sum(1)
+
+
+def group_bootstrap(runs: Mapping[int, Any], ref: Mapping[int, Any], samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> tuple[float, float, float]:
+    """Difference of the metric (method minus reference, mean over the shared seeds) and its 95 %
+    percentile interval from resampling test groups with replacement (the same groups for every seed
+    and both methods).
+
+    ``runs``/``ref``: per seed, either ``{group: {class: [right, total]}}`` (classification: the metric
+    is balanced accuracy) or ``{group: score}`` (e.g. segmentation: Dice per image, the metric is their mean).
+    """
+    seeds = sorted(set(runs) & set(ref))
+    if not seeds:
+        raise ValueError("no seed with results of both methods")
+    every = [runs[s] for s in seeds] + [ref[s] for s in seeds]
+    groups = sorted({g for c in every for g in c})
+    n = len(groups)
+    rng = np.random.default_rng(seed)
+    weights = np.vstack([np.ones(n), rng.multinomial(n, np.full(n, 1.0 / n), size=samples)])  # row 0: the data as it is
+    counted = isinstance(next(iter(every[0].values())), Mapping)
+    if counted:
+        classes = sorted({k for c in every for g in c.values() for k in g})
+
+        def metric(c):
+            return _balanced_accuracy(c, groups, classes, weights)
+    else:
+        def metric(c):
+            return _mean_score(c, groups, weights)
+    diff = np.mean([metric(runs[s]) - metric(ref[s]) for s in seeds], axis=0)
+    lo, hi = np.nanpercentile(diff[1:], [2.5, 97.5])
+    return float(diff[0]), float(lo), float(hi)
+
+
+def verdict(t_ci: tuple[float, float] | None, boot: tuple[float, float] | None) -> str:
+    """``better`` / ``worse`` only when the paired t over seeds and the group bootstrap both exclude 0
+    (one seed resolves nothing: the bootstrap does not see how much another seed would move)."""
+    if boot is not None and boot[0] <= 0 <= boot[1]:
+        return "not resolved"
+    if t_ci is None:
+        if boot is None:
+            return "one seed only"
+        return f"one seed only ({'above' if boot[0] > 0 else 'below'} on the test groups)"
+    if t_ci[0] <= 0 <= t_ci[1]:
+        return "not resolved (seeds disagree)"
+    if boot is None:
+        return "better (seeds only)" if t_ci[0] > 0 else "worse (seeds only)"
+    return "better" if t_ci[0] > 0 else "worse"
+
+
+def power_line(diffs: Sequence[float], target: float = 0.01, max_seeds: int = 1000) -> tuple[float | None, int | None]:
+    """``(resolvable, seeds_needed)``: the smallest mean difference these seeds resolve (the paired-t
+    half-width at the spread of ``diffs``), and the seeds a difference of ``target`` (one point) would
+    need at that spread (None: fewer than two seeds, or more than ``max_seeds``)."""
+    d = np.asarray(diffs, dtype=float)
+    if len(d) < 2:
+        return None, None
+    sd = float(np.std(d, ddof=1))
+    resolvable = t_quantile(len(d) - 1) * sd / math.sqrt(len(d))
+    if sd == 0:
+        return resolvable, 2
+    for n in range(2, max_seeds + 1):
+        if t_quantile(n - 1) * sd / math.sqrt(n) < target:
+            return resolvable, n
+    return resolvable, None

@@ -1,0 +1,167 @@
+"""``lstainnorm compare``: protocols from the data's centres, runs on local workers, resume, failures,
+statistics with power lines, and the report (markdown, CSV, HTML with its figures)."""
+
+from __future__ import annotations
+
+import json
+import os
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from lstainnorm.compare import compare
+from lstainnorm.compare.engine import Job, job_command
+from lstainnorm.compare.protocols import expand_protocols
+from lstainnorm.compare.stats import group_bootstrap, paired_t, power_line, verdict
+from lstainnorm.config import load_config, make_config
+from lstainnorm.data.synthetic import write_synthetic
+from lstainnorm.tasks.train import RUN_DIR_ENV
+
+
+@pytest.fixture(scope="module")
+def three_centres(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cmp")
+    write_synthetic(root / "data", centres=3, per_class=4, size=32, seed=0, classes=2, workers=1, progress=False)
+    cfg = {"task": "classification", "data": {"manifest": str(root / "data" / "manifest.csv"), "batch_size": 8},
+           "norm": {"templates": "auto", "compile": "false"}, "model": {"backbone": "test_resnet"},
+           "trainer": {"max_epochs": 1, "accelerator": "cpu", "logger": "none"}}
+    (root / "my.yaml").write_text(yaml.safe_dump(cfg))
+    return root / "my.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_run_dir_env():
+    os.environ.pop(RUN_DIR_ENV, None)
+    yield
+    os.environ.pop(RUN_DIR_ENV, None)
+
+
+class _Page(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.stack, self.images, self.tables = [], [], 0
+
+    def handle_starttag(self, tag, attrs):
+        if tag not in ("meta", "img", "br", "link"):
+            self.stack.append(tag)
+        if tag == "img":
+            self.images.append(dict(attrs)["src"])
+        self.tables += tag == "table"
+
+    def handle_endtag(self, tag):
+        assert self.stack and self.stack[-1] == tag, f"</{tag}> closes <{self.stack[-1] if self.stack else None}>"
+        self.stack.pop()
+
+
+@pytest.mark.slow
+def test_leave_one_centre_out_two_methods_two_seeds_two_workers_end_to_end(three_centres, tmp_path):
+    out = tmp_path / "cmp"
+    res = compare(three_centres, out, methods=["none", "template"], seeds=[0, 1], protocols=["leave-one-centre-out"],
+                  workers=2, progress=False)
+    assert res["protocols"] == ["loco:A", "loco:B", "loco:C"]
+    assert len(res["records"]) == 12 and not res["failures"]
+    for r in res["records"]:  # each held-out centre tests, and only it
+        assert set(r["per_centre"]) == {r["protocol"].split(":")[1]}
+        assert r["groups"] and r["code"]["lstainnorm"]
+        assert Path(r["run_dir"]).parent == out / "runs" / r["protocol"].replace(":", "_") / r["method"] / f"s{r['seed']}"
+    text = (out / "compare.md").read_text()
+    for p in res["protocols"]:
+        assert f"## {p}" in text
+    assert "resolvable with these seeds" in text and "seeds for 1 point" in text
+    pairs = (out / "pairs.csv").read_text().splitlines()
+    assert pairs[0].startswith("protocol,method,difference") and len(pairs) == 4
+    page = _Page()
+    page.feed((out / "report.html").read_text())
+    page.close()
+    assert not page.stack and page.tables >= 6
+    assert len(page.images) >= 3 * 3 and all((out / src).is_file() and (out / src).stat().st_size > 1000 for src in page.images)
+    # A second call trains nothing and gives the same tables.
+    again = compare(three_centres, out, methods=["none", "template"], seeds=[0, 1], protocols=["leave-one-centre-out"], progress=False)
+    assert [r["run_dir"] for r in again["records"]] == [r["run_dir"] for r in res["records"]]
+    assert (out / "compare.md").read_text() == text
+    with pytest.raises(ValueError, match="another -o"):
+        compare(three_centres, out, methods=["none"], seeds=[0], overrides=["trainer.max_epochs=2"], progress=False)
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_and_a_failed_run_is_reported_then_retried(three_centres, tmp_path):
+    out = tmp_path / "cmp"
+    # A worker killed after its first epoch: the run folder holds last.ckpt, no metrics.json.
+    os.environ["LSTAINNORM_INTERRUPT_AFTER_EPOCHS"] = "1"
+    try:
+        res = compare(three_centres, out, methods=["none"], seeds=[0], protocols=["A->B"], overrides=["trainer.max_epochs=2"], progress=False)
+    finally:
+        del os.environ["LSTAINNORM_INTERRUPT_AFTER_EPOCHS"]
+    assert not res["records"] and len(res["failures"]) == 1
+    fail = res["failures"][0]
+    assert fail["returncode"] != 0 and Path(fail["log"]).is_file() and "Failed runs" in (out / "compare.md").read_text()
+    run = Path(fail["run_dir"])
+    assert (run / "checkpoints" / "last.ckpt").is_file() and not (run / "metrics.json").exists()
+    # Not retried unless asked; then resumed from its checkpoint, in the same folder.
+    res = compare(three_centres, out, methods=["none"], seeds=[0], protocols=["A->B"], overrides=["trainer.max_epochs=2"], progress=False)
+    assert not res["records"] and len(res["failures"]) == 1
+    cmd = job_command(three_centres, Job("A->B", "none", 0), out, None)
+    assert cmd[-2:] == ["--resume", str(run)]
+    res = compare(three_centres, out, methods=["none"], seeds=[0], protocols=["A->B"], overrides=["trainer.max_epochs=2"],
+                  retry_failed=True, progress=False)
+    assert len(res["records"]) == 1 and not res["failures"]
+    assert res["records"][0]["run_dir"] == str(run) and res["records"][0]["epochs_run"] == 2
+    assert "resumed" in Path(fail["log"]).read_text() or "--resume" in Path(fail["log"]).read_text()
+
+
+@pytest.mark.slow
+def test_segmentation_compare_on_its_split(tmp_path):
+    from lstainnorm.data.synthetic import write_synthetic_segmentation
+
+    root = write_synthetic_segmentation(tmp_path / "seg", n_images=6, size=64, centres=2, seed=1)
+    cfg = {"task": "segmentation", "data": {"batch_size": 4}, "norm": {"templates": "auto", "compile": "false"},
+           "model": {"backbone": "resnet18", "decoder_channels": [16, 8, 8, 8, 8]},
+           "segmentation": {"root": str(root), "split_column": "tss_code", "test_values": ["B"], "crop": 32,
+                            "samples_per_image": 1, "window": 64, "min_size": 4},
+           "trainer": {"max_epochs": 1, "accelerator": "cpu", "logger": "none"}}
+    (tmp_path / "seg.yaml").write_text(yaml.safe_dump(cfg))
+    res = compare(tmp_path / "seg.yaml", tmp_path / "out", methods=["none", "template"], seeds=[0, 1], progress=False, plots=False)
+    assert res["metric"] == "dice" and len(res["records"]) == 4
+    assert all(isinstance(v, float) for r in res["records"] for v in r["groups"].values())  # Dice per image: the bootstrap's groups
+    (pair,) = res["pairs"]["split"]
+    assert pair["boot_low"] is not None and pair["boot_low"] <= pair["diff"] <= pair["boot_high"]
+    with pytest.raises(ValueError, match="centre protocols are for classification"):
+        compare(tmp_path / "seg.yaml", tmp_path / "out2", protocols=["leave-one-centre-out"], progress=False)
+
+
+def test_protocols_come_from_the_manifest_centres(three_centres):
+    cfg, _ = load_config(three_centres)
+    got = expand_protocols(["split", "leave-one-centre-out", "A,B->C"], cfg)
+    assert list(got) == ["split", "loco:A", "loco:B", "loco:C", "A,B->C"]
+    assert got["loco:B"] == ["data.train_centres=[A,C]", "data.test_centres=[B]", "data.test_split=null"]
+    for bad, msg in (("A->Z", "unknown centre"), ("A->A", "both train and test"), ("bogus", "unknown protocol"), ("->C", "name training")):
+        with pytest.raises(ValueError, match=msg):
+            expand_protocols([bad], cfg)
+    for ov in got.values():  # every protocol is a valid config
+        make_config(yaml.safe_load(three_centres.read_text()), ov)
+
+
+def test_paired_statistics_and_the_power_line():
+    assert paired_t([0.01]) is None
+    m, lo, hi = paired_t([0.02, 0.03, 0.025])
+    assert m == pytest.approx(0.025) and lo > 0 and hi < 0.05
+    res, need = power_line([0.01, 0.03, 0.02, 0.0, 0.04])
+    sd = np.std([0.01, 0.03, 0.02, 0.0, 0.04], ddof=1)
+    assert res == pytest.approx(2.776445 * sd / np.sqrt(5), rel=1e-4)
+    assert need is not None and need > 5  # a 1-point difference needs more seeds at this spread
+    assert power_line([0.001, 0.002, 0.0015])[1] <= 3  # a steady difference: few seeds
+    assert power_line([0.05]) == (None, None)
+    assert verdict((0.01, 0.03), (0.005, 0.02)) == "better"
+    assert verdict((-0.01, 0.03), (0.005, 0.02)) == "not resolved (seeds disagree)"
+    assert verdict((0.01, 0.03), (-0.005, 0.02)) == "not resolved"
+    assert verdict(None, (-0.03, -0.01)).startswith("one seed only (below")
+    # Bootstrap over groups: scores per image (segmentation) and counts per class (classification).
+    d, lo, hi = group_bootstrap({0: {"a": 0.8, "b": 0.6}}, {0: {"a": 0.7, "b": 0.5}})
+    assert d == pytest.approx(0.1) and lo == pytest.approx(0.1) and hi == pytest.approx(0.1)
+    counts = {0: {"s1": {"x": [2, 2], "y": [1, 2]}, "s2": {"x": [1, 1], "y": [2, 2]}}}
+    ref = {0: {"s1": {"x": [1, 2], "y": [1, 2]}, "s2": {"x": [0, 1], "y": [2, 2]}}}
+    d, lo, hi = group_bootstrap(counts, ref)
+    assert d == pytest.approx((1.0 + 0.75) / 2 - (1 / 3 + 0.75) / 2) and lo <= d <= hi
