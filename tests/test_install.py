@@ -94,6 +94,7 @@ def test_the_wheel_requires_only_the_core(core_env):
     assert core == CORE, reqs
     assert not any(re.search(r"<=?\s*\d", r) for r in reqs), f"upper caps: {[r for r in reqs if '<' in r]}"
     assert "lstainnorm/py.typed" in names
+    assert {"lstainnorm/configs/classify.yaml", "lstainnorm/configs/segment.yaml"} <= set(names)
 
 
 def test_the_core_install_runs_the_layer_example_and_names_extras(core_env):

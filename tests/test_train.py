@@ -332,6 +332,24 @@ def test_demo_config_copy_is_in_sync():
     packaged = (REPO / "src" / "lstainnorm" / "configs" / "demo.yaml").read_text()
     copy = (REPO / "configs" / "demo.yaml").read_text()
     assert copy.split("\n", 1)[1] == packaged
+    assert (REPO / "configs" / "classify.yaml").read_text() == (REPO / "src" / "lstainnorm" / "configs" / "classify.yaml").read_text()
+
+
+def test_packaged_configs_resolve_by_name_and_validate(tmp_path, monkeypatch):
+    from lstainnorm.cli import main
+    from lstainnorm.config import packaged_configs, resolve_config
+
+    monkeypatch.chdir(tmp_path)  # outside the checkout: only the package's own files
+    assert {"classify", "segment", "demo"} <= set(packaged_configs())
+    for name in packaged_configs():
+        cfg, _ = load_config(name)
+        assert cfg.task in ("classification", "segmentation")
+        assert resolve_config(f"{name}.yaml") == packaged_configs()[name]
+    (tmp_path / "classify").mkdir()  # a folder of that name is not a config file: the packaged one is used
+    assert load_config("classify")[0].task == "classification"
+    with pytest.raises(FileNotFoundError, match="lstainnorm configs"):
+        load_config("nosuch")
+    assert main(["configs"]) == 0 and main(["configs", "segment"]) == 0
 
 
 def test_pretrained_without_local_weights_is_a_clear_error(tmp_path):

@@ -180,6 +180,7 @@ def _template_run(a: argparse.Namespace) -> int:
     "train",
     "train a normalisation layer with a classifier (or segmenter) from a YAML config",
     """
+    lstainnorm train classify data.train=tiles/train data.test=tiles/test   # a packaged config by name
     lstainnorm train configs/classify.yaml
     lstainnorm train configs/classify.yaml norm.mode=learnable norm.space=hsv trainer.max_epochs=20
     lstainnorm train configs/reference-config-SA1.yaml          # the reference's config file, unchanged
@@ -189,7 +190,8 @@ def _template_run(a: argparse.Namespace) -> int:
     """,
 )
 def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", nargs="?", type=Path, help="YAML config (ours or the reference's flat config)")
+    p.add_argument("config", nargs="?", type=Path, help="YAML config (ours or the reference's flat config), or the name of a "
+                   "packaged one (lstainnorm configs lists them)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_epochs=5")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue RUN_DIR from checkpoints/last.ckpt with its saved config")
     p.add_argument("--print-schema", action="store_true", help="print every config key with its default and exit")
@@ -631,7 +633,34 @@ def _compare_run(a: argparse.Namespace) -> int:
     return 0
 
 
+@command(
+    "configs",
+    "list the configs that ship with lstainnorm (train them by name), or print one",
+    """
+    lstainnorm configs                      # the packaged configs, one line each
+    lstainnorm configs classify > my.yaml   # a copy to edit
+    lstainnorm train classify data.train=tiles/train data.test=tiles/test
+    """,
+)
+def _configs_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", nargs="?", help="print this config (e.g. classify)")
+
+
+def _configs_run(a: argparse.Namespace) -> int:
+    from .config import packaged_configs, resolve_config
+
+    if a.name:
+        print(resolve_config(a.name).read_text(), end="")
+        return 0
+    for name, path in packaged_configs().items():
+        first = next((ln.lstrip("# ").strip() for ln in path.read_text().splitlines() if ln.startswith("#")), "")
+        print(f"{name:<10} {first}")
+    print("train one by name: lstainnorm train NAME [key=value ...]; print it: lstainnorm configs NAME")
+    return 0
+
+
 _RUNNERS = {
+    "configs": _configs_run,
     "compare": _compare_run,
     "bench": _bench_run,
     "synth": _synth_run,

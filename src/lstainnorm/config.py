@@ -37,6 +37,8 @@ __all__ = [
     "SegmentationConfig",
     "ConfigError",
     "load_config",
+    "resolve_config",
+    "packaged_configs",
     "make_config",
     "map_reference_config",
     "config_from_dict",
@@ -561,14 +563,35 @@ def _rephrase(err: Exception, cfg: DictConfig) -> ConfigError:
     return ConfigError(f"{key or 'config'}: {msg}")
 
 
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def packaged_configs() -> dict[str, Path]:
+    """The configs that ship with lstainnorm, by name (``classify``, ``segment``, ``demo``)."""
+    return {p.stem: p for p in sorted(PACKAGED_CONFIGS.glob("*.yaml"))}
+
+
+def resolve_config(name_or_path: str | Path) -> Path:
+    """A config file: the path if it exists, else a packaged config of that name (``classify`` or
+    ``classify.yaml``). Raises FileNotFoundError naming both and the packaged names."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    packaged = packaged_configs()
+    name = path.name[:-5] if path.name.endswith(".yaml") else path.name
+    if path.parent == Path(".") and name in packaged:
+        return packaged[name]
+    raise FileNotFoundError(f"config file not found: {path} (and no packaged config of that name: {sorted(packaged)}; "
+                            "`lstainnorm configs` lists them)")
+
+
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> tuple[Config, list[str]]:
-    """Read a YAML config (ours or the reference's), apply overrides, validate."""
+    """Read a YAML config (ours or the reference's; a path, or the name of a packaged config), apply
+    overrides, validate."""
     _need_omegaconf(f"reading config {path}")
     raw: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
+        path = resolve_config(path)
         try:
             loaded = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
         except Exception as err:

@@ -29,10 +29,10 @@ def compare(
     """Compare ``methods`` on ``config``'s data: every protocol x method x seed trained (unless recorded
     in ``out``), then ``out/compare.md``, CSV tables and ``out/report.html``. ``baseline``: what every
     method is paired against (default: the first method). ``train=False`` reports the runs so far."""
-    from ..config import load_config
+    from ..config import load_config, resolve_config
     from ..experiments.runner import method_overrides
 
-    config, out = Path(config), Path(out)
+    config, out = resolve_config(config), Path(out)
     cfg, _ = load_config(config, list(overrides))  # a bad config or override fails here, before any run
     methods = list(dict.fromkeys(methods))
     if not methods:
