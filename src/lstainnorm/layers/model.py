@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor, nn
 
 from .registry import create_norm
@@ -40,7 +42,7 @@ class StainNormalized(nn.Module):
         return (y, z) if return_normalized else y
 
 
-def with_stain_norm(model: nn.Module, norm: nn.Module | str = "lstainnorm", **norm_kwargs) -> StainNormalized:
+def with_stain_norm(model: nn.Module, norm: nn.Module | str = "lstainnorm", **norm_kwargs: Any) -> StainNormalized:
     """Wrap ``model`` so that its input is stain-normalised first.
 
     Args:

@@ -329,8 +329,9 @@ def stain_norm(
     Args:
         x: RGB batch of shape :math:`(B, 3, H, W)`, float, values in [0, 1].
         space: colour space name (``lab``, ``hsv``, ``rgb``, ``hed``) or a :class:`ColorSpace`.
-        mu, sigma: template mean and std per channel, in the space's internal units
-            (default: the space's default template). Tensors keep their autograd graph.
+        mu: template mean per channel, in the space's internal units (default: the space's
+            default template). Tensors keep their autograd graph.
+        sigma: template std per channel, likewise.
         eps: added to the std before dividing (the reference's 1e-7).
         tissue_stats: take the per-image statistics over tissue pixels only; glass passes through.
         clamp: clamp the output to [0, 1].
@@ -519,9 +520,10 @@ class StainNorm(_CompilableNorm):
 
     Args:
         space: colour space name (see :func:`lstainnorm.color.list_spaces`).
-        mu0, sigma0: initial template (3 values each, the space's internal units; default:
-            the space's default template). Use :func:`lstainnorm.estimate_template` to get
-            them from your training data.
+        mu0: initial template mean (3 values, the space's internal units; default: the space's
+            default template). Use :func:`lstainnorm.estimate_template` to get it from your
+            training data.
+        sigma0: initial template std (3 values), likewise.
         learnable: learn the offsets ``dmu``, ``dsigma`` (parameters) or keep them at 0 (buffers).
         eps: added to the std before dividing.
         tissue_stats: per-image statistics over tissue pixels only; glass passes through.
