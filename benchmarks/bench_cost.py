@@ -9,7 +9,7 @@
    steps), eager through autograd (the code before it, as baseline) and compiled (``train``'s
    mode from 500 steps). Interleaved rounds, median. Target: <= 10 % in the default mode of
    any run length, i.e. eager and compiled both. The stain-aware options ride along (LStainNorm after
-   a StainOD stage, learning its amounts or frozen; StainOD alone): their target is LStainNorm's
+   a StainConcentrationNorm stage, learning its amounts or frozen; StainConcentrationNorm alone): their target is LStainNorm's
    own eager cost. A row with no layer but an input gradient measures the floor that any
    trainable layer in front of the network pays: the first convolution's gradient at its input,
    which the network alone never computes; a learnable Lab template is the cheapest such layer.
@@ -50,9 +50,9 @@ from lstainnorm.layers.norm import closed_form_backward  # noqa: E402
 
 TARGETS = {"step": 10.0, "peak_batch": 1024.0, "peak_2048": 2048.0, "rel_err": 1e-5}
 # The stain-aware options, whose training cost is to be no more than LStainNorm's.
-STAGED = "with LStainNorm after a StainOD stage (eager)"
-STAGED_FROZEN = "with LStainNorm after a frozen StainOD stage (eager)"
-STAIN_ALONE = "with StainOD alone (eager)"
+STAGED = "with LStainNorm after a StainConcentrationNorm stage (eager)"
+STAGED_FROZEN = "with LStainNorm after a frozen StainConcentrationNorm stage (eager)"
+STAIN_ALONE = "with StainConcentrationNorm alone (eager)"
 # No layer, but a gradient at the input: the part of any trainable front layer's cost that is the network's.
 FLOOR = "ResNet-18 with an input gradient (no layer)"
 # The cheapest trainable layer the README offers (its "learnable" column).
@@ -153,7 +153,7 @@ def training_rows(x: torch.Tensor, repeats: int, compile: bool) -> list[dict]:
         if variant == FLOOR:
             net = _InputGradient(net)
         elif variant == STAIN_ALONE:
-            net = lstainnorm.with_stain_norm(net, lstainnorm.StainOD())
+            net = lstainnorm.with_stain_norm(net, lstainnorm.StainConcentrationNorm())
         elif variant == LEARNABLE:
             net = lstainnorm.with_stain_norm(net, lstainnorm.create_norm("learnable", space="lab"))
         elif variant != variants[0]:

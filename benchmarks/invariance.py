@@ -39,10 +39,10 @@ NORMALISERS = {
     "StainNorm(hed)": lambda: lstainnorm.StainNorm("hed", learnable=False),
     "LStainNorm (lab, hsv, rgb), initial": lambda: lstainnorm.LStainNorm(),
     "LStainNorm (lab, hsv, rgb, hed), initial": lambda: lstainnorm.LStainNorm(spaces=("lab", "hsv", "rgb", "hed")),
-    "StainOD (each image's Macenko vectors)": lambda: lstainnorm.StainOD("estimate", learnable=False),
-    "StainOD (Ruifrok's vectors)": lambda: lstainnorm.StainOD("ruifrok", learnable=False),
-    "StainNorm(rgb) after a StainOD stage": lambda: lstainnorm.StainNorm("rgb", learnable=False, stain_first="estimate"),
-    "LStainNorm after a StainOD stage (stain_first), initial": lambda: lstainnorm.LStainNorm(stain_first="estimate"),
+    "StainConcentrationNorm (each image's Macenko vectors)": lambda: lstainnorm.StainConcentrationNorm("estimate", learnable=False),
+    "StainConcentrationNorm (Ruifrok's vectors)": lambda: lstainnorm.StainConcentrationNorm("ruifrok", learnable=False),
+    "StainNorm(rgb) after a StainConcentrationNorm stage": lambda: lstainnorm.StainNorm("rgb", learnable=False, stain_first="estimate"),
+    "LStainNorm after a StainConcentrationNorm stage (stain_first), initial": lambda: lstainnorm.LStainNorm(stain_first="estimate"),
 }
 
 

@@ -1,4 +1,4 @@
-"""StainOD: stain-aware normalisation in optical density."""
+"""StainConcentrationNorm: stain-aware normalisation in optical density."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lstainnorm import StainOD, create_norm
+from lstainnorm import StainConcentrationNorm, create_norm
 from lstainnorm.layers.stain import RUIFROK, macenko_stains, stain_amounts, stain_basis, stain_od
 
 UNIT = RUIFROK / RUIFROK.norm(dim=1, keepdim=True)
@@ -28,16 +28,16 @@ def _tissue(b: int = 2, size: int = 48, h_scale: float = 1.0, e_scale: float = 1
 def test_shapes_dtypes_and_range():
     x = _tissue()
     for stains in ("estimate", "ruifrok", "learned"):
-        y = StainOD(stains)(x)
+        y = StainConcentrationNorm(stains)(x)
         assert y.shape == x.shape and y.dtype == x.dtype
         assert torch.isfinite(y).all() and y.min() >= 0 and y.max() <= 1
-    assert StainOD()(x.double()).dtype == torch.float64
+    assert StainConcentrationNorm()(x.double()).dtype == torch.float64
     assert create_norm("stain", stains="ruifrok").stains == "ruifrok"
 
 
 def test_module_equals_function():
     x = _tissue()
-    layer = StainOD("ruifrok", amounts=(0.4, 0.3), learnable=False)
+    layer = StainConcentrationNorm("ruifrok", amounts=(0.4, 0.3), learnable=False)
     ref = stain_od(x, UNIT.float(), torch.tensor([0.4, 0.3]))
     assert torch.allclose(layer(x), ref, atol=1e-6)
 
@@ -45,7 +45,7 @@ def test_module_equals_function():
 def test_undoes_an_he_ratio_change_made_along_its_vectors():
     """Scaling the haematoxylin x2 and the eosin x0.5 along the vectors the layer uses is undone."""
     x, y = _tissue(), _tissue(h_scale=2.0, e_scale=0.5)
-    layer = StainOD("ruifrok")
+    layer = StainConcentrationNorm("ruifrok")
     before = (x - y).abs().mean()
     after = (layer(x) - layer(y)).abs().mean()
     assert before > 0.05 and after < 0.01 * before
@@ -53,7 +53,7 @@ def test_undoes_an_he_ratio_change_made_along_its_vectors():
 
 def test_amounts_are_the_template_after_normalisation():
     x = _tissue(h_scale=1.7, e_scale=0.6)
-    layer = StainOD("ruifrok", amounts=(0.5, 0.3))
+    layer = StainConcentrationNorm("ruifrok", amounts=(0.5, 0.3))
     a = stain_amounts(layer(x), UNIT.float().expand(2, 2, 3))
     assert torch.allclose(a, torch.tensor([[0.5, 0.3]] * 2), atol=0.01)
 
@@ -75,7 +75,7 @@ def test_glass_black_and_one_stain_tiles_stay_finite_with_finite_gradients():
     ruifrok = (RUIFROK / RUIFROK.norm(dim=1, keepdim=True)).float()
     assert torch.allclose(macenko_stains(glass)[0], ruifrok)  # too little tissue: the standard vectors
     for stains in ("estimate", "ruifrok", "learned"):
-        layer = StainOD(stains)
+        layer = StainConcentrationNorm(stains)
         for name, x in (("glass", glass), ("black", black), ("H only", one_h), ("E only", one_e), ("flat", flat)):
             x = x.clone().requires_grad_(True)
             y = layer(x)
@@ -84,7 +84,7 @@ def test_glass_black_and_one_stain_tiles_stay_finite_with_finite_gradients():
             assert torch.isfinite(x.grad).all(), (stains, name)
             assert all(p.grad is None or torch.isfinite(p.grad).all() for p in layer.parameters()), (stains, name)
     # glass is not amplified into colour: the gain is bounded
-    assert (StainOD()(glass) - glass).abs().max() < 0.1
+    assert (StainConcentrationNorm()(glass) - glass).abs().max() < 0.1
 
 
 def test_gradcheck_float64():
@@ -93,7 +93,7 @@ def test_gradcheck_float64():
     t = torch.tensor([0.5, 0.4], dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b, c: stain_od(a, b, c, max_gain=50.0), (x, he, t))
     # through the layer's learned vectors and log-amounts
-    layer = StainOD("learned").double()
+    layer = StainConcentrationNorm("learned").double()
     assert torch.autograd.gradcheck(lambda a: layer(a), (x,))
     layer(x).sum().backward()
     assert layer.he.grad is not None and layer.log_amounts.grad is not None
@@ -160,8 +160,8 @@ def test_basis_is_invertible_and_keeps_the_stain_rows():
 def test_learnable_switch_and_parameter_groups():
     from lstainnorm import norm_param_groups
 
-    assert not StainOD(learnable=False).log_amounts.requires_grad
-    groups = norm_param_groups(StainOD("learned"))
+    assert not StainConcentrationNorm(learnable=False).log_amounts.requires_grad
+    groups = norm_param_groups(StainConcentrationNorm("learned"))
     assert sum(len(g["params"]) for g in groups) == 2
 
 
@@ -177,11 +177,11 @@ def test_learnable_switch_and_parameter_groups():
 )
 def test_constructor_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        StainOD(**kwargs)
+        StainConcentrationNorm(**kwargs)
 
 
 def test_input_errors():
-    layer = StainOD()
+    layer = StainConcentrationNorm()
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         layer([[0.5]])
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
@@ -193,7 +193,7 @@ def test_input_errors():
 
 
 def test_stain_stage_before_the_layers():
-    """stain_first: the StainOD stage runs before the colour spaces of StainNorm and LStainNorm, at every
+    """stain_first: the StainConcentrationNorm stage runs before the colour spaces of StainNorm and LStainNorm, at every
     entry point, learns with the templates, and the layer then undoes an H/E-ratio change it could not."""
     from lstainnorm import LStainNorm, StainNorm
 
@@ -202,7 +202,7 @@ def test_stain_stage_before_the_layers():
     assert not staged.stain_first.log_amounts.requires_grad
     gap = lambda m: float((m(x) - m(y)).abs().mean())  # noqa: E731
     assert gap(staged) < 0.2 * gap(plain)
-    stage = StainOD("ruifrok", validate=False)
+    stage = StainConcentrationNorm("ruifrok", validate=False)
     assert torch.allclose(staged(x), plain(stage(x)), atol=1e-6)  # the stage, then the layer
     fused = LStainNorm(stain_first="estimate")
     xr = x.clone().requires_grad_(True)

@@ -402,7 +402,7 @@ def test_stain_mode_trains_from_the_config(tmp_path, synth):
     res = train(cfg, notes)
     assert (Path(res["run_dir"]) / "metrics.json").is_file()
     module = StainNormModule(to_dict(cfg), ["a", "b", "c"], ["A"])
-    assert type(module.norm).__name__ == "StainOD" and module.norm.stains == "learned"
+    assert type(module.norm).__name__ == "StainConcentrationNorm" and module.norm.stains == "learned"
     batch = {"image": torch.rand(4, 3, 32, 32) * 0.6 + 0.3, "label": torch.tensor([0, 1, 2, 0])}
     module.training_step(batch, 0).backward()
     assert torch.isfinite(module.norm.he.grad).all() and module.norm.he.grad.abs().sum() > 0
@@ -411,7 +411,7 @@ def test_stain_mode_trains_from_the_config(tmp_path, synth):
 
 
 def test_stain_first_config_builds_the_stage_and_its_template(tmp_path, synth):
-    """norm.stain_first: the layer gets a StainOD stage, the auto template is estimated on what the
+    """norm.stain_first: the layer gets a StainConcentrationNorm stage, the auto template is estimated on what the
     branches see (stain-normalised tiles), and other modes refuse the key."""
     cfg, notes = _cfg(tmp_path, synth, "norm.stain_first=true", "norm.templates=auto", "trainer.max_epochs=1")
     res = train(cfg, notes)

@@ -18,8 +18,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .layers import (
         LStainNorm,
         StainNorm,
-        StainNormalized,
-        StainOD,
+        NormalizedNetwork,
+        StainConcentrationNorm,
         Template,
         color,
         create_norm,
@@ -33,17 +33,17 @@ if TYPE_CHECKING:  # pragma: no cover
         with_stain_norm,
     )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "color",
     "StainNorm",
     "LStainNorm",
-    "StainOD",
+    "StainConcentrationNorm",
     "stain_norm",
     "with_stain_norm",
     "norm_param_groups",
-    "StainNormalized",
+    "NormalizedNetwork",
     "estimate_template",
     "Template",
     "load_template",
@@ -64,6 +64,12 @@ def __getattr__(name: str):
         value = getattr(layers, name)
         globals()[name] = value
         return value
+    from .layers._deprecated import RENAMED, renamed
+
+    if name in RENAMED:  # the names before the rename, for one release
+        from . import layers
+
+        return renamed(name, {RENAMED[name]: getattr(layers, RENAMED[name])}, "lstainnorm")
     raise AttributeError(f"module 'lstainnorm' has no attribute {name!r}")
 
 

@@ -153,7 +153,7 @@ class NormConfig:
     and a fraction of the memory on a CPU, BENCHMARKS.md), and falls back to eager with a warning
     where compilation fails; ``true`` compiles every run and the apply commands; ``false`` never.
     ``LSTAINNORM_COMPILE=0`` turns ``auto`` off for a whole session.
-    ``stains`` (mode ``stain``, :class:`lstainnorm.layers.stain.StainOD`): the H and E
+    ``stains`` (mode ``stain``, :class:`lstainnorm.layers.stain.StainConcentrationNorm`): the H and E
     vectors of the optical-density normalisation: ``estimate`` (each image's own, Macenko),
     ``ruifrok`` (fixed standard vectors) or ``learned`` (learned from Ruifrok's); its template
     amounts learn unless ``learn_template: false``. ``stain_first: true`` (modes template, learnable,

@@ -64,7 +64,7 @@ COMBO = "best-norm+best-augment"
 NORM_CANDIDATES = ("template", "learnable-lab", "lstainnorm", "lstainnorm-frozen", "macenko", "reinhard", "stain",
                    "lstainnorm-stain")
 AUGMENT_CANDIDATES = ("hed-jitter", "randstainna")
-# The methods compared, the stain-aware options among them: ``stain`` (StainOD alone: each image's own stain vectors,
+# The methods compared, the stain-aware options among them: ``stain`` (StainConcentrationNorm alone: each image's own stain vectors,
 # each stain's amount scaled to a template), ``lstainnorm-stain`` (that stage first) and the layers with
 # statistics pooled per scanner (``@centre``). The pooled ones are not combination candidates: the
 # combination was chosen (and run) before they existed. (``lstainnorm-stain-consistency``, the staged layer

@@ -44,7 +44,7 @@ ABLATIONS: dict[str, list[str]] = {
 }
 # LStainNorm with a stain-aware option on (not an ablation: something added, measured where named).
 OPTIONS: dict[str, list[str]] = {
-    "lstainnorm-stain": ["norm.stain_first=true"],                  # a StainOD stage before the branches
+    "lstainnorm-stain": ["norm.stain_first=true"],                  # a StainConcentrationNorm stage before the branches
 }
 # Any layer with its statistics pooled per centre: ``METHOD@centre`` (e.g. ``template@centre``).
 POOLED = "@centre"

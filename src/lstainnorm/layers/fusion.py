@@ -432,7 +432,7 @@ class LStainNorm(_CompilableNorm):
             weights may leave the range slightly).
         validate: check inputs for NaN/Inf and the [0, 1] range.
         stain_first: ``None`` or the stain vectors (``"estimate"``, ``"ruifrok"``, ``"learned"``) of a
-            :class:`~lstainnorm.layers.stain.StainOD` stage run before the branches (it
+            :class:`~lstainnorm.layers.stain.StainConcentrationNorm` stage run before the branches (it
             undoes a change of each stain's amount, which no branch undoes; its template amounts
             learn when ``learnable``, or as ``stain_learnable`` says).
         stain_learnable: ``None`` (as ``learnable``), or whether the stage's amounts learn: frozen,

@@ -8,10 +8,10 @@ from torch import Tensor, nn
 
 from .registry import create_norm
 
-__all__ = ["StainNormalized", "with_stain_norm", "norm_param_groups"]
+__all__ = ["NormalizedNetwork", "with_stain_norm", "norm_param_groups"]
 
 
-class StainNormalized(nn.Module):
+class NormalizedNetwork(nn.Module):
     """``model(norm(x))``, keeping the normalised image at hand.
 
     The reference returns ``(model(out), out)``; here ``forward(x)`` returns the task
@@ -42,7 +42,7 @@ class StainNormalized(nn.Module):
         return (y, z) if return_normalized else y
 
 
-def with_stain_norm(model: nn.Module, norm: nn.Module | str = "lstainnorm", **norm_kwargs: Any) -> StainNormalized:
+def with_stain_norm(model: nn.Module, norm: nn.Module | str = "lstainnorm", **norm_kwargs: Any) -> NormalizedNetwork:
     """Wrap ``model`` so that its input is stain-normalised first.
 
     Args:
@@ -59,7 +59,7 @@ def with_stain_norm(model: nn.Module, norm: nn.Module | str = "lstainnorm", **no
         norm = create_norm(norm, **norm_kwargs)
     elif norm_kwargs:
         raise TypeError("norm_kwargs are only used when norm is given by name")
-    return StainNormalized(model, norm)
+    return NormalizedNetwork(model, norm)
 
 
 def norm_param_groups(norm: nn.Module, lr: float = 5e-3, weight_decay: float = 0.0) -> list[dict]:
@@ -92,3 +92,9 @@ def norm_param_groups(norm: nn.Module, lr: float = 5e-3, weight_decay: float = 0
     if rest:
         groups.append({"params": rest, "lr": lr, "weight_decay": weight_decay, "name": "norm.fusion"})
     return groups
+
+
+def __getattr__(name: str):  # the names before the rename, for one release
+    from ._deprecated import renamed
+
+    return renamed(name, globals(), 'lstainnorm.layers.model')

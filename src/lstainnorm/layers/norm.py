@@ -34,7 +34,7 @@ from .checks import check_image, check_rgb_range, compute_dtype
 from .closed_form import closed_form_backward, closed_form_enabled
 from .color import ColorSpace, get_space
 from .registry import register_norm
-from .stain import StainOD
+from .stain import StainConcentrationNorm
 from .template import Template
 from .tissue import TISSUE_MIN_PIXELS, centred_mean_var, channel_stats, tissue_mask, tissue_weight
 
@@ -402,16 +402,16 @@ class _CompilableNorm(nn.Module, ABC):
         self._compiled = None
         self._compile_fallback = False
         self.validate = True
-        self.stain_first: StainOD | None = None
+        self.stain_first: StainConcentrationNorm | None = None
 
     def _add_stain_stage(self, stains: str | None, learnable: bool, stain_learnable: bool | None = None) -> None:
-        """``stain_first``: a :class:`StainOD` stage before the colour spaces: each
+        """``stain_first``: a :class:`StainConcentrationNorm` stage before the colour spaces: each
         stain's amount is scaled to a template first, then the layer standardises as before. Its
         amounts learn as the layer's templates do unless ``stain_learnable`` says otherwise: learning
         them sends a gradient back through every colour space (about 4x the stage's own cost)."""
         if stains is not None:
             learn = learnable if stain_learnable is None else bool(stain_learnable)
-            self.stain_first = StainOD(stains, learnable=learn, validate=False)
+            self.stain_first = StainConcentrationNorm(stains, learnable=learn, validate=False)
 
     def enable_compile(self, fallback: bool = False, **compile_kwargs) -> "_CompilableNorm":
         """Compile the hot path with ``torch.compile(fullgraph=True)`` (input checks stay eager).
@@ -530,7 +530,7 @@ class StainNorm(_CompilableNorm):
         clamp: clamp the output to [0, 1] (no effect in Lab, whose conversion clips already).
         validate: check every input for NaN/Inf and the [0, 1] range (one pass over the data).
         stain_first: ``None`` or the stain vectors (``"estimate"``, ``"ruifrok"``, ``"learned"``) of a
-            :class:`~lstainnorm.layers.stain.StainOD` stage run before the colour space (its template
+            :class:`~lstainnorm.layers.stain.StainConcentrationNorm` stage run before the colour space (its template
             amounts learn when ``learnable``, or as ``stain_learnable`` says).
         stain_learnable: ``None`` (as ``learnable``), or whether the stage's amounts learn.
 

@@ -1,11 +1,11 @@
-"""Stain-aware normalisation in optical density: ``StainOD``.
+"""Stain-aware normalisation in optical density: ``StainConcentrationNorm``.
 
 Beer-Lambert: a pixel's optical density ``od = -ln(I / I0)`` is a sum of stain vectors times
 concentrations, ``od = c_H h + c_E e + c_R r`` (``r`` = ``h x e``, what the two stains do not
 explain). A change of how much of each stain a laboratory uses, i.e. of the H/E ratio, scales
 ``c_H`` and ``c_E``: no per-channel standardisation in Lab, HSV or RGB undoes it, and the fixed
 Ruifrok vectors of the ``hed`` space mix it into all three channels when a slide's own
-vectors differ (``benchmarks/invariance.py``). ``StainOD`` separates the stains with each
+vectors differ (``benchmarks/invariance.py``). ``StainConcentrationNorm`` separates the stains with each
 image's own vectors (Macenko's estimate), or with vectors learned from Ruifrok's, scales each
 stain's concentration so that its mean over the tissue equals a template amount, keeps the
 residual, and recomposes RGB::
@@ -34,7 +34,7 @@ from .closed_form import closed_form_enabled
 from .registry import register_norm
 from .tissue import TISSUE_MIN_PIXELS, tissue_mask
 
-__all__ = ["StainOD", "StainODFunction", "stain_od", "macenko_stains", "stain_basis", "stain_amounts", "RUIFROK", "STAIN_MODES"]
+__all__ = ["StainConcentrationNorm", "StainODFunction", "stain_od", "macenko_stains", "stain_basis", "stain_amounts", "RUIFROK", "STAIN_MODES"]
 
 # Ruifrok & Johnston's H and E optical-density vectors: the first two rows of the ``hed`` space's matrix.
 RUIFROK = torch.tensor(_RGB_FROM_HED[:2], dtype=torch.float64)
@@ -112,7 +112,7 @@ def _inverse_rows(basis: Tensor) -> Tensor:
 
 
 def stain_amounts(x: Tensor, he: Tensor | None = None) -> Tensor:
-    """Mean H and E concentration over each image's tissue, ``(B, 2)``: what :class:`StainOD`
+    """Mean H and E concentration over each image's tissue, ``(B, 2)``: what :class:`StainConcentrationNorm`
     scales to its template. ``he`` (``(B, 2, 3)``): the stain vectors; default each image's own."""
     check_image(x, "x")
     he = macenko_stains(x).to(x) if he is None else he.to(x)
@@ -210,7 +210,7 @@ class StainODFunction(torch.autograd.Function):
 
 
 def stain_od(x: Tensor, he: Tensor, amounts: Tensor, max_gain: float = 4.0) -> Tensor:
-    """Functional :class:`StainOD`: scale each image's H and E concentrations to ``amounts``.
+    """Functional :class:`StainConcentrationNorm`: scale each image's H and E concentrations to ``amounts``.
 
     Args:
         x: RGB in [0, 1], shape ``(B, 3, H, W)``.
@@ -234,7 +234,7 @@ def stain_od(x: Tensor, he: Tensor, amounts: Tensor, max_gain: float = 4.0) -> T
     return _stain_od_autograd(x, he, amounts, max_gain)
 
 
-class StainOD(nn.Module):
+class StainConcentrationNorm(nn.Module):
     r"""Stain-aware normalisation in optical density (module docstring: the formulas).
 
     Args:
@@ -252,7 +252,7 @@ class StainOD(nn.Module):
         - Output: :math:`(B, 3, H, W)` RGB in [0, 1].
 
     Example:
-        >>> StainOD()(torch.rand(2, 3, 32, 32)).shape
+        >>> StainConcentrationNorm()(torch.rand(2, 3, 32, 32)).shape
         torch.Size([2, 3, 32, 32])
     """
 
@@ -308,5 +308,11 @@ class StainOD(nn.Module):
 
 
 @register_norm("stain")
-def _stain(stains: str = "estimate", amounts=None, learnable: bool = True, **kwargs) -> StainOD:
-    return StainOD(stains, amounts, learnable=learnable, **kwargs)
+def _stain(stains: str = "estimate", amounts=None, learnable: bool = True, **kwargs) -> StainConcentrationNorm:
+    return StainConcentrationNorm(stains, amounts, learnable=learnable, **kwargs)
+
+
+def __getattr__(name: str):  # the names before the rename, for one release
+    from ._deprecated import renamed
+
+    return renamed(name, globals(), 'lstainnorm.layers.stain')

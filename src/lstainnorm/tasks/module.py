@@ -16,7 +16,7 @@ import torch
 from ..baselines.augment import create_augmentation
 from ..config import config_from_dict
 from ..layers.fusion import LStainNorm
-from ..layers.model import StainNormalized
+from ..layers.model import NormalizedNetwork
 from ..layers.template import Template
 from ..runs import build_norm, resolve_template_setting
 from .base import Task
@@ -72,7 +72,7 @@ class StainNormModule(L.LightningModule):
             self.norm = build_norm(self.cfg.norm, tpl)
         with seeded(self.cfg.seed, "net"):
             self.net = self.task.build_net()
-        self.model = StainNormalized(self.net, self.norm)
+        self.model = NormalizedNetwork(self.net, self.norm)
         self.skipped: set[str] = set()
         self.augment = None
         mode = self.cfg.data.augment

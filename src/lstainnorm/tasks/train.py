@@ -40,7 +40,7 @@ from ..config import Config, ConfigError, to_dict
 from ..data.io import tensor_to_image, write_image
 from ..data.tiles import save_class_map
 from ..files import atomic_write_bytes, sweep_stale_temps
-from ..layers.stain import StainOD
+from ..layers.stain import StainConcentrationNorm
 from ..layers.template import Template, estimate_template
 from ..runs import AUTO_COMPILE_MIN_STEPS, RUN_DIR_ENV, code_version, compile_norm, load_checkpoint, new_run_dir, resolve_template_setting, write_json
 from .base import monitored_metric
@@ -121,7 +121,7 @@ def resolve_initial_template(cfg: Config, data: Data, run_dir: Path) -> Template
         if path.is_file():
             return Template.load(path)
         # With a stain stage the branches see stain-normalised tiles: the template describes those.
-        stage = StainOD(cfg.norm.stains, learnable=False) if cfg.norm.stain_first else None
+        stage = StainConcentrationNorm(cfg.norm.stains, learnable=False) if cfg.norm.stain_first else None
         tpl = estimate_template(_image_loader(cfg, data), spaces=_template_spaces(cfg), tissue_mask=True,
                                 progress=cfg.trainer.progress, transform=stage)
         tpl.meta["source"] = "training split"
