@@ -19,7 +19,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "lstainnorm"
 
 # docs/architecture.md: a module may import modules of its own layer or of lower layers.
 LAYERS = [
-    ["files", "allocator", "extras"],
+    ["files", "allocator", "extras", "executors"],
     ["layers"],
     ["data"],
     ["baselines"],

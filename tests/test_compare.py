@@ -165,3 +165,37 @@ def test_paired_statistics_and_the_power_line():
     ref = {0: {"s1": {"x": [1, 2], "y": [1, 2]}, "s2": {"x": [0, 1], "y": [2, 2]}}}
     d, lo, hi = group_bootstrap(counts, ref)
     assert d == pytest.approx((1.0 + 0.75) / 2 - (1 / 3 + 0.75) / 2) and lo <= d <= hi
+
+
+@pytest.mark.slow
+def test_normalize_workers_split_a_folder_into_shards_with_the_same_outputs(tmp_path):
+    """The executor that runs a comparison's runs also runs `normalize` shards: the same files as one process."""
+    from PIL import Image
+
+    from lstainnorm.cli import main
+
+    rng = np.random.default_rng(0)
+    inp = tmp_path / "in"
+    (inp / "sub").mkdir(parents=True)
+    for i in range(5):
+        img = (rng.random((24, 24, 3)) * 120 + 100).astype(np.uint8)
+        Image.fromarray(img).save(inp / ("sub" if i % 2 else ".") / f"t{i}.png")
+    import torch
+
+    from lstainnorm.layers.template import estimate_template
+
+    tpl = tmp_path / "t.yaml"
+    estimate_template(torch.rand(2, 3, 16, 16), spaces=("lab",), progress=False).save(tpl)
+    assert main(["normalize", "--template", str(tpl), str(inp), str(tmp_path / "one")]) == 0
+    assert main(["normalize", "--template", str(tpl), str(inp), str(tmp_path / "many"), "--workers", "2"]) == 0
+    one = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*.png"))
+    many = sorted(p.relative_to(tmp_path / "many") for p in (tmp_path / "many").rglob("*.png"))
+    assert one == many and len(one) == 5
+    for rel in one:
+        assert (tmp_path / "one" / rel).read_bytes() == (tmp_path / "many" / rel).read_bytes()
+    logs = sorted((tmp_path / "many" / ".lstainnorm-logs").glob("shard-*.log"))
+    assert [p.name for p in logs] == ["shard-1-of-2.log", "shard-2-of-2.log"]
+    with pytest.raises(ValueError, match="--shard and --workers"):
+        from lstainnorm.cli import _normalize_shards, build_parser
+
+        _normalize_shards(build_parser().parse_args(["normalize", "--template", str(tpl), str(inp), str(tmp_path / "x"), "--workers", "2", "--shard", "1/2"]))

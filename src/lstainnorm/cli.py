@@ -301,6 +301,8 @@ def _predict_run(a: argparse.Namespace) -> int:
     lstainnorm normalize --run runs/20261125_101500_demo tiles/ tiles_normalised/
     lstainnorm normalize --template template.yaml --space lab image.png out/
     lstainnorm normalize --run runs/... slides/ out/ --shard 2/4        # the second of four workers
+    lstainnorm normalize --run runs/... slides/ out/ --workers 4        # four shards at once on this machine
+    lstainnorm normalize --run runs/... slides/ out/ --workers 8 --executor submitit --executor-option slurm_partition=cpu
     """,
 )
 def _normalize_args(p: argparse.ArgumentParser) -> None:
@@ -316,11 +318,47 @@ def _normalize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tissue-stats", action=argparse.BooleanOptionalAction, default=True,
                    help="statistics over tissue, glass and black left as they are (default); --no-tissue-stats: all pixels, as inside a trained network")
     p.add_argument("--force", action="store_true", help="redo every output, also those made with other settings")
+    p.add_argument("--workers", type=positive_int, default=1, help="split the files into this many shards, run at once "
+                   "(each shard's log in OUTPUT/.lstainnorm-logs/); default 1")
+    p.add_argument("--executor", choices=["local", "submitit"], default="local",
+                   help="where --workers run: local processes (default) or submitit jobs (SLURM where available)")
+    p.add_argument("--executor-option", dest="executor_options", action="append", default=[], metavar="KEY=VALUE",
+                   help="submitit parameter, e.g. slurm_partition=cpu, timeout_min=240")
+
+
+def _normalize_shards(a: argparse.Namespace) -> int:
+    """``--workers N``: the files split into N shards, each an ``lstainnorm normalize --shard k/N`` process
+    (local or submitit); every shard resumable as a single run is."""
+    from .executors import Command, run_commands
+
+    if a.shard:
+        raise ValueError("--shard and --workers split the files both: give one of them")
+    base = [sys.executable, "-m", "lstainnorm.cli", "normalize"]
+    base += ["--run", str(a.run)] if a.run is not None else ["--template", str(a.template), "--space", a.space]
+    base += [str(a.input), str(a.output), "--tile", str(a.tile), "--tissue-stats" if a.tissue_stats else "--no-tissue-stats"]
+    base += ["--window", str(a.window)] if a.window else []
+    base += ["--force"] if a.force else []
+    logs = a.output / ".lstainnorm-logs"
+    n = a.workers
+    cmds = [Command(base + ["--shard", f"{k}/{n}"], logs / f"shard-{k}-of-{n}.log") for k in range(1, n + 1)]
+    codes = run_commands(cmds, workers=n, executor=a.executor, options=a.executor_options, folder=logs,
+                         on_done=lambda c, code, err: print(f"{c.argv[-1]}: exit {code}{' (' + err + ')' if err else ''}; log {c.log}"))
+    for c in cmds:  # each shard's own summary line
+        lines = [ln for ln in c.log.read_text(errors="replace").splitlines() if ln.startswith("normalised ")] if c.log.is_file() else []
+        if lines:
+            print(f"shard {c.argv[-1]}: {lines[-1]}")
+    failed = [c.argv[-1] for c, code in zip(cmds, codes) if code != 0]
+    if failed:
+        print(f"lstainnorm normalize: shards {failed} did not finish cleanly; see their logs in {logs} (rerun to resume)", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _normalize_run(a: argparse.Namespace) -> int:
     from .apply.folders import norm_from_run, norm_from_template, normalize_path, parse_shard
 
+    if a.workers > 1 or a.executor != "local":
+        return _normalize_shards(a)
     shard = parse_shard(a.shard)
     if a.run is not None:
         norm, window = norm_from_run(a.run)

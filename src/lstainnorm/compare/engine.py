@@ -12,25 +12,18 @@ runs (``OUT/failures.jsonl``: the job, its exit code, its log) without retrying 
 from __future__ import annotations
 
 import json
-import os
 import re
-import shlex
-import subprocess
 import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from ..extras import missing_extra
+from ..executors import EXECUTORS, Command, run_commands, threads_per_worker
 from ..files import atomic_write_bytes
 from .stats import counts_by_group
 
 __all__ = ["Job", "EXECUTORS", "run_jobs", "load_records", "load_failures", "job_command", "record_of_run"]
-
-EXECUTORS = ("local", "submitit")
-
 
 @dataclass(frozen=True)
 class Job:
@@ -86,15 +79,6 @@ def job_command(config: Path, job: Job, out: Path, threads: int | None) -> list[
     return [sys.executable, "-m", "lstainnorm.cli", "train", str(config), *ov]
 
 
-def _execute(cmd: list[str], log: str, env: dict[str, str] | None = None) -> int:
-    """Run one command with its output in ``log`` (also what a submitit job runs)."""
-    Path(log).parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as fh:
-        fh.write(("$ " + shlex.join(cmd) + "\n").encode())
-        fh.flush()
-        return subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}).returncode
-
-
 def record_of_run(job: Job, run_dir: Path) -> dict[str, Any]:
     """A finished run's record: the job, test and validation metrics, per-centre metrics and what the
     group bootstrap needs (classification: right/total per class per group; segmentation: Dice per image)."""
@@ -116,26 +100,6 @@ def record_of_run(job: Job, run_dir: Path) -> dict[str, Any]:
     elif test.get("per_image"):
         rec["groups"] = {str(r.get("name", r.get("index"))): float(r["dice"]) for r in test["per_image"] if "dice" in r}
     return rec
-
-
-def _submitit_executor(out: Path, options: Sequence[str]):
-    try:
-        import submitit
-    except ModuleNotFoundError:
-        raise missing_extra(ModuleNotFoundError(name="submitit"), "--executor submitit") from None  # type: ignore[misc]
-    ex = submitit.AutoExecutor(folder=str(out / "submitit"))
-    params: dict[str, Any] = {}
-    for opt in options:
-        k, sep, v = opt.partition("=")
-        if not sep:
-            raise ValueError(f"--executor-option {opt!r} must look like key=value (e.g. slurm_partition=gpu)")
-        try:
-            params[k] = json.loads(v)
-        except ValueError:
-            params[k] = v
-    params.setdefault("timeout_min", 24 * 60)
-    ex.update_parameters(**params)
-    return ex
 
 
 def run_jobs(
@@ -164,81 +128,37 @@ def run_jobs(
         _write_jsonl(out / "failures.jsonl", failures)
         failed = set()
     todo = [j for j in jobs if j.key not in done and j.key not in failed]
-    threads = max(1, (os.cpu_count() or 1) // workers) if executor == "local" else None
-    gpus = _gpu_count() if executor == "local" else 0
+    threads = threads_per_worker(workers) if executor == "local" else None
     say = progress or (lambda s: None)
     if todo:
         say(f"compare: {len(todo)} run(s) to do ({len(jobs) - len(todo)} recorded or failed before), {workers} at a time, {executor} executor")
-    ex = _submitit_executor(out, executor_options) if executor == "submitit" and todo else None
-
-    def start(job: Job, slot: int):
-        cmd = job_command(config, job, out, threads)
-        log = str(out / "logs" / f"{job.slug}.log")
-        env = {"OMP_NUM_THREADS": str(threads)} if threads else {}
-        if gpus >= workers and gpus > 0:
-            env["CUDA_VISIBLE_DEVICES"] = str(slot)
-        if ex is not None:
-            return ex.submit(_execute, cmd, log, env), log
-        return pool.submit(_execute, cmd, log, env), log
-
-    pool = ThreadPoolExecutor(max_workers=workers)
-    running: dict[Future | Any, tuple[Job, str, int, float]] = {}
-    queue = list(todo)
-    free = list(range(workers))
+    commands = [Command(job_command(config, j, out, threads), out / "logs" / f"{j.slug}.log",
+                        {"OMP_NUM_THREADS": str(threads)} if threads else {}, payload=(j, time.time())) for j in todo]
     n_done = 0
-    try:
-        while queue or running:
-            while queue and free:
-                job, slot = queue.pop(0), free.pop(0)
-                fut, log = start(job, slot)
-                running[fut] = (job, log, slot, time.time())
-                say(f"[{job.protocol} | {job.method} | seed {job.seed}] started (log: {log})")
-            finished = _wait_any(running)
-            for fut in finished:
-                job, log, slot, t0 = running.pop(fut)
-                free.append(slot)
-                n_done += 1
-                try:
-                    code = fut.result()
-                except Exception as err:  # noqa: BLE001 - a cluster job that died: recorded as a failure
-                    code, err_text = -1, f"{type(err).__name__}: {err}"
-                else:
-                    err_text = ""
-                run = _run_folder(job.run_root(out))
-                if code == 0 and run is not None and (run / "metrics.json").is_file():
-                    rec = record_of_run(job, run)
-                    rec["minutes"] = (time.time() - t0) / 60
-                    records.append(rec)
-                    _write_jsonl(out / "results.jsonl", records)
-                    say(f"[{job.protocol} | {job.method} | seed {job.seed}] done in {rec['minutes']:.1f} min ({n_done}/{len(todo)})")
-                else:
-                    tail = Path(log).read_text(errors="replace")[-2000:] if Path(log).is_file() else err_text
-                    failures.append({"key": job.key, "protocol": job.protocol, "method": job.method, "seed": job.seed,
-                                     "returncode": code, "log": log, "tail": tail, "run_dir": str(run) if run else None})
-                    _write_jsonl(out / "failures.jsonl", failures)
-                    say(f"[{job.protocol} | {job.method} | seed {job.seed}] FAILED (exit {code}); log: {log}")
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+
+    def started(c: Command) -> None:
+        j = c.payload[0]
+        c.payload = (j, time.time())
+        say(f"[{j.protocol} | {j.method} | seed {j.seed}] started (log: {c.log})")
+
+    def done(c: Command, code: int, err: str) -> None:
+        nonlocal n_done
+        job, t0 = c.payload
+        n_done += 1
+        run = _run_folder(job.run_root(out))
+        if code == 0 and run is not None and (run / "metrics.json").is_file():
+            rec = record_of_run(job, run)
+            rec["minutes"] = (time.time() - t0) / 60
+            records.append(rec)
+            _write_jsonl(out / "results.jsonl", records)
+            say(f"[{job.protocol} | {job.method} | seed {job.seed}] done in {rec['minutes']:.1f} min ({n_done}/{len(todo)})")
+        else:
+            tail = c.log.read_text(errors="replace")[-2000:] if c.log.is_file() else err
+            failures.append({"key": job.key, "protocol": job.protocol, "method": job.method, "seed": job.seed,
+                             "returncode": code, "log": str(c.log), "tail": tail or err, "run_dir": str(run) if run else None})
+            _write_jsonl(out / "failures.jsonl", failures)
+            say(f"[{job.protocol} | {job.method} | seed {job.seed}] FAILED (exit {code}); log: {c.log}")
+
+    run_commands(commands, workers, executor, executor_options, out, on_start=started, on_done=done)
     keys = {j.key for j in jobs}
     return [r for r in records if f"{r['protocol']}|{r['method']}|{r['seed']}" in keys], [f for f in failures if f["key"] in keys]
-
-
-def _wait_any(running: dict) -> list:
-    """The futures (local or submitit jobs) of ``running`` that have finished; waits for at least one."""
-    local = [f for f in running if isinstance(f, Future)]
-    while True:
-        if local and len(local) == len(running):
-            return list(wait(local, return_when=FIRST_COMPLETED).done)
-        ready = [f for f in running if (f.done() if hasattr(f, "done") else True)]
-        if ready:
-            return ready
-        time.sleep(2.0)
-
-
-def _gpu_count() -> int:
-    try:
-        import torch
-
-        return torch.cuda.device_count() if torch.cuda.is_available() else 0
-    except Exception:  # noqa: BLE001
-        return 0
