@@ -318,12 +318,17 @@ def _normalize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tissue-stats", action=argparse.BooleanOptionalAction, default=True,
                    help="statistics over tissue, glass and black left as they are (default); --no-tissue-stats: all pixels, as inside a trained network")
     p.add_argument("--force", action="store_true", help="redo every output, also those made with other settings")
-    p.add_argument("--workers", type=positive_int, default=1, help="split the files into this many shards, run at once "
-                   "(each shard's log in OUTPUT/.lstainnorm-logs/); default 1")
+    _executor_args(p, "split the files into this many shards, run at once (each shard's log in OUTPUT/.lstainnorm-logs/); default 1",
+                   "slurm_partition=cpu, timeout_min=240")
+
+
+def _executor_args(p: argparse.ArgumentParser, workers_help: str, option_example: str) -> None:
+    """--workers, --executor and --executor-option (lstainnorm.executors), shared by compare and normalize."""
+    p.add_argument("--workers", type=positive_int, default=1, help=workers_help)
     p.add_argument("--executor", choices=["local", "submitit"], default="local",
-                   help="where --workers run: local processes (default) or submitit jobs (SLURM where available)")
+                   help="local processes on this machine (default) or submitit jobs (SLURM where available, else submitit's local executor)")
     p.add_argument("--executor-option", dest="executor_options", action="append", default=[], metavar="KEY=VALUE",
-                   help="submitit parameter, e.g. slurm_partition=cpu, timeout_min=240")
+                   help=f"submitit parameter, e.g. {option_example}")
 
 
 def _normalize_shards(a: argparse.Namespace) -> int:
@@ -646,12 +651,8 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
                    "TRAIN->TEST with comma-separated centres (e.g. 'A,B->C'); several may be given")
     p.add_argument("--baseline", help="the method every other is paired against (default: the first of --methods)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override for every run")
-    p.add_argument("--workers", type=positive_int, default=1, help="runs at once (local: processes sharing this machine's cores, "
-                   "one GPU each where there are as many; submitit: jobs in flight; default 1)")
-    p.add_argument("--executor", choices=["local", "submitit"], default="local",
-                   help="local (this machine; default) or submitit (SLURM where available, else submitit's local executor)")
-    p.add_argument("--executor-option", dest="executor_options", action="append", default=[], metavar="KEY=VALUE",
-                   help="submitit parameter, e.g. slurm_partition=gpu, timeout_min=240, gpus_per_node=1")
+    _executor_args(p, "runs at once (local: processes sharing this machine's cores, one GPU each where there are as many; "
+                   "submitit: jobs in flight; default 1)", "slurm_partition=gpu, timeout_min=240, gpus_per_node=1")
     p.add_argument("--retry-failed", action="store_true", help="run the jobs that failed before again")
     p.add_argument("--report-only", action="store_true", help="train nothing: the report of the runs recorded so far")
     p.add_argument("-o", "--out", type=Path, default=Path("compare_out"), help="folder for runs, records and the report (default compare_out)")
