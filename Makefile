@@ -10,11 +10,11 @@ PYTEST_ARGS ?=
 # Real H&E data for the tests and benchmarks (absent: real-data tests skip, benchmarks use synthetic tiles).
 export LSTAINNORM_SHARED_DATA ?= $(abspath ../shared/data)
 
-.PHONY: help install test demo bench bench-layers bench-cost bench-synthetic bench-speed bench-accuracy bench-segmentation bench-slide clean
+.PHONY: help install test test-heavy test-all docs demo bench bench-layers bench-cost bench-synthetic bench-speed bench-accuracy bench-segmentation bench-slide clean
 
 help:
 	@echo "make demo   - install, then train none/template/lstainnorm on synthetic multi-centre data (about 5 minutes; lstainnorm demo --full for the longer one)"
-	@echo "make test   - install, then run the whole test suite"
+	@echo "make test   - install, then run the test suite (the heavy end-to-end cases: make test-heavy; all: make test-all)"
 	@echo "make bench  - install, then run the benchmarks (tables for BENCHMARKS.md)"
 
 $(PY):
@@ -28,8 +28,19 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
+# `make test` leaves out the cases marked heavy (long end-to-end runs); CI runs them too (.ci/run).
 test: $(STAMP)
+	$(PY) -m pytest -q --durations=15 -m "not heavy" $(PYTEST_ARGS)
+
+test-heavy: $(STAMP)
+	$(PY) -m pytest -q --durations=15 -m heavy $(PYTEST_ARGS)
+
+test-all: $(STAMP)
 	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
+
+# The documentation site, built strictly into site/ (mkdocs serve to browse it).
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 demo: $(STAMP)
 	$(VENV)/bin/lstainnorm demo --out demo_out

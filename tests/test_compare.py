@@ -56,6 +56,7 @@ class _Page(HTMLParser):
         self.stack.pop()
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 def test_leave_one_centre_out_two_methods_two_seeds_two_workers_end_to_end(three_centres, tmp_path):
     out = tmp_path / "cmp"
@@ -112,6 +113,7 @@ def test_a_killed_run_resumes_and_a_failed_run_is_reported_then_retried(three_ce
     assert "resumed" in Path(fail["log"]).read_text() or "--resume" in Path(fail["log"]).read_text()
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 def test_segmentation_compare_on_its_split(tmp_path):
     from lstainnorm.data.synthetic import write_synthetic_segmentation

@@ -19,6 +19,7 @@ def _dynamo_ok():
     return True
 
 
+@pytest.mark.heavy
 @pytest.mark.skipif(not _dynamo_ok(), reason="torch.compile unavailable")
 def test_compiled_lstainnorm_equals_eager_without_graph_breaks():
     torch._dynamo.reset()
@@ -182,6 +183,7 @@ def test_user_compile_of_the_layer_returns_the_image_and_its_gradients():
     _assert_same(eager, compiled)
 
 
+@pytest.mark.heavy
 @pytest.mark.skipif(not _dynamo_ok(), reason="torch.compile unavailable")
 def test_user_compile_of_with_stain_norm_model_trains_like_eager():
     """The issue's reproduction: torch.compile(with_stain_norm(net, LStainNorm())) crashed in conv2d."""

@@ -36,8 +36,14 @@ def _run(script: str, *args: str, cwd: Path) -> str:
 
 
 def test_every_example_is_tested():
-    tested = {"plain_pytorch_timm.py", "lightning_module.py", "segmentation_smp.py", "normalize_folder.py"}
+    tested = {"plain_pytorch_timm.py", "lightning_module.py", "segmentation_smp.py", "normalize_folder.py", "core_layer.py"}
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested
+
+
+def test_core_layer_example(tmp_path):
+    """The layer on torch alone (also run in a venv with only the core install: tests/test_install.py)."""
+    out = _run("core_layer.py", cwd=tmp_path)
+    assert "lab" in out and "hsv" in out
 
 
 def _clean_run(script: str, *args: str, tmp_path: Path, monkeypatch) -> str:

@@ -332,6 +332,7 @@ def normalized_reference(tmp_path_factory):
     return root, t
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
 def test_normalize_interrupted_then_rerun_is_byte_identical(tmp_path, sig, normalized_reference):
     n = _INTERRUPTED_N

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -15,6 +17,7 @@ def test_gpu_check_script_is_valid_bash():
     subprocess.run(["bash", "-n", str(REPO / "benchmarks" / "gpu_check.sh")], check=True)
 
 
+@pytest.mark.heavy
 def test_bench_gpu_quick_on_cpu(tmp_path):
     env = {**os.environ, "LSTAINNORM_SHARED_DATA": str(tmp_path / "absent")}  # synthetic tiles: fast, no data needed
     res = subprocess.run(

@@ -94,6 +94,7 @@ def _seg_cfg(tmp, root, *ov):
     return make_config(raw, list(ov))
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 def test_training_beats_trivial_predictor_and_predict_writes_outputs(tmp_path):
     root = write_synthetic_segmentation(tmp_path / "seg", n_images=10, size=96, centres=2, seed=1)

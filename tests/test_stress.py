@@ -87,6 +87,7 @@ def test_cli_stress_on_a_segmentation_run(tmp_path, capsys):
     assert "he-ratio" in capsys.readouterr().out
 
 
+@pytest.mark.heavy
 def test_bench_accuracy_with_stress_tables_and_curves(tmp_path):
     """`bench accuracy --stress` (tiny): a robustness table per method and axis, and the curves PNG."""
     from PIL import Image

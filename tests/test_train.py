@@ -231,6 +231,7 @@ def _only_run(folder: Path) -> Path:
     return runs[0]
 
 
+@pytest.mark.heavy
 def test_resume_after_interruption_ends_like_uninterrupted(tmp_path, synth):
     full = _cli(["train", str(_write_cfg(tmp_path, synth, "full"))])
     assert full.returncode == 0, full.stderr[-3000:]
@@ -264,6 +265,7 @@ def _same_weights_and_test(run_a: Path, run_b: Path) -> None:
     assert ma["test"]["overall"]["acc"] == pytest.approx(mb["test"]["overall"]["acc"])
 
 
+@pytest.mark.heavy
 def test_sigterm_mid_epoch_saves_the_step_and_resume_ends_like_uninterrupted(tmp_path, synth):
     """What SLURM/Kubernetes send before a kill: the run saves the current step, says how to resume,
     exits 143; --resume continues from that step (mid-epoch) to the same weights as a run never stopped."""

@@ -1,5 +1,6 @@
 """What users read carries no tracker numbers: the package's code, docstrings and messages, the
-configs they start from, the Makefile and every command's --help. (Users have no issue tracker.)"""
+configs they start from, the README, the documentation, the changelog, the Makefile and every
+command's --help. (Users have no issue tracker.) BENCHMARKS.md is not yet among them."""
 
 import argparse
 import re
@@ -17,7 +18,9 @@ def _files():
     pkg = REPO / "src" / "lstainnorm"
     yield from sorted(p for p in pkg.rglob("*") if p.suffix in (".py", ".yaml", ".yml", ".md", ".txt") and p.is_file())
     yield from sorted((REPO / "configs").rglob("*.yaml"))
-    yield REPO / "Makefile"
+    yield from sorted((REPO / "docs").rglob("*.md"))
+    yield from sorted((REPO / "docs").rglob("*.py"))
+    yield from (REPO / name for name in ("Makefile", "README.md", "RELIABILITY.md", "CHANGELOG.md", "mkdocs.yml"))
 
 
 @pytest.mark.parametrize("path", list(_files()), ids=lambda p: str(p.relative_to(REPO)))

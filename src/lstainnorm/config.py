@@ -484,7 +484,7 @@ def _check_choices(cfg: DictConfig) -> None:
 # Keys a release removed. Saved runs' config.yaml files still carry them: their "off" value is dropped
 # with a note; asking for what was removed is an error that says why it went.
 REMOVED_KEYS = {
-    "norm.consistency": "the consistency term, measured in 0.1.0, was removed: on AMi-Br it moved balanced accuracy by -0.021, "
+    "norm.consistency": "the consistency term (measured in 0.1.0) was removed: on AMi-Br it moved balanced accuracy by -0.021, "
                         "+0.006 and +0.007 (three protocols, three seeds, none resolved) and it doubled the layer's "
                         "training cost; delete the key",
     "norm.consistency_strength": "it set the consistency term's re-staining, removed with the term; delete the key",
