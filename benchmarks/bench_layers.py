@@ -161,7 +161,7 @@ def main() -> None:
         checks.append(("reference transcription / LStainNorm", ref / best, ">= 10"))
     if kor:
         checks.append(("StainNorm(lab) / kornia Lab round trip", lab / kor, "<= 1.0"))
-    # Issue 13's targets for the training cost of LStainNorm (eager: the layer without torch.compile).
+    # The targets for the training cost of LStainNorm (eager: the layer without torch.compile).
     for d in data:
         if d["layer"] == "LStainNorm" and d["train_ms_per_tile"] and d["infer_ms_per_tile"]:
             checks.append((f"LStainNorm fwd+bwd / forward ({d['mode']})", d["train_ms_per_tile"] / d["infer_ms_per_tile"], "<= 3.0"))

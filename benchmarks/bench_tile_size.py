@@ -5,7 +5,7 @@ training (eager and compiled), and inference on a large region (whole or strip b
     python benchmarks/bench_tile_size.py            # 21 x 224^2 vs 1 x 1024^2; 2048^2; 4000^2
     python benchmarks/bench_tile_size.py --small 32 --large 64 --memory-side 64 --region 96 --repeats 1 --no-compile  # smoke test
 
-Issue 13's targets: per-pixel time of a 1024 x 1024 tile at most 1.5x that of 224 x 224 tiles,
+The targets: per-pixel time of a 1024 x 1024 tile at most 1.5x that of 224 x 224 tiles,
 and a 2048 x 2048 tile's forward+backward under 2 GB. Memory is the peak RSS growth of a fresh
 process (Linux), so the rows of one run do not disturb each other.
 """

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# AMi-Br at the published scale on one CUDA GPU (issue 26): configs/mitosis_amibr_gpu.yaml on the
+# AMi-Br at the published scale on one CUDA GPU: configs/mitosis_amibr_gpu.yaml on the
 # published split (P1), seed 0, for `none` and one other method (default `lstainnorm`; pass the
 # best method of the CPU tables). Records, tables and the card go to OUT_DIR.
 #

@@ -1,4 +1,4 @@
-"""How much of a stain or scanner shift each normaliser undoes, without training (issue 27).
+"""How much of a stain or scanner shift each normaliser undoes, without training.
 
     python benchmarks/invariance.py [--tiles 24] [--severities 0.5 1]   # ~3 minutes on 2 CPU cores
 

@@ -1,4 +1,4 @@
-"""Stress scores of the stain-aware options on the demo's synthetic centres (issue 27).
+"""Stress scores of the stain-aware options on the demo's synthetic centres.
 
     python benchmarks/stress_stain.py --out /tmp/stress_stain --seeds 0 1 2     # ~1 h on 2 CPU cores
 
@@ -6,7 +6,7 @@ For each seed and variant: ``lstainnorm demo`` trains the variant on centre A (t
 then ``lstainnorm stress`` re-stains the demo's test tiles (all four centres) along the H/E-ratio,
 JPEG and combined axes at severities 0.5 and 1. The table gives each axis's robustness score (area
 under accuracy-vs-severity over the accuracy at 0; 1 = no loss), mean +- sd over seeds, and the
-accuracy at severity 0. Issue 27's target: an H/E-ratio score >= 0.9 (LStainNorm ~0.75 in the
+accuracy at severity 0. The target: an H/E-ratio score >= 0.9 (LStainNorm ~0.75 in the
 first stress curves). Resumable: a finished demo or stress folder is reused.
 """
 

@@ -126,7 +126,7 @@ def test_apply_never_imports_tasks():
 
 
 def test_tasks_never_import_apply():
-    """Training does not depend on the application layer (issue 29): what both need (instance metrics
+    """Training does not depend on the application layer: what both need (instance metrics
     and post-processing) lives in data/, and the predict command's wiring in cli.py."""
     for m, deps in _graph().items():
         if m.startswith("lstainnorm.tasks"):

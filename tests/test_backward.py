@@ -1,4 +1,4 @@
-"""The closed-form backward (issue 28): StandardiseFunction, FusionFunction and the colour
+"""The closed-form backward: StandardiseFunction, FusionFunction and the colour
 conversions' vector-Jacobian products, each against autograd and with gradcheck in float64."""
 
 from __future__ import annotations

@@ -144,7 +144,7 @@ def test_train_with_default_compile_setting_compiles_long_runs_only(tmp_path, mo
     assert 0.0 <= res["test"]["overall"]["acc"] <= 1.0
 
 
-# -- a user's own torch.compile of the layer or of a model holding it (issue 28) -----------------------
+# -- a user's own torch.compile of the layer or of a model holding it ----------------------------------
 def _grads(module: torch.nn.Module, x: torch.Tensor):
     return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}, x.grad.clone()
 

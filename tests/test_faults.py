@@ -573,7 +573,7 @@ def test_layers_degenerate_shapes(make):
         assert out.shape == shape and torch.isfinite(out).all()
 
 
-# -- issue 29: every failure a clear sentence ---------------------------------------------------------------
+# -- every failure a clear sentence ---------------------------------------------------------------
 @pytest.mark.parametrize("command", ["evaluate", "export"])
 def test_security_any_junk_checkpoint_is_one_clear_error(tmp_path, capsys, command):
     """Text files ended in KeyError / IndexError inside torch.load: any content gets the one message."""
@@ -697,7 +697,7 @@ def test_layers_known_third_party_notices_are_filtered_real_warnings_kept():
 
 @pytest.mark.parametrize("command", ["template", "evaluate", "export", "report", "stress", "demo", "bench"])
 def test_security_every_writing_command_takes_o_and_out(command):
-    """One spelling everywhere (issue 29): -o/--out; the old --output still works where it was."""
+    """One spelling everywhere: -o/--out; the old --output still works where it was."""
     from lstainnorm.cli import build_parser
 
     parser = build_parser()

@@ -308,7 +308,7 @@ def test_layer_with_linear_attention_equals_exact_layer():
     assert float((fast - exact).detach().abs().max() / exact.detach().abs().max()) < 1e-8
 
 
-# -- ablation options (issue 14) ----------------------------------------------------------------
+# -- ablation options ----------------------------------------------------------------
 def test_mean_fusion_is_the_plain_mean_of_the_branches():
     norm = LStainNorm(fusion="mean")
     x = torch.rand(2, 3, 40, 33) * 0.8 + 0.1

@@ -1,6 +1,6 @@
 """What users read carries no tracker numbers: the package's code, docstrings and messages, the
-configs they start from, the README, the documentation, the changelog, the Makefile and every
-command's --help. (Users have no issue tracker.) BENCHMARKS.md is not yet among them."""
+configs they start from, the README, the documentation, the benchmarks, the changelog, the Makefile
+and every command's --help. (Users have no issue tracker.)"""
 
 import argparse
 import re
@@ -20,7 +20,7 @@ def _files():
     yield from sorted((REPO / "configs").rglob("*.yaml"))
     yield from sorted((REPO / "docs").rglob("*.md"))
     yield from sorted((REPO / "docs").rglob("*.py"))
-    yield from (REPO / name for name in ("Makefile", "README.md", "RELIABILITY.md", "CHANGELOG.md", "mkdocs.yml"))
+    yield from (REPO / name for name in ("Makefile", "README.md", "RELIABILITY.md", "CHANGELOG.md", "BENCHMARKS.md", "mkdocs.yml"))
 
 
 @pytest.mark.parametrize("path", list(_files()), ids=lambda p: str(p.relative_to(REPO)))
