@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..files import atomic_write_bytes
+from ..experiments.runner import commits_line, markdown_table, mean_std
 from .stats import group_bootstrap, paired_t, power_line, verdict
 
 __all__ = ["metric_of", "summary_rows", "pair_rows", "write_report"]
@@ -35,11 +36,7 @@ def _fmt(v: float | None, digits: int = 3, sign: bool = False) -> str:
 
 
 def _mean_std(vals: Sequence[float]) -> str:
-    if not vals:
-        return "-"
-    if len(vals) == 1:
-        return f"{vals[0]:.3f} (1 seed)"
-    return f"{np.mean(vals):.3f} ± {np.std(vals, ddof=1):.3f}"
+    return mean_std(vals, digits=3) if vals else "-"
 
 
 def _methods(records: Sequence[dict], order: Sequence[str]) -> list[str]:
@@ -85,12 +82,6 @@ def pair_rows(records: Sequence[dict], protocol: str, methods: Sequence[str], ba
     return out
 
 
-def _markdown(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(v) for v in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def _pair_table(pairs: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
     header = ["method", "difference", "95 % CI (paired t)", "95 % CI (group bootstrap)", "per seed", "verdict", "resolvable with these seeds", "seeds for 1 point"]
     rows = [[p["method"], _fmt(p["diff"], sign=True),
@@ -111,16 +102,6 @@ def _centre_rows(records: Sequence[dict], protocol: str, methods: Sequence[str],
         rs = [r for r in sel if r["method"] == m]
         rows.append([m] + [_mean_std([r["per_centre"][c][metric] for r in rs if metric in r.get("per_centre", {}).get(c, {})]) for c in centres])
     return ["method", *centres], rows
-
-
-def _commits(records: Sequence[dict]) -> str:
-    counts: dict[str, int] = {}
-    for r in records:
-        c = r.get("code") or {}
-        key = (c["commit"][:10] + ("+changes" if c.get("dirty") else "")) if c.get("commit") else f"lstainnorm {c.get('lstainnorm')}"
-        counts[key] = counts.get(key, 0) + 1
-    text = ", ".join(f"{k} ({n} runs)" for k, n in sorted(counts.items(), key=lambda t: -t[1]))
-    return f"Code: {text}" + ("; **rows mix code versions**: rerun them on one commit before ranking methods." if len(counts) > 1 else ".")
 
 
 def _plots(records: Sequence[dict], protocols: Sequence[str], methods: Sequence[str], baseline: str, metric: str,
@@ -227,7 +208,7 @@ def write_report(records: Sequence[dict], failures: Sequence[dict], out: Path, p
              f"paired differences against `{baseline}` (a verdict only where the paired t over seeds and the bootstrap "
              "over test groups both exclude 0).\n"]
     if records:
-        parts.append(_commits(records) + "\n")
+        parts.append(commits_line(records) + "\n")
     pairs: dict[str, list[dict]] = {}
     summary_csv, pair_csv = [], []
     for p in protocols:
@@ -237,19 +218,19 @@ def write_report(records: Sequence[dict], failures: Sequence[dict], out: Path, p
             continue
         rows = summary_rows(records, p, methods, metric)
         summary_csv += [[p, *r] for r in rows]
-        parts.append(f"## {p}\n\n" + _markdown([ "method", metric, "AUROC", "seeds", "per seed", "best epoch per seed", "min / run"], rows) + "\n")
+        parts.append(f"## {p}\n\n" + markdown_table([ "method", metric, "AUROC", "seeds", "per seed", "best epoch per seed", "min / run"], rows) + "\n")
         head, crow = _centre_rows(records, p, methods, metric)
         if len(head) > 2:
-            parts.append(f"Per test centre ({metric}, mean ± std over seeds):\n\n" + _markdown(head, crow) + "\n")
+            parts.append(f"Per test centre ({metric}, mean ± std over seeds):\n\n" + markdown_table(head, crow) + "\n")
         pr = pairs[p] = pair_rows(records, p, methods, baseline, metric)
         if pr:
             h, prow = _pair_table(pr)
-            parts.append(f"Each method minus `{baseline}`, paired by seed:\n\n" + _markdown(h, prow) + "\n")
+            parts.append(f"Each method minus `{baseline}`, paired by seed:\n\n" + markdown_table(h, prow) + "\n")
             parts.append("*resolvable with these seeds*: the smallest mean difference whose paired-t interval would exclude 0 "
                          "at the spread these seeds show; *seeds for 1 point*: how many seeds a difference of 0.01 would need.\n")
             pair_csv += [[p, *r] for r in prow]
     if failures:
-        parts.append("## Failed runs\n\n" + _markdown(["protocol", "method", "seed", "exit code", "log"],
+        parts.append("## Failed runs\n\n" + markdown_table(["protocol", "method", "seed", "exit code", "log"],
                                                       [[f["protocol"], f["method"], f["seed"], f["returncode"], f["log"]] for f in failures])
                      + "\n\nRetry them with `--retry-failed`.\n")
     text = "\n".join(parts)

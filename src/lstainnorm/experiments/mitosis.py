@@ -30,7 +30,7 @@ from ..config import load_config
 from ..files import atomic_write_bytes
 from ..runs import RUN_DIR_ENV, write_json
 from ..tasks.train import train
-from ..compare.stats import counts_by_group
+from ..compare.stats import BOOTSTRAP_SAMPLES, counts_by_group, group_bootstrap
 from .runner import commits_line, markdown_table, mean_std, method_overrides, per_seed, run_resumable
 from .stress import stress_runs
 
@@ -113,13 +113,6 @@ def choose_combo(sel: Sequence[dict], protocol: str, seeds: Sequence[int], metho
            + "; " + ", ".join(f"{m} {v:.3f}" for m, v in sorted(ags.items(), key=lambda t: -t[1])))
     return f"{norm}+{aug}", why
 
-BOOTSTRAP_SAMPLES = 2000
-
-
-def _arrays(counts: dict[str, dict[str, list[int]]], groups: Sequence[str], classes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    right = np.array([[counts.get(g, {}).get(c, [0, 0])[0] for c in classes] for g in groups], dtype=float)
-    total = np.array([[counts.get(g, {}).get(c, [0, 0])[1] for c in classes] for g in groups], dtype=float)
-    return right, total
 
 
 def slide_bootstrap(
@@ -130,26 +123,9 @@ def slide_bootstrap(
 ) -> tuple[float, float, float]:
     """Difference of balanced accuracy (method minus reference, mean over the shared seeds) and its 95 %
     percentile interval from resampling test slides with replacement (the same slides for every seed
-    and both methods). ``runs``/``ref``: per seed, :func:`counts_by_group` of a run."""
-    seeds = sorted(set(runs) & set(ref))
-    if not seeds:
-        raise ValueError("no seed with results of both methods")
-    every = [runs[s] for s in seeds] + [ref[s] for s in seeds]
-    groups = sorted({g for c in every for g in c})
-    classes = sorted({k for c in every for g in c.values() for k in g})
-    rng = np.random.default_rng(seed)
-    n = len(groups)
-    weights = np.vstack([np.ones(n), rng.multinomial(n, np.full(n, 1.0 / n), size=samples)])  # row 0: the data as it is
-
-    def bal(counts: dict) -> np.ndarray:
-        right, total = _arrays(counts, groups, classes)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            per_class = (weights @ right) / (weights @ total)  # (samples + 1, C)
-        return np.nanmean(per_class, axis=1)  # a class absent from a resample does not count
-
-    diff = np.mean([bal(runs[s]) - bal(ref[s]) for s in seeds], axis=0)
-    lo, hi = np.percentile(diff[1:], [2.5, 97.5])
-    return float(diff[0]), float(lo), float(hi)
+    and both methods). ``runs``/``ref``: per seed, :func:`counts_by_group` of a run
+    (:func:`lstainnorm.compare.stats.group_bootstrap`, which ``lstainnorm compare`` uses too)."""
+    return group_bootstrap(runs, ref, samples=samples, seed=seed)
 
 
 def _verdict(t_ci: tuple[float, float] | None, boot: tuple[float, float]) -> str:
