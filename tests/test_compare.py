@@ -3,7 +3,6 @@ statistics with power lines, and the report (markdown, CSV, HTML with its figure
 
 from __future__ import annotations
 
-import json
 import os
 from html.parser import HTMLParser
 from pathlib import Path
