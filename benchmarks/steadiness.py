@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lstainnorm.compare.stats import paired_t
+from lstainnorm.compare.stats import group_bootstrap, paired_t
 
 
 def collect(bench_out: Path, dest: Path) -> None:
@@ -95,22 +95,52 @@ def table(recipes: dict[str, Path], protocol: str = "p1") -> str:
     return "\n".join(out)
 
 
+def _argmax_counts(folder: Path, r: dict) -> dict[str, dict[str, list[int]]] | None:
+    """``{slide: {class: [right, total]}}`` of the run's test crops decided by argmax (for the slide bootstrap)."""
+    f = folder / "predictions" / f"{r['protocol']}_{r['method']}_s{r['seed']}.csv"
+    if not f.is_file():
+        return None
+    with open(f, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    classes = [k[2:] for k in rows[0] if k.startswith("p_")]
+    out: dict[str, dict[str, list[int]]] = {}
+    for x in rows:
+        pred = max(classes, key=lambda c: float(x["p_" + c]))
+        cell = out.setdefault(x["group"] or x["path"], {}).setdefault(x["label"], [0, 0])
+        cell[0] += int(pred == x["label"])
+        cell[1] += 1
+    return out
+
+
 def pairs(recipes: dict[str, Path], reference: str, protocol: str = "p1") -> str:
-    """Within each recipe, each method minus ``reference`` paired by seed (paired t interval)."""
+    """Within each recipe, each method minus ``reference`` paired by seed: as run, and decided by argmax
+    (paired t over seeds; for argmax also the bootstrap over test slides)."""
     lines = []
     for name, folder in recipes.items():
-        recs = [json.loads(x) for x in (folder / "results.jsonl").read_text().splitlines() if x.strip()]
-        ref = {r["seed"]: r["bal_acc"] for r in recs if r["protocol"] == protocol and r["method"] == reference}
+        recs = [r for r in (json.loads(x) for x in (folder / "results.jsonl").read_text().splitlines() if x.strip()) if r["protocol"] == protocol]
+        ref = {r["seed"]: r for r in recs if r["method"] == reference}
         for m in dict.fromkeys(r["method"] for r in recs):
-            if m == reference:
+            own = {r["seed"]: r for r in recs if r["method"] == m and r["seed"] in ref}
+            if m == reference or not own:
                 continue
-            d = [r["bal_acc"] - ref[r["seed"]] for r in recs if r["protocol"] == protocol and r["method"] == m and r["seed"] in ref]
-            if not d:
-                continue
-            t = paired_t(d)
-            ci = f"[{t[1]:+.3f}, {t[2]:+.3f}]" if t else "-"
-            lines.append(f"| {name} | {m} - {reference} | {len(d)} | {np.mean(d):+.3f} | {ci} | {' / '.join(f'{v:+.3f}' for v in d)} |")
-    return "| recipe | pair | seeds | difference | 95 % CI (paired t) | per seed |\n|---|---|---|---|---|---|\n" + "\n".join(lines)
+            seeds = sorted(own)
+            for rule in ("as run", "argmax"):
+                if rule == "as run":
+                    d = [own[s]["bal_acc"] - ref[s]["bal_acc"] for s in seeds]
+                    boot = "-"
+                else:
+                    a = {s: argmax_bal_acc(folder, own[s]) for s in seeds}
+                    b = {s: argmax_bal_acc(folder, ref[s]) for s in seeds}
+                    if any(v is None for v in (*a.values(), *b.values())):
+                        continue
+                    d = [a[s] - b[s] for s in seeds]
+                    _, lo, hi = group_bootstrap({s: _argmax_counts(folder, own[s]) for s in seeds}, {s: _argmax_counts(folder, ref[s]) for s in seeds})
+                    boot = f"[{lo:+.3f}, {hi:+.3f}]"
+                t = paired_t(d)
+                ci = f"[{t[1]:+.3f}, {t[2]:+.3f}]" if t else "-"
+                lines.append(f"| {name} | {m} - {reference} | {rule} | {len(d)} | {np.mean(d):+.3f} | {ci} | {boot} | {' / '.join(f'{v:+.3f}' for v in d)} |")
+    head = "| recipe | pair | decision | seeds | difference | 95 % CI (paired t) | 95 % CI (slide bootstrap) | per seed |\n|---|---|---|---|---|---|---|---|\n"
+    return head + "\n".join(lines)
 
 
 def main() -> None:
