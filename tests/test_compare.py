@@ -84,6 +84,15 @@ def test_leave_one_centre_out_two_methods_two_seeds_two_workers_end_to_end(three
     assert (out / "compare.md").read_text() == text
     with pytest.raises(ValueError, match="another -o"):
         compare(three_centres, out, methods=["none"], seeds=[0], overrides=["trainer.max_epochs=2"], progress=False)
+    # The same config from another checkout resumes the comparison; a changed config is refused.
+    moved = tmp_path / "elsewhere" / Path(three_centres).name
+    moved.parent.mkdir()
+    moved.write_bytes(Path(three_centres).read_bytes())
+    assert len(compare(moved, out, methods=["none", "template"], seeds=[0, 1], protocols=["leave-one-centre-out"],
+                       train=False, plots=False, progress=False)["records"]) == len(res["records"])
+    moved.write_text(moved.read_text() + "\n# edited\n")
+    with pytest.raises(ValueError, match="another -o"):
+        compare(moved, out, methods=["none"], seeds=[0], train=False, progress=False)
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ resumable), then writes tables with paired statistics, power lines and an HTML r
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Sequence
@@ -43,11 +44,14 @@ def compare(
     seeds = list(dict.fromkeys(int(s) for s in seeds))
     per_method = {m: method_overrides(m, out / "cache") for m in methods}  # unknown methods fail here
     expanded = expand_protocols(protocols, cfg)
-    settings = {"config": str(config.resolve()), "overrides": list(overrides)}
+    # A comparison is identified by its config's content, not its path: a checkout elsewhere can resume it.
+    settings = {"config": str(config.resolve()), "config_sha256": hashlib.sha256(config.read_bytes()).hexdigest(),
+                "overrides": list(overrides)}
     saved = out / "compare.json"
     if saved.is_file():
         before = json.loads(saved.read_text())
-        if {k: before.get(k) for k in settings} != settings:
+        same = ("config_sha256", "overrides") if "config_sha256" in before else ("config", "overrides")
+        if any(before.get(k) != settings[k] for k in same):
             raise ValueError(f"{out} holds a comparison of {before.get('config')} with overrides {before.get('overrides')}; "
                              "its records would not match this config: choose another -o")
     out.mkdir(parents=True, exist_ok=True)
