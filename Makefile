@@ -65,13 +65,13 @@ bench-synthetic: $(BENCH_STAMP)
 	$(PY) benchmarks/bench_synthetic.py
 
 bench-speed: $(BENCH_STAMP)
-	$(VENV)/bin/lstainnorm bench speed --out bench_out
+	$(PY) benchmarks/bench.py speed --out bench_out
 
 bench-accuracy: $(BENCH_STAMP)
-	$(VENV)/bin/lstainnorm bench accuracy --out bench_out
+	$(PY) benchmarks/bench.py accuracy --out bench_out
 
 bench-segmentation: $(BENCH_STAMP)
-	$(VENV)/bin/lstainnorm bench segmentation --out bench_out --seeds 0 1 2 --set trainer.max_epochs=8 --set optim.T_max=8
+	$(PY) benchmarks/bench.py segmentation --out bench_out --seeds 0 1 2 --set trainer.max_epochs=8 --set optim.T_max=8
 
 bench-slide: $(BENCH_STAMP)
 	$(PY) benchmarks/bench_slide.py

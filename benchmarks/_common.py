@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from lstainnorm.experiments.runner import markdown_table, median_ms
-from lstainnorm.experiments.speed import load_benchmark_tiles
+from suites.speed import load_benchmark_tiles
 
 REPO = Path(__file__).resolve().parents[1]
 # The literal transcription of the reference lives with the tests (it is not part of the package).

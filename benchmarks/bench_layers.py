@@ -26,7 +26,7 @@ warnings.filterwarnings("ignore")
 from _common import load_tiles, machine, markdown_table, save, status_kb, time_ms  # noqa: E402
 
 import lstainnorm  # noqa: E402
-from lstainnorm.experiments.speed import torchstain_macenko_runner  # noqa: E402
+from suites.speed import torchstain_macenko_runner  # noqa: E402
 from reference import ReferenceLabPreNorm, ReferenceSA3  # noqa: E402
 
 

@@ -5,7 +5,7 @@
 #
 #   bash benchmarks/gpu_mitosis.sh [OUT_DIR] [METHOD] [SECONDS]  (default bench_out/gpu lstainnorm 540)
 #
-# `bench mitosis` is resumable: a run cut by the time limit (SIGTERM) keeps its last checkpoint in
+# `bench.py mitosis` is resumable: a run cut by the time limit (SIGTERM) keeps its last checkpoint in
 # OUT_DIR/mitosis/runs and the same command continues it. Extra `--set KEY=VALUE` overrides may
 # follow in $GPU_MITOSIS_SET (e.g. "trainer.max_epochs=30" where the device time is short).
 set -uo pipefail
@@ -25,7 +25,7 @@ for kv in ${GPU_MITOSIS_SET:-}; do sets+=(--set "$kv"); done
 } | tee "$OUT/device.txt"
 
 echo "== AMi-Br P1, configs/mitosis_amibr_gpu.yaml, seed 0: none and $METHOD (limit ${LIMIT} s)"
-timeout --signal=TERM --kill-after=60 "$LIMIT" "$PY" -m lstainnorm.cli bench mitosis --data "$DATA" \
+timeout --signal=TERM --kill-after=60 "$LIMIT" "$PY" benchmarks/bench.py mitosis --data "$DATA" \
   --config configs/mitosis_amibr_gpu.yaml --protocols p1 --methods none "$METHOD" --seeds 0 \
   --set trainer.progress=false "${sets[@]}" --out "$OUT" 2>&1 | tee "$OUT/mitosis_gpu.log"
 rc=${PIPESTATUS[0]}

@@ -8,6 +8,9 @@ import sys
 import warnings
 from pathlib import Path
 
+# The data-set benchmarks live beside the package (benchmarks/suites), not in it.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
 import numpy as np
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Classical normalisers, stain augmentation, and the bench commands."""
+"""Classical normalisers, stain augmentation, and the benchmark commands (benchmarks/bench.py)."""
 
 import json
 import os
@@ -210,13 +210,13 @@ def test_training_with_macenko_and_randstainna(tmp_path):
 
 @pytest.mark.slow
 def test_bench_commands_produce_tables(tmp_path):
-    from lstainnorm.cli import main
+    from bench import main  # benchmarks/bench.py
 
-    assert main(["bench", "speed", "--n", "4", "--size", "32", "--repeats", "1", "--no-compile", "--slow-n", "1", "--out", str(tmp_path)]) == 0
+    assert main(["speed", "--n", "4", "--size", "32", "--repeats", "1", "--no-compile", "--slow-n", "1", "--out", str(tmp_path)]) == 0
     text = (tmp_path / "speed.md").read_text()
     assert "| LStainNorm | eager |" in text and "torchstain Macenko" in text and "End to end" in text
     data = json.loads((tmp_path / "speed.json").read_text())
     assert any(r["method"] == "torch-staintools Vahadane" and r["ms_per_tile"] for r in data["rows"])
-    assert main(["bench", "accuracy", "--out", str(tmp_path), "--methods", "none", "reinhard", "--seeds", "0", "--epochs", "1", "--per-class", "4", "--size", "32", "--backbone", "test_resnet"]) == 0
+    assert main(["accuracy", "--out", str(tmp_path), "--methods", "none", "reinhard", "--seeds", "0", "--epochs", "1", "--per-class", "4", "--size", "32", "--backbone", "test_resnet"]) == 0
     acc = (tmp_path / "accuracy" / "accuracy.md").read_text()
     assert "| none |" in acc and "| reinhard |" in acc

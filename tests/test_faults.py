@@ -695,7 +695,7 @@ def test_layers_known_third_party_notices_are_filtered_real_warnings_kept():
     assert [str(w.message) for w in caught] == ["skipping unreadable tile: a.png"]
 
 
-@pytest.mark.parametrize("command", ["template", "evaluate", "export", "report", "stress", "demo", "bench"])
+@pytest.mark.parametrize("command", ["template", "evaluate", "export", "report", "stress", "demo"])
 def test_security_every_writing_command_takes_o_and_out(command):
     """One spelling everywhere: -o/--out; the old --output still works where it was."""
     from lstainnorm.cli import build_parser

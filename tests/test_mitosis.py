@@ -1,5 +1,5 @@
 """AMi-Br-style data read as it lies: column mapping, slide-grouped validation, class balancing, the
-held-out-scanner protocols and ``lstainnorm bench mitosis`` (on a few synthetic crops in the same CSV
+held-out-scanner protocols and ``benchmarks/bench.py mitosis`` (on a few synthetic crops in the same CSV
 layout; the real data is never needed here)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 
 from lstainnorm.config import ConfigError, make_config
 from lstainnorm.data.tiles import TileFolder, grouped_split, read_manifest
-from lstainnorm.experiments.mitosis import MIDOG, TUPAC, counts_by_group, slide_bootstrap
+from suites.mitosis import MIDOG, TUPAC, counts_by_group, slide_bootstrap
 from lstainnorm.tasks.loaders import ClassBalancedSampler, build_classification_data, class_weights
 
 COLUMNS = {"path": "file", "class": "label", "centre": "domain", "split": "authors_split", "group": "slide"}
@@ -176,7 +176,7 @@ def test_counts_by_group_reads_a_predictions_csv(tmp_path):
 def test_bench_mitosis_end_to_end_on_synthetic_crops(amibr, tmp_path, monkeypatch):
     """Both protocol kinds, two methods, one seed: per-domain tables, paired rows, predictions with slides;
     a rerun trains nothing (resumable)."""
-    from lstainnorm.experiments.mitosis import mitosis_benchmark
+    from suites.mitosis import mitosis_benchmark
     from lstainnorm.runs import RUN_DIR_ENV
 
     monkeypatch.delenv(RUN_DIR_ENV, raising=False)
@@ -214,7 +214,7 @@ def test_stress_curves_outlive_the_run_folders_and_missing_ones_are_retrained(am
     stressed is listed (tables only) or trained again with its seed (and the records stay as they were)."""
     import shutil
 
-    from lstainnorm.experiments.mitosis import mitosis_benchmark
+    from suites.mitosis import mitosis_benchmark
     from lstainnorm.runs import RUN_DIR_ENV
 
     monkeypatch.delenv(RUN_DIR_ENV, raising=False)
@@ -238,7 +238,7 @@ def test_stress_curves_outlive_the_run_folders_and_missing_ones_are_retrained(am
     def no_stress(*a, **k):
         raise AssertionError("a finished stress folder of this run was stressed again")
 
-    monkeypatch.setattr("lstainnorm.experiments.stress.stress", no_stress)
+    monkeypatch.setattr("suites.stress.stress", no_stress)
     kept = mitosis_benchmark(config, amibr.parent, out, **{**kw, "methods": ["none"]}, run_missing=False)
     assert kept["stress"]["none"] == first["stress"]["none"]
     monkeypatch.undo()
@@ -260,7 +260,7 @@ def test_stress_curves_outlive_the_run_folders_and_missing_ones_are_retrained(am
 def test_combination_is_chosen_on_validation_never_on_test(tmp_path):
     """best-norm+best-augment: the normalisation and the augmentation with the highest mean validation
     balanced accuracy, whatever their test scores; nothing while a candidate's seed is missing."""
-    from lstainnorm.experiments.mitosis import COMBO, choose_combo
+    from suites.mitosis import COMBO, choose_combo
 
     def rec(method, seed, val, test, protocol="p1"):
         return {"protocol": protocol, "method": method, "seed": seed, "val_bal_acc": val, "bal_acc": test}
@@ -307,7 +307,7 @@ def test_augment_then_normalise_config_runs_end_to_end(amibr, tmp_path, monkeypa
 def test_stain_aware_methods_are_paired_against_macenko_and_the_best_augmentation():
     """The stain-aware rows get paired tables against macenko and against the
     augmentation-only method chosen on validation balanced accuracy (never on test)."""
-    from lstainnorm.experiments.mitosis import best_on_validation, protocol_tables
+    from suites.mitosis import best_on_validation, protocol_tables
 
     def rec(method, seed, val, test):
         groups = {f"g{i}": {"atypical": [int(test * 4), 4], "normal": [int(test * 8), 8]} for i in range(4)}
@@ -337,7 +337,7 @@ def test_stain_aware_methods_are_paired_against_macenko_and_the_best_augmentatio
 def test_both_p2_directions_side_by_side_name_only_what_both_agree_on():
     """The P2 summary: per-direction means, verdicts against `none` and `template` from each direction's
     own pairing, and a method named ahead (or resolved) only when it is in both directions."""
-    from lstainnorm.experiments.mitosis import COMBO, both_directions_table
+    from suites.mitosis import COMBO, both_directions_table
 
     def rec(protocol, method, seed, test):
         groups = {f"{protocol}-g{i}": {"atypical": [int(test * 8), 8], "normal": [int(test * 16), 16]} for i in range(6)}

@@ -1,4 +1,4 @@
-"""The organ-of-origin benchmark (``lstainnorm bench organ``): split rule, crops, bootstrap, a tiny run."""
+"""The organ-of-origin benchmark (``benchmarks/bench.py organ``): split rule, crops, bootstrap, a tiny run."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import pytest
 
 from lstainnorm.data.synthetic import write_synthetic_segmentation
-from lstainnorm.experiments.organ import organ_benchmark, organ_split, tile_bootstrap, write_organ_crops
+from suites.organ import organ_benchmark, organ_split, tile_bootstrap, write_organ_crops
 from lstainnorm.runs import RUN_DIR_ENV
 
 

@@ -154,7 +154,7 @@ def test_init_image_is_the_first_training_tile_of_tissue(tmp_path):
 
     from PIL import Image
 
-    from lstainnorm.experiments.accuracy import first_training_tile
+    from suites.accuracy import first_training_tile
 
     glass = np.full((16, 16, 3), 245, np.uint8)                 # first by path, but no tissue
     fat = glass.copy(); fat[:4] = (200, 120, 170)               # 25 % tissue

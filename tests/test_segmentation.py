@@ -152,9 +152,9 @@ def test_real_monuseg_smoke(shared_data, tmp_path):
 
 
 def test_segmentation_bench_tables_only_pairs_against_template(tmp_path):
-    """`bench segmentation --tables-only`: trains nothing (the config does not even exist), tables the
+    """`bench.py segmentation --tables-only`: trains nothing (the config does not even exist), tables the
     recorded runs and pairs each method with `template` seed by seed when `lstainnorm` has no runs."""
-    from lstainnorm.experiments.segmentation import segmentation_benchmark
+    from suites.segmentation import segmentation_benchmark
 
     config, out = tmp_path / "absent.yaml", tmp_path / "seg"
     out.mkdir()

@@ -89,10 +89,10 @@ def test_cli_stress_on_a_segmentation_run(tmp_path, capsys):
 
 @pytest.mark.heavy
 def test_bench_accuracy_with_stress_tables_and_curves(tmp_path):
-    """`bench accuracy --stress` (tiny): a robustness table per method and axis, and the curves PNG."""
+    """`bench.py accuracy --stress` (tiny): a robustness table per method and axis, and the curves PNG."""
     from PIL import Image
 
-    from lstainnorm.experiments.accuracy import accuracy_benchmark
+    from suites.accuracy import accuracy_benchmark
 
     res = accuracy_benchmark(tmp_path / "acc", methods=["none", "template"], seeds=[0], epochs=1, per_class=4,
                              backbone="test_resnet", size=32, overrides=["data.batch_size=16"], progress=False, stress=True)

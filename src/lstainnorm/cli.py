@@ -515,116 +515,6 @@ def _demo_run(a: argparse.Namespace) -> int:
     return 0
 
 
-# --- bench ------------------------------------------------------------------------------------------
-@command(
-    "bench",
-    "benchmark every method: speed (ms per tile) or accuracy (synthetic multi-centre set)",
-    """
-    lstainnorm bench speed                          # our layers vs torchstain, torch-staintools, StainTools
-    lstainnorm bench speed --tiles /data/tiles --n 128 --no-compile
-    lstainnorm bench accuracy --seeds 0 1 2         # every method, mean and std (about an hour on 2 cores)
-    lstainnorm bench accuracy --methods none macenko lstainnorm --epochs 4 --per-class 60
-    lstainnorm bench segmentation --config configs/segment_monuseg_cpu.yaml --seeds 0 1 2
-    lstainnorm bench segmentation --stress          # and the stress curves of every trained run
-    lstainnorm bench accuracy --ablation            # LStainNorm's ablations, paired by seed
-    lstainnorm bench organ --seeds 0 1 2            # organ of origin on MoNuSeg crops, held-out hospitals
-    lstainnorm bench mitosis --data ../shared/data/ami-br --seeds 0 1 2   # atypical mitoses across scanners (AMi-Br)
-    lstainnorm bench mitosis --protocols p1 --methods none lstainnorm --config configs/mitosis_amibr_gpu.yaml
-    """,
-)
-def _bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("kind", choices=["speed", "accuracy", "segmentation", "organ", "mitosis"])
-    p.add_argument("-o", "--out", type=Path, default=Path("bench_out"), help="folder for the tables (speed.md / accuracy/accuracy.md)")
-    g = p.add_argument_group("speed")
-    g.add_argument("--tiles", type=Path, help="folder of images to crop tiles from (default: $LSTAINNORM_SHARED_DATA/monuseg-train/images if set, else synthetic)")
-    g.add_argument("--n", type=positive_int, default=64, help="tiles (default 64)")
-    g.add_argument("--size", type=int_range(16, 4096), default=None, help="tile side (default 224 for speed, 96 for accuracy)")
-    g.add_argument("--threads", type=positive_int, default=2)
-    g.add_argument("--repeats", type=positive_int, default=3)
-    g.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
-    g.add_argument("--slow-n", type=positive_int, default=8, help="tiles for the slow per-tile methods (Vahadane)")
-    g = p.add_argument_group("accuracy and segmentation")
-    # Named from the registries (python -c "from lstainnorm.experiments.runner import benchmark_methods; print(benchmark_methods())"):
-    # not imported here, so that parsing stays light.
-    g.add_argument("--methods", nargs="+", help="subset of: none, each baseline of lstainnorm.list_norms() (reinhard, macenko, vahadane), "
-                   "randstainna, hed-jitter, template, learnable-<space> for each colour space, lstainnorm, "
-                   "the ablations lstainnorm-frozen, -init-reference, -init-image, -mean, -tissue, and NORM+AUGMENT "
-                   "(e.g. macenko+hed-jitter) (default: all for accuracy; none template learnable-lab lstainnorm macenko "
-                   "for segmentation; fourteen methods and best-norm+best-augment, chosen on validation, for mitosis)")
-    g.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    g.add_argument("--epochs", type=positive_int, help="training epochs (default 8 for accuracy, 20 for organ)")
-    g.add_argument("--per-class", type=positive_int, default=200)
-    g.add_argument("--backbone", default="resnet18")
-    g.add_argument("--preset", choices=["default", "monuseg"], default="default", help="accuracy: the synthetic centres (see lstainnorm synth --preset)")
-    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override for every run")
-    g.add_argument("--stress", action="store_true", help="then `lstainnorm stress` every trained run on its test split (severities 0, 0.5, 1)")
-    g.add_argument("--ablation", action="store_true", help="the ablations of LStainNorm instead of the methods: frozen templates, "
-                   "initial template from the reference / one training image, mean fusion, tissue statistics, each single "
-                   "space, the frozen Lab template; each compared with lstainnorm seed by seed")
-    g = p.add_argument_group("organ")
-    g.add_argument("--root", type=Path, default=Path("../shared/data/monuseg-train"),
-                   help="MoNuSeg folder with metadata.csv (organ, tss_code) and images/ (default ../shared/data/monuseg-train)")
-    g = p.add_argument_group("segmentation and mitosis")
-    g.add_argument("--config", type=Path, default=None, help="the run config (default: configs/segment_monuseg_cpu.yaml for "
-                   "segmentation, configs/mitosis_amibr_cpu.yaml for mitosis, of the repository)")
-    g = p.add_argument_group("mitosis")
-    g.add_argument("--data", type=Path, default=Path("../shared/data/ami-br"),
-                   help="the AMi-Br folder: metadata.csv and images/ (default ../shared/data/ami-br)")
-    g.add_argument("--protocols", nargs="+", choices=["p1", "p2-midog-to-tupac", "p2-tupac-to-midog"],
-                   default=["p1", "p2-midog-to-tupac", "p2-tupac-to-midog"],
-                   help="p1: the published split; p2-*: train on some scanners, test on every crop of the others (default: all three)")
-    g.add_argument("--tables-only", action="store_true", help="mitosis and segmentation: train nothing, the tables of the runs finished so far")
-
-
-def _bench_run(a: argparse.Namespace) -> int:
-    if a.kind == "speed":
-        from .experiments.speed import run_speed_cli
-
-        res = run_speed_cli(a.out, n=a.n, size=a.size or 224, threads=a.threads, repeats=a.repeats, compile=not a.no_compile, tiles=a.tiles, slow_n=a.slow_n)
-        print(res["text"])
-        print(f"written: {a.out / 'speed.md'}")
-        return 0
-    report = "ablation" if a.ablation else a.kind
-    if a.ablation and a.kind != "speed":
-        from .experiments.runner import ABLATION_METHODS
-
-        a.methods = a.methods or list(ABLATION_METHODS)
-    if a.kind == "segmentation":
-        from .experiments.segmentation import SEGMENTATION_METHODS, segmentation_benchmark
-
-        res = segmentation_benchmark(a.config or Path("configs/segment_monuseg_cpu.yaml"), a.out / "segmentation", methods=a.methods or SEGMENTATION_METHODS, seeds=a.seeds,
-                                     overrides=a.overrides, stress=a.stress, report=report, run_missing=not a.tables_only)
-        print(res["text"])
-        print(f"written: {a.out / 'segmentation' / (report + '.md')}")
-        return 0
-    if a.kind == "mitosis":
-        from .experiments.mitosis import MITOSIS_METHODS, mitosis_benchmark
-
-        res = mitosis_benchmark(a.config or Path("configs/mitosis_amibr_cpu.yaml"), a.data, a.out / "mitosis",
-                                methods=a.methods or MITOSIS_METHODS, seeds=a.seeds, protocols=a.protocols,
-                                overrides=a.overrides, stress=a.stress, run_missing=not a.tables_only)
-        print(res["text"])
-        print(f"written: {a.out / 'mitosis' / 'mitosis.md'}")
-        return 0
-    if a.kind == "organ":
-        from .experiments.organ import ORGAN_METHODS, organ_benchmark
-
-        res = organ_benchmark(a.root, a.out / "organ", methods=a.methods or ORGAN_METHODS, seeds=a.seeds, epochs=a.epochs or 20,
-                              backbone=a.backbone, overrides=a.overrides)
-        print(res["text"])
-        print(f"written: {a.out / 'organ' / 'organ.md'}")
-        return 0
-    from .experiments.accuracy import accuracy_benchmark
-
-    res = accuracy_benchmark(
-        a.out / "accuracy", methods=a.methods, seeds=a.seeds, epochs=a.epochs or 8,
-        per_class=a.per_class, backbone=a.backbone, size=a.size or 96, overrides=a.overrides, stress=a.stress, report=report, preset=a.preset,
-    )
-    print(res["text"])
-    print(f"written: {a.out / 'accuracy' / (report + '.md')}")
-    return 0
-
-
 @command(
     "compare",
     "compare normalisations on your own centres: every method, protocol and seed trained, then paired statistics and a report",
@@ -701,7 +591,6 @@ def _configs_run(a: argparse.Namespace) -> int:
 _RUNNERS = {
     "configs": _configs_run,
     "compare": _compare_run,
-    "bench": _bench_run,
     "synth": _synth_run,
     "template": _template_run,
     "train": _train_run,

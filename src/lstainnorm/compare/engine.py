@@ -96,6 +96,7 @@ def record_of_run(job: Job, run_dir: Path) -> dict[str, Any]:
         "code": m.get("code") or code_version(),
     }
     if m.get("test_predictions") and Path(m["test_predictions"]).is_file():
+        rec["predictions"] = str(m["test_predictions"])
         rec["groups"] = counts_by_group(m["test_predictions"])
     elif test.get("per_image"):
         rec["groups"] = {str(r.get("name", r.get("index"))): float(r["dice"]) for r in test["per_image"] if "dice" in r}

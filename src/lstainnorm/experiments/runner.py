@@ -1,8 +1,7 @@
 """What the experiments share: the resumable loop over training runs, method names, tables.
 
-:func:`run_resumable` is the one loop behind ``lstainnorm demo`` and ``lstainnorm bench
-accuracy|segmentation``: each job (a dict of the settings that identify it) is trained unless
-``out/results.jsonl`` already holds a record with those settings; each record is appended as
+:func:`run_resumable` is the loop behind ``lstainnorm demo`` and the in-process benchmarks: each job
+(a dict of the settings that identify it) is trained unless ``out/results.jsonl`` already holds a record with those settings; each record is appended as
 soon as its run ends (atomic rewrite), so an interrupted benchmark resumes where it stopped.
 """
 
@@ -48,7 +47,7 @@ OPTIONS: dict[str, list[str]] = {
 }
 # Any layer with its statistics pooled per centre: ``METHOD@centre`` (e.g. ``template@centre``).
 POOLED = "@centre"
-# ``bench accuracy|segmentation --ablation``: the ablations, each single space, and the frozen Lab template.
+# The benchmarks' ``--ablation``: the ablations, each single space, and the frozen Lab template.
 ABLATION_METHODS = ("lstainnorm", *ABLATIONS, "learnable-lab", "learnable-hsv", "learnable-rgb", "template")
 
 

@@ -14,9 +14,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..files import atomic_write_bytes
-from ..tasks.stress import finished_stress, stress
-from .runner import markdown_table, mean_std
+from lstainnorm.files import atomic_write_bytes
+from lstainnorm.tasks.stress import finished_stress, stress
+from lstainnorm.experiments.runner import markdown_table, mean_std
 
 __all__ = ["stress_runs", "BENCH_STRESS_LEVELS"]
 

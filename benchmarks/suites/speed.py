@@ -18,12 +18,12 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from ..data.io import find_images, image_to_tensor, read_rgb, tensor_to_image
-from ..data.synthetic import SyntheticHE
-from ..files import atomic_write_bytes
-from ..layers.fusion import LStainNorm
-from ..layers.norm import StainNorm
-from .runner import markdown_table, median_ms
+from lstainnorm.data.io import find_images, image_to_tensor, read_rgb, tensor_to_image
+from lstainnorm.data.synthetic import SyntheticHE
+from lstainnorm.files import atomic_write_bytes
+from lstainnorm.layers.fusion import LStainNorm
+from lstainnorm.layers.norm import StainNorm
+from lstainnorm.experiments.runner import markdown_table, median_ms
 
 __all__ = ["speed_benchmark", "run_speed_cli", "load_benchmark_tiles", "torchstain_macenko_runner"]
 

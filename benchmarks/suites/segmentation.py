@@ -1,25 +1,26 @@
-"""``lstainnorm bench segmentation``: nuclei segmentation on held-out hospitals, every method and seed.
+"""``python benchmarks/bench.py segmentation``: nuclei segmentation on held-out hospitals, every method and seed.
 
 Reports Dice, IoU, AJI and PQ on the test split (mean over test images, then mean ± std over
-seeds), overall and per held-out hospital. Resumable like every benchmark
-(:func:`~lstainnorm.experiments.runner.run_resumable`).
+seeds), overall and per held-out hospital. Every run is a job of ``lstainnorm compare``'s engine
+(resumable, local workers or a cluster).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from ..config import load_config
-from ..files import atomic_write_bytes
-from ..runs import write_json
-from ..tasks.train import train
-from .runner import commits_line, markdown_table, mean_std, method_overrides, paired_table, per_seed, run_resumable
-from .stress import stress_runs
+from lstainnorm.config import load_config
+from lstainnorm.files import atomic_write_bytes
+from lstainnorm.runs import write_json
+from lstainnorm.compare.engine import Job, run_jobs
+from lstainnorm.experiments.runner import commits_line, markdown_table, mean_std, method_overrides, paired_table, per_seed
+from suites.stress import stress_runs
 
-__all__ = ["segmentation_benchmark", "SEGMENTATION_METHODS"]
+__all__ = ["segmentation_benchmark", "SEGMENTATION_METHODS", "suite_record"]
 
 # The default selection: no normalisation, the fixed and learnable layers, and the strongest baseline.
 SEGMENTATION_METHODS = ("none", "template", "learnable-lab", "lstainnorm", "macenko")
@@ -28,10 +29,26 @@ SEGMENTATION_METHODS = ("none", "template", "learnable-lab", "lstainnorm", "mace
 def first_training_image(config: str | Path, overrides: Sequence[str] = ()) -> str:
     """The first training image (by name) of a segmentation config's split: the one image
     ``lstainnorm-init-image`` starts from."""
-    from ..tasks.loaders import build_segmentation_data
+    from lstainnorm.tasks.loaders import build_segmentation_data
 
     records = build_segmentation_data(load_config(config, list(overrides))[0]).train.records
     return str(min(records, key=lambda r: r.name).image)
+
+
+def suite_record(rec: dict) -> dict:
+    """A record as the tables read it: records from before the comparison engine (``dice`` at the top)
+    as they are; a :mod:`lstainnorm.compare` record flattened."""
+    if "dice" in rec:
+        return rec
+    m = rec.get("metrics", {})
+    return {"method": rec["method"], "seed": rec["seed"], **{k: m.get(k) for k in ("dice", "iou", "aji", "pq")},
+            "per_centre": rec.get("per_centre", {}), "run_dir": rec.get("run_dir"), "best_epoch": rec.get("best_epoch"),
+            "minutes": (rec.get("seconds") or float("nan")) / 60, "code": rec.get("code")}
+
+
+def _records(out: Path) -> list[dict]:
+    path = out / "results.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 def segmentation_benchmark(
@@ -44,29 +61,29 @@ def segmentation_benchmark(
     stress: bool = False,
     report: str = "segmentation",
     run_missing: bool = True,
+    workers: int = 1,
+    executor: str = "local",
+    executor_options: Sequence[str] = (),
 ) -> dict:
     """Train ``config`` (a segmentation config) once per method and seed; tables of the test metrics.
     With ``stress``, every trained run is then stressed on its test split (:mod:`.stress`).
+    Each run is a job of the comparison engine (:func:`lstainnorm.compare.engine.run_jobs`).
     ``run_missing=False`` trains nothing: the tables of the runs recorded so far (``--tables-only``)."""
     out = Path(out)
+    if run_missing:
+        load_config(config, list(overrides))  # a bad config or override fails before any run
 
-    def run(job: dict) -> dict:
-        method, seed = job["method"], job["seed"]
+    def job(method: str, seed: int) -> Job:
         image = first_training_image(config, overrides) if method == "lstainnorm-init-image" else None
-        ov = method_overrides(method, out / "cache", image) + [
-            f"seed={seed}", f"output_path={out / 'runs'}", f"postfix=seg_{method}_s{seed}", "trainer.progress=false",
-        ] + list(overrides)
-        cfg, notes = load_config(config, ov)
-        res = train(cfg, notes)
-        test = res["test"]
-        return {
-            **{k: test["overall"][k] for k in ("dice", "iou", "aji", "pq")},
-            "per_centre": {c: {k: v[k] for k in ("dice", "aji", "pq")} for c, v in test["per_centre"].items()},
-            "run_dir": res["run_dir"], "best_epoch": res.get("best_epoch"),
-        }
+        return Job("split", method, seed, tuple(method_overrides(method, out / "cache", image) + list(overrides)))
 
-    jobs = [{"method": m, "seed": s, "config": str(config), "overrides": list(overrides)} for m in methods for s in seeds]
-    sel = run_resumable(out, jobs, run, "bench segmentation", progress, train=run_missing)
+    jobs = [job(m, s) for m in methods for s in seeds]
+    if run_missing:
+        run_jobs(Path(config), jobs, out, workers=workers, executor=executor, executor_options=executor_options,
+                 progress=print if progress else None)
+    # Records from before the engine carry the benchmark's overrides; only this call's count.
+    got = {(r["method"], r["seed"]): suite_record(r) for r in _records(out) if "dice" not in r or r.get("overrides", []) == list(overrides)}
+    sel = [got[(j.method, j.seed)] for j in jobs if (j.method, j.seed) in got]
 
     rows, summary = [], {}
     centres = sorted({c for d in sel for c in d["per_centre"]})

@@ -1,4 +1,4 @@
-"""``lstainnorm bench mitosis``: atypical vs normal mitotic figures across scanners (AMi-Br).
+"""``python benchmarks/bench.py mitosis``: atypical vs normal mitotic figures across scanners (AMi-Br).
 
 Reads the data where it lies (``metadata.csv`` with its own column names, via ``data.columns`` of the
 config) and trains every method once per protocol and seed:
@@ -14,27 +14,30 @@ Balanced accuracy and AUROC per test domain, mean ± std over seeds, and paired 
 ``lstainnorm`` and ``template``: per-seed differences with a paired-t interval, and a 95 % interval from
 a bootstrap that resamples *slides* (crops of a slide are not independent) of the seed-mean difference.
 A difference is called resolved only when both intervals exclude 0. With both P2 directions, a last
-table sets them side by side (advice should hold in both). Resumable like every benchmark
-(:func:`~lstainnorm.experiments.runner.run_resumable`); the tables are the command's own output.
+table sets them side by side (advice should hold in both). Every run is a job of ``lstainnorm compare``'s
+engine (resumable, local workers or a cluster); the tables are the command's own output, and
+``--tables-only --records FILE`` regenerates them from committed records.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from ..config import load_config
-from ..files import atomic_write_bytes
-from ..runs import RUN_DIR_ENV, write_json
-from ..tasks.train import train
-from ..compare.stats import BOOTSTRAP_SAMPLES, counts_by_group, group_bootstrap
-from .runner import commits_line, markdown_table, mean_std, method_overrides, per_seed, run_resumable
-from .stress import stress_runs
+from lstainnorm.config import load_config
+from lstainnorm.files import atomic_write_bytes
+from lstainnorm.runs import RUN_DIR_ENV, write_json
+from lstainnorm.tasks.train import train
+from lstainnorm.compare.stats import BOOTSTRAP_SAMPLES, counts_by_group, group_bootstrap
+from lstainnorm.compare.engine import Job, run_jobs
+from lstainnorm.experiments.runner import commits_line, markdown_table, mean_std, method_overrides, per_seed
+from suites.stress import stress_runs
 
-__all__ = ["mitosis_benchmark", "MITOSIS_METHODS", "COMBO", "choose_combo", "best_on_validation", "STAIN_AWARE", "PROTOCOLS", "slide_bootstrap", "counts_by_group", "protocol_tables", "stain_aware_tables", "both_directions_table"]
+__all__ = ["mitosis_benchmark", "MITOSIS_METHODS", "COMBO", "choose_combo", "best_on_validation", "STAIN_AWARE", "PROTOCOLS", "slide_bootstrap", "counts_by_group", "protocol_tables", "stain_aware_tables", "both_directions_table", "suite_record", "load_suite_records"]
 
 MIDOG = ["midog21-hamamatsu-xr", "midog21-hamamatsu-s360", "midog21-aperio-cs2"]
 TUPAC = ["tupac16"]
@@ -282,6 +285,34 @@ def _short(verdict: str) -> str:
     return {"better": "b", "worse": "w"}.get(verdict, "ns")
 
 
+def suite_record(rec: dict) -> dict:
+    """A record in the form the tables read: records of this suite before it ran on the comparison
+    engine (``bal_acc`` at the top) as they are; a :mod:`lstainnorm.compare` record flattened."""
+    if "bal_acc" in rec:
+        return rec
+    m, v = rec.get("metrics", {}), rec.get("val", {})
+    return {
+        "protocol": rec["protocol"], "method": rec["method"], "seed": rec["seed"], "overrides": rec.get("overrides", []),
+        **{k: m.get(k) for k in ("bal_acc", "auroc", "acc", "f1")},
+        "per_centre": rec.get("per_centre", {}), "by_group": rec.get("groups", {}),
+        # Validation balanced accuracy of the chosen checkpoint (whatever metric chose it): what picks
+        # the best normalisation and the best augmentation to combine (never the test split).
+        "val_bal_acc": v.get("bal_acc"), "val_auroc": v.get("auroc"), "monitor": rec.get("monitor"),
+        "threshold": rec.get("threshold"), "epochs_run": rec.get("epochs_run"), "best_epoch": rec.get("best_epoch"),
+        "minutes": (rec.get("seconds") or float("nan")) / 60, "run_dir": rec.get("run_dir"), "code": rec.get("code"),
+        "predictions": rec.get("predictions"),
+    }
+
+
+def load_suite_records(path: str | Path, overrides: Sequence[str] | None = None) -> list[dict]:
+    """The records of a results file (either form), as the tables read them. ``overrides``: keep only
+    the records from before the engine that ran with these benchmark overrides (engine records are
+    told apart by their job keys alone)."""
+    path = Path(path)
+    raw = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return [suite_record(r) for r in raw if overrides is None or "bal_acc" not in r or r.get("overrides", []) == list(overrides)]
+
+
 def mitosis_benchmark(
     config: str | Path,
     data: str | Path,
@@ -293,47 +324,43 @@ def mitosis_benchmark(
     stress: bool = False,
     progress: bool = True,
     run_missing: bool = True,
+    workers: int = 1,
+    executor: str = "local",
+    executor_options: Sequence[str] = (),
 ) -> dict:
     """Train ``config`` on the AMi-Br folder ``data`` for every protocol, method and seed; write
-    ``out/mitosis.md`` and ``out/mitosis.json`` (see the module docstring). ``run_missing=False`` trains
-    nothing and tables the runs finished so far (a benchmark in progress)."""
+    ``out/mitosis.md`` and ``out/mitosis.json`` (see the module docstring). Each run is a job of the
+    comparison engine (:func:`lstainnorm.compare.engine.run_jobs`: an ``lstainnorm train`` process, on
+    ``workers`` local workers or a submitit cluster, resumable, failures kept in ``out/failures.jsonl``).
+    ``run_missing=False`` trains nothing and tables the runs recorded in ``out/results.jsonl``."""
     out, data = Path(out), Path(data)
     manifest = data / "metadata.csv"
-    if not manifest.is_file():
+    if (run_missing or stress) and not manifest.is_file():
         raise FileNotFoundError(f"{manifest} not found: --data must be the AMi-Br folder (metadata.csv and images/)")
     for p in protocols:
         if p not in PROTOCOLS:
             raise ValueError(f"unknown protocol {p!r}; choose from {list(PROTOCOLS)}")
+    if run_missing:
+        load_config(config, [f"data.manifest={manifest}", *overrides])  # a bad config or override fails before any run
 
-    def run(job: dict) -> dict:
-        method, seed, protocol = job["method"], job["seed"], job["protocol"]
-        ov = method_overrides(method, out / "cache") + PROTOCOLS[protocol][1] + [
-            f"data.manifest={manifest}", f"seed={seed}", f"output_path={out / 'runs'}",
-            f"postfix=mitosis_{protocol}_{method}_s{seed}", "trainer.progress=false",
-        ] + list(overrides)
-        cfg, notes = load_config(config, ov)
-        res = train(cfg, notes)
-        test = res["test"]
-        return {
-            **{k: test["overall"][k] for k in ("bal_acc", "auroc", "acc", "f1")},
-            "per_centre": {c: {k: v[k] for k in ("n", "bal_acc", "auroc", "confusion")} for c, v in test["per_centre"].items()},
-            # Validation balanced accuracy of the chosen checkpoint (whatever metric chose it): what picks
-            # the best normalisation and the best augmentation to combine (never the test split).
-            "val_bal_acc": res["val"]["overall"]["bal_acc"], "val_auroc": res["val"]["overall"].get("auroc"),
-            "monitor": res.get("monitor"), "best_val": res.get("best_val"), "threshold": res.get("threshold"),
-            "epochs_run": res.get("epochs_run"),
-            "by_group": counts_by_group(res["test_predictions"]),
-            "predictions": res["test_predictions"], "run_dir": res["run_dir"], "best_epoch": res.get("best_epoch"),
-        }
+    def job(p: str, m: str, s: int) -> Job:
+        return Job(p, m, s, tuple(method_overrides(m, out / "cache") + PROTOCOLS[p][1] + [f"data.manifest={manifest}", *overrides]))
 
-    def job(p: str, m: str, s: int) -> dict:
-        return {"protocol": p, "method": m, "seed": s, "config": str(config), "overrides": list(overrides)}
+    def run_all(jobs: list[Job]) -> list[dict]:
+        if run_missing:
+            recs, failures = run_jobs(Path(config), jobs, out, workers=workers, executor=executor,
+                                      executor_options=executor_options, progress=print if progress else None)
+            for f in failures:
+                print(f"failed: {f['key']} (exit {f.get('returncode')}; log {f.get('log')})")
+        keys = {(j.protocol, j.method, j.seed): j for j in jobs}
+        got = {(r["protocol"], r["method"], r["seed"]): r for r in load_suite_records(out / "results.jsonl", overrides)}
+        return [got[k] for k in keys if k in got]
 
     singles = [m for m in methods if m != COMBO]
     sel, parts, total, combos = [], [], 0, {}
     for p in protocols:  # a protocol's single methods, then its combination once they are known
         jobs = [job(p, m, s) for s in seeds for m in singles]
-        got = run_resumable(out, jobs, run, "bench mitosis", progress, train=run_missing)
+        got = run_all(jobs)
         total += len(jobs)
         shown = list(singles)
         note = ""
@@ -343,7 +370,7 @@ def mitosis_benchmark(
             note = f"\n`{COMBO}`: " + (f"**{combo}**, {why}." if combo else f"not run yet, it {why}.") + "\n"
             if combo:
                 combos[p] = combo
-                got = got + run_resumable(out, [job(p, combo, s) for s in seeds], run, "bench mitosis", progress, train=run_missing)
+                got = got + run_all([job(p, combo, s) for s in seeds])
                 shown.append(combo)
         sel += got
         part = protocol_tables(got, shown, p)
@@ -367,7 +394,9 @@ def mitosis_benchmark(
         if chosen:
             def rerun(r: dict) -> str:  # records copied without their run folders: train the run again for its curves
                 os.environ.pop(RUN_DIR_ENV, None)  # a new run folder, not the last run's
-                return run(job(r["protocol"], r["method"], r["seed"]))["run_dir"]
+                j = job(r["protocol"], r["method"], r["seed"])
+                cfg, notes = load_config(config, [*j.overrides, f"seed={j.seed}", f"output_path={out / 'runs'}", "trainer.progress=false"])
+                return train(cfg, notes)["run_dir"]
 
             st = stress_runs(chosen, manifest, out / "stress", split="test", progress=progress, rerun=rerun if run_missing else None)
             result["stress"] = st["scores"]

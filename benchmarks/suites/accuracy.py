@@ -13,14 +13,14 @@ from typing import Sequence
 
 import numpy as np
 
-from ..config import make_config
-from ..data.synthetic import write_synthetic
-from ..files import atomic_write_bytes
-from ..runs import write_json
-from ..tasks.train import train
-from .demo import demo_config
-from .runner import benchmark_methods, markdown_table, mean_std, method_overrides, paired_table, run_resumable
-from .stress import stress_runs
+from lstainnorm.config import make_config
+from lstainnorm.data.synthetic import write_synthetic
+from lstainnorm.files import atomic_write_bytes
+from lstainnorm.runs import write_json
+from lstainnorm.tasks.train import train
+from lstainnorm.experiments.demo import demo_config
+from lstainnorm.experiments.runner import benchmark_methods, markdown_table, mean_std, method_overrides, paired_table, run_resumable
+from suites.stress import stress_runs
 
 __all__ = ["accuracy_benchmark"]
 
@@ -41,9 +41,9 @@ def first_training_tile(manifest: Path, min_tissue: float = 0.5) -> str:
     (by path) that is at least ``min_tissue`` tissue (the measure the classical normalisers' fallback
     uses: :func:`~lstainnorm.baselines.classical.tissue_fraction`), as a user picks a classical normaliser's
     target (a tile of stained tissue, not one of glass or fat), without looking further."""
-    from ..baselines.classical import tissue_fraction
-    from ..data.io import image_to_tensor, read_rgb
-    from ..data.tiles import read_manifest
+    from lstainnorm.baselines.classical import tissue_fraction
+    from lstainnorm.data.io import image_to_tensor, read_rgb
+    from lstainnorm.data.tiles import read_manifest
 
     rows = sorted((r for r in read_manifest(manifest) if r.get("split") == "train" and r.get("centre") == "A"), key=lambda r: r["path"])
     if not rows:

@@ -22,14 +22,14 @@ from typing import Sequence
 
 import numpy as np
 
-from ..config import make_config
-from ..data.io import read_rgb
-from ..data.segmentation import read_metadata_csv
-from ..files import atomic_write_bytes
-from ..runs import write_json
-from ..tasks.train import train
-from .demo import demo_config
-from .runner import markdown_table, mean_std, method_overrides, paired_table, run_resumable
+from lstainnorm.config import make_config
+from lstainnorm.data.io import read_rgb
+from lstainnorm.data.segmentation import read_metadata_csv
+from lstainnorm.files import atomic_write_bytes
+from lstainnorm.runs import write_json
+from lstainnorm.tasks.train import train
+from lstainnorm.experiments.demo import demo_config
+from lstainnorm.experiments.runner import markdown_table, mean_std, method_overrides, paired_table, run_resumable
 
 __all__ = ["organ_benchmark", "organ_split", "write_organ_crops", "tile_bootstrap", "ORGAN_METHODS"]
 
