@@ -90,7 +90,9 @@ def test_leave_one_centre_out_two_methods_two_seeds_two_workers_end_to_end(three
     moved.write_bytes(Path(three_centres).read_bytes())
     assert len(compare(moved, out, methods=["none", "template"], seeds=[0, 1], protocols=["leave-one-centre-out"],
                        train=False, plots=False, progress=False)["records"]) == len(res["records"])
-    moved.write_text(moved.read_text() + "\n# edited\n")
+    moved.write_text("# reworded comment\n" + moved.read_text())
+    compare(moved, out, methods=["none"], seeds=[0], train=False, plots=False, progress=False)
+    moved.write_text(moved.read_text().replace("batch_size: 8", "batch_size: 4"))
     with pytest.raises(ValueError, match="another -o"):
         compare(moved, out, methods=["none"], seeds=[0], train=False, progress=False)
 

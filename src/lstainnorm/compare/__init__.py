@@ -21,6 +21,12 @@ __all__ = ["compare", "EXECUTORS", "PROTOCOL_HELP", "DEFAULT_METHODS"]
 DEFAULT_METHODS = ("none", "template", "lstainnorm")
 
 
+def _settings_hash(config: Path) -> str:
+    import yaml
+
+    return hashlib.sha256(json.dumps(yaml.safe_load(config.read_text()), sort_keys=True, default=str).encode()).hexdigest()
+
+
 def compare(
     config: str | Path, out: str | Path, methods: Sequence[str] = DEFAULT_METHODS, seeds: Sequence[int] = (0, 1, 2),
     protocols: Sequence[str] = ("split",), baseline: str | None = None, overrides: Sequence[str] = (), workers: int = 1,
@@ -44,9 +50,9 @@ def compare(
     seeds = list(dict.fromkeys(int(s) for s in seeds))
     per_method = {m: method_overrides(m, out / "cache") for m in methods}  # unknown methods fail here
     expanded = expand_protocols(protocols, cfg)
-    # A comparison is identified by its config's content, not its path: a checkout elsewhere can resume it.
-    settings = {"config": str(config.resolve()), "config_sha256": hashlib.sha256(config.read_bytes()).hexdigest(),
-                "overrides": list(overrides)}
+    # A comparison is identified by its config's settings, not its path or comments: a checkout elsewhere
+    # (or a reworded comment) resumes it, a changed setting is refused.
+    settings = {"config": str(config.resolve()), "config_sha256": _settings_hash(config), "overrides": list(overrides)}
     saved = out / "compare.json"
     if saved.is_file():
         before = json.loads(saved.read_text())
