@@ -59,10 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("organ")
     g.add_argument("--root", type=Path, default=REPO.parent / "shared" / "data" / "monuseg-train",
                    help="MoNuSeg folder with metadata.csv (organ, tss_code) and images/ (default ../shared/data/monuseg-train)")
+    _executor_args(g, "runs at once (local processes sharing this machine's cores, or jobs in flight on a cluster)", "slurm_partition=gpu")
     g = p.add_argument_group("segmentation and mitosis")
     g.add_argument("--config", type=Path, default=None, help="the run config (default: configs/segment_monuseg_cpu.yaml for "
                    "segmentation, configs/mitosis_amibr_cpu.yaml for mitosis)")
-    _executor_args(g, "runs at once (local processes sharing this machine's cores, or jobs in flight on a cluster)", "slurm_partition=gpu")
     g.add_argument("--tables-only", action="store_true", help="train nothing: the tables of the runs recorded so far")
     g.add_argument("--records", type=Path, help="with --tables-only: table this results file (e.g. the committed "
                    "benchmarks/results/mitosis/results.jsonl) instead of OUT's")
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         from suites.organ import ORGAN_METHODS, organ_benchmark
 
         res = organ_benchmark(a.root, a.out / "organ", methods=a.methods or ORGAN_METHODS, seeds=a.seeds, epochs=a.epochs or 20,
-                              backbone=a.backbone, overrides=a.overrides)
+                              backbone=a.backbone, overrides=a.overrides, run=run)
         print(res["text"])
         print(f"written: {a.out / 'organ' / 'organ.md'}")
         return 0
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
 
     res = accuracy_benchmark(
         a.out / "accuracy", methods=a.methods, seeds=a.seeds, epochs=a.epochs or 8,
-        per_class=a.per_class, backbone=a.backbone, size=a.size or 96, overrides=a.overrides, stress=a.stress, report=report, preset=a.preset,
+        per_class=a.per_class, backbone=a.backbone, size=a.size or 96, overrides=a.overrides, stress=a.stress, report=report, preset=a.preset, run=run,
     )
     print(res["text"])
     print(f"written: {a.out / 'accuracy' / (report + '.md')}")

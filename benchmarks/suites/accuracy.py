@@ -1,8 +1,8 @@
-"""``lstainnorm bench accuracy``: the synthetic multi-centre benchmark for every method and seed.
+"""``python benchmarks/bench.py accuracy``: the synthetic multi-centre benchmark for every method and seed.
 
-Train on centre A, test on A-D; mean and std over seeds per method. Resumable
-(:func:`~lstainnorm.experiments.runner.run_resumable`): a (method, seed) whose record is in
-``out/results.jsonl`` is not rerun.
+Train on centre A, test on A-D; mean and std over seeds per method. Each run is a job of ``lstainnorm
+compare``'s engine on a config written to ``out/configs/``: resumable (a job recorded in
+``out/results.jsonl`` is not rerun), on local workers or a cluster.
 """
 
 from __future__ import annotations
@@ -13,13 +13,12 @@ from typing import Sequence
 
 import numpy as np
 
-from lstainnorm.config import make_config
 from lstainnorm.data.synthetic import write_synthetic
 from lstainnorm.files import atomic_write_bytes
 from lstainnorm.runs import write_json
-from lstainnorm.tasks.train import train
 from lstainnorm.experiments.demo import demo_config
-from lstainnorm.experiments.runner import benchmark_methods, markdown_table, mean_std, method_overrides, paired_table, run_resumable
+from lstainnorm.experiments.runner import benchmark_methods, markdown_table, mean_std, method_overrides, paired_table
+from suites.common import Job, engine_records, write_config
 from suites.stress import stress_runs
 
 __all__ = ["accuracy_benchmark"]
@@ -54,6 +53,15 @@ def first_training_tile(manifest: Path, min_tissue: float = 0.5) -> str:
     raise ValueError(f"{manifest}: no training tile of centre A is at least {min_tissue:.0%} tissue")
 
 
+def _row(rec: dict) -> dict:
+    """An engine record as the tables read it: in-centre (A) and cross-centre (B-D, tile-weighted)."""
+    i, c = rec.get("in_centre", {}), rec.get("cross_centre", {})
+    return {"method": rec["method"], "seed": rec["seed"], "in_acc": i.get("acc"), "in_f1": i.get("f1"),
+            "cross_acc": c.get("acc"), "cross_f1": c.get("f1"),
+            "per_centre": {k: v.get("acc") for k, v in rec.get("per_centre", {}).items()},
+            "fallbacks": rec.get("norm_fallbacks"), "run_dir": rec.get("run_dir"), "code": rec.get("code")}
+
+
 def accuracy_benchmark(
     out: str | Path,
     methods: Sequence[str] | None = None,
@@ -67,6 +75,7 @@ def accuracy_benchmark(
     stress: bool = False,
     report: str = "accuracy",
     preset: str = "default",
+    run: dict | None = None,
 ) -> dict:
     """Train on centre A, test on A-D, for every method (default: all of
     :func:`~lstainnorm.experiments.runner.benchmark_methods`) and seed; mean and std per method.
@@ -77,28 +86,16 @@ def accuracy_benchmark(
     methods = list(methods or benchmark_methods())
     manifest = _synthetic_set(out, per_class, size, progress, preset)
 
-    def run(job: dict) -> dict:
-        image = first_training_tile(manifest) if job["method"] == "lstainnorm-init-image" else None
-        raw = demo_config()
-        raw["data"]["manifest"] = str(manifest)
-        raw["output_path"] = str(out / "runs")
-        raw["postfix"] = f"{job['method']}_s{job['seed']}" + ("" if preset == "default" else f"_{preset}")
-        raw["seed"] = job["seed"]
-        raw["trainer"]["max_epochs"] = epochs
-        raw["trainer"]["progress"] = False
-        raw["model"]["backbone"] = backbone
-        cfg, notes = make_config(raw, method_overrides(job["method"], out / "cache", image) + list(overrides))
-        res = train(cfg, notes)
-        return {
-            "in_acc": res["in_centre"]["acc"], "in_f1": res["in_centre"]["f1"],
-            "cross_acc": res["cross_centre"]["acc"], "cross_f1": res["cross_centre"]["f1"],
-            "per_centre": {c: v["acc"] for c, v in res["test"]["per_centre"].items()},
-            "fallbacks": res.get("norm_fallbacks"), "run_dir": res["run_dir"],
-        }
-
-    extra = {} if preset == "default" else {"preset": preset}  # records of the default set keep their old keys
-    jobs = [{"method": m, "seed": s, "epochs": epochs, "backbone": backbone, **extra} for m in methods for s in seeds]
-    sel = run_resumable(out, jobs, run, "bench accuracy", progress)
+    raw = demo_config()
+    raw["data"]["manifest"] = str(manifest)
+    raw["trainer"]["max_epochs"] = epochs
+    raw["model"]["backbone"] = backbone
+    config = write_config(out / "configs" / f"{preset}_{backbone}_e{epochs}.yaml", raw)
+    image = first_training_tile(manifest) if "lstainnorm-init-image" in methods else None
+    # The job's protocol names what else its records depend on: the centres, the backbone, the epochs.
+    label = f"{preset}:{backbone}:e{epochs}"
+    jobs = [Job(label, m, s, tuple(method_overrides(m, out / "cache", image) + list(overrides))) for m in methods for s in seeds]
+    sel = [_row(r) for r in engine_records(config, jobs, out, progress=progress, **(run or {}))]
 
     rows, summary = [], {}
     for method in methods:

@@ -1,4 +1,4 @@
-"""``lstainnorm bench organ``: organ-of-origin classification on real tissue, held-out hospitals.
+"""``python benchmarks/bench.py organ``: organ-of-origin classification on real tissue, held-out hospitals.
 
 There is no multi-centre labelled tile set offline, but MoNuSeg's 30 tiles carry their organ
 (7 organs) and hospital (TCGA tissue-source site, 18 hospitals). Each tile is cut into a grid of
@@ -22,14 +22,13 @@ from typing import Sequence
 
 import numpy as np
 
-from lstainnorm.config import make_config
 from lstainnorm.data.io import read_rgb
 from lstainnorm.data.segmentation import read_metadata_csv
 from lstainnorm.files import atomic_write_bytes
 from lstainnorm.runs import write_json
-from lstainnorm.tasks.train import train
 from lstainnorm.experiments.demo import demo_config
-from lstainnorm.experiments.runner import markdown_table, mean_std, method_overrides, paired_table, run_resumable
+from lstainnorm.experiments.runner import markdown_table, mean_std, method_overrides, paired_table
+from suites.common import Job, engine_records, write_config
 
 __all__ = ["organ_benchmark", "organ_split", "write_organ_crops", "tile_bootstrap", "ORGAN_METHODS"]
 
@@ -141,6 +140,7 @@ def organ_benchmark(
     overrides: Sequence[str] = (),
     progress: bool = True,
     crops: dict | None = None,
+    run: dict | None = None,
 ) -> dict:
     """Train an organ classifier on the training hospitals' crops per method and seed; test on
     the held-out hospitals. Accuracy and macro-F1 (mean ± std over seeds), a tile-bootstrap 95 %
@@ -150,30 +150,23 @@ def organ_benchmark(
     cs = {**CROP_SETTINGS, **(crops or {})}
     manifest = write_organ_crops(root, out / "data", progress, cs)
 
-    def run(job: dict) -> dict:
-        raw = demo_config()
-        raw["data"] = {"manifest": str(manifest), "batch_size": 32, "num_workers": 0, "image_size": cs["crop"]}
-        raw["output_path"] = str(out / "runs")
-        raw["postfix"] = f"organ_{job['method']}_s{job['seed']}"
-        raw["seed"] = job["seed"]
-        raw["model"]["backbone"] = backbone
-        raw["optim"]["T_max"] = epochs
-        # A fixed schedule (cosine to the minimum learning rate), no early stopping: on 400 crops the
-        # validation curve is noisy (loss 0.3 to 20 between neighbouring epochs early on), so early
-        # stopping picked undertrained epochs. The checkpoint kept is the best validation accuracy
-        # (validation crops come from the training hospitals).
-        raw["trainer"].update({"max_epochs": epochs, "patience": epochs, "monitor": "val/acc", "progress": False})
-        cfg, notes = make_config(raw, method_overrides(job["method"], out / "cache") + list(overrides))
-        res = train(cfg, notes)
-        return {
-            "acc": res["test"]["overall"]["acc"], "f1": res["test"]["overall"]["f1"],
-            "per_centre": {c: v["acc"] for c, v in res["test"]["per_centre"].items()},
-            "predictions": res["test_predictions"], "run_dir": res["run_dir"], "best_epoch": res.get("best_epoch"),
-        }
-
-    extra = {"crops": cs} if cs != CROP_SETTINGS else {}
-    jobs = [{"method": m, "seed": s, "epochs": epochs, "backbone": backbone, "overrides": list(overrides), **extra} for s in seeds for m in methods]
-    sel = run_resumable(out, jobs, run, "bench organ", progress)
+    raw = demo_config()
+    raw["data"] = {"manifest": str(manifest), "batch_size": 32, "num_workers": 0, "image_size": cs["crop"]}
+    raw["model"]["backbone"] = backbone
+    raw["optim"]["T_max"] = epochs
+    # A fixed schedule (cosine to the minimum learning rate), no early stopping: on 400 crops the
+    # validation curve is noisy (loss 0.3 to 20 between neighbouring epochs early on), so early
+    # stopping picked undertrained epochs. The checkpoint kept is the best validation accuracy
+    # (validation crops come from the training hospitals).
+    raw["trainer"].update({"max_epochs": epochs, "patience": epochs, "monitor": "val/acc"})
+    config = write_config(out / "configs" / f"{backbone}_e{epochs}.yaml", raw)
+    # The job's protocol names what else its records depend on: the backbone, the epochs, the crops.
+    label = f"{backbone}:e{epochs}" + ("" if cs == CROP_SETTINGS else ":" + ",".join(f"{k}={v}" for k, v in sorted(cs.items())))
+    jobs = [Job(label, m, s, tuple(method_overrides(m, out / "cache") + list(overrides))) for s in seeds for m in methods]
+    sel = [{"method": r["method"], "seed": r["seed"], "acc": r["metrics"].get("acc"), "f1": r["metrics"].get("f1"),
+            "per_centre": {c: v.get("acc") for c, v in r.get("per_centre", {}).items()}, "predictions": r.get("predictions"),
+            "run_dir": r.get("run_dir"), "best_epoch": r.get("best_epoch"), "minutes": (r.get("seconds") or float("nan")) / 60}
+           for r in engine_records(config, jobs, out, progress=progress, **(run or {}))]
 
     with open(manifest, newline="") as fh:
         crop_rows = list(csv.DictReader(fh))

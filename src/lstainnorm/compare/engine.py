@@ -95,6 +95,11 @@ def record_of_run(job: Job, run_dir: Path) -> dict[str, Any]:
         "threshold": m.get("threshold"), "run_dir": str(run_dir), "seconds": m.get("seconds"),
         "code": m.get("code") or code_version(),
     }
+    for part in ("in_centre", "cross_centre"):  # tile-weighted over the training centres and the others
+        if isinstance(m.get(part), dict):
+            rec[part] = {k: v for k, v in m[part].items() if isinstance(v, (int, float))}
+    if m.get("norm_fallbacks"):
+        rec["norm_fallbacks"] = m["norm_fallbacks"]
     if m.get("test_predictions") and Path(m["test_predictions"]).is_file():
         rec["predictions"] = str(m["test_predictions"])
         rec["groups"] = counts_by_group(m["test_predictions"])

@@ -1,0 +1,38 @@
+"""What the data-set suites share: their runs go through ``lstainnorm compare``'s engine."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from lstainnorm.compare.engine import Job, run_jobs
+from lstainnorm.files import atomic_write_bytes
+
+__all__ = ["Job", "engine_records", "write_config"]
+
+
+def write_config(path: Path, raw: dict[str, Any]) -> Path:
+    """A suite's generated config (the jobs' common settings) as YAML, rewritten only when it changes."""
+    text = yaml.safe_dump(raw, sort_keys=True)
+    if not path.is_file() or path.read_text() != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, text.encode())
+    return path
+
+
+def engine_records(
+    config: Path, jobs: Sequence[Job], out: Path, run_missing: bool = True, workers: int = 1, executor: str = "local",
+    executor_options: Sequence[str] = (), progress: bool = True,
+) -> list[dict]:
+    """Train every job without a record in ``out/results.jsonl`` (unless ``run_missing`` is false), then
+    the records of ``jobs`` in their order (a failed job has none; its log is named in failures.jsonl)."""
+    if run_missing:
+        run_jobs(Path(config), list(jobs), out, workers=workers, executor=executor, executor_options=executor_options,
+                 progress=print if progress else None)
+    path = out / "results.jsonl"
+    raw = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    got = {(r.get("protocol"), r["method"], r["seed"]): r for r in raw}
+    return [got[k] for k in ((j.protocol, j.method, j.seed) for j in jobs) if k in got]
