@@ -220,8 +220,10 @@ def test_normalize_all_unreadable_exits_nonzero_and_names_files(tmp_path, capsys
     (tmp_path / "in").mkdir()
     bad = tmp_path / "in" / "bad file ü.png"
     bad.write_bytes(content)
-    code, text = run_cli(capsys, "normalize", "--template", template_yaml(tmp_path / "t.yaml"), tmp_path / "in", tmp_path / "out")
+    with pytest.warns(UserWarning, match="skipping unreadable input") as caught:
+        code, text = run_cli(capsys, "normalize", "--template", template_yaml(tmp_path / "t.yaml"), tmp_path / "in", tmp_path / "out")
     assert code == 1 and str(bad) in text and "every input was unreadable" in text
+    assert all("skipping unreadable input" in str(w.message) and str(bad) in str(w.message) for w in caught)
     assert bad.read_bytes() == content
 
 
@@ -557,8 +559,10 @@ def test_evaluate_all_unreadable_exits_nonzero(tmp_path, trained, capsys):
     for c in json.loads((run / "classes.json").read_text())["classes"]:
         (tmp_path / "d" / c).mkdir(parents=True)
         (tmp_path / "d" / c / "x.png").write_bytes(b"junk")
-    code, text = run_cli(capsys, "evaluate", run, "--data", tmp_path / "d")
+    with pytest.warns(UserWarning, match="skipping unreadable tile") as caught:
+        code, text = run_cli(capsys, "evaluate", run, "--data", tmp_path / "d")
     assert code == 1 and "x.png" in text
+    assert len(caught) == 2 and all("x.png" in str(w.message) for w in caught)  # one per unreadable tile
 
 
 
