@@ -10,12 +10,13 @@ PYTEST_ARGS ?=
 # Real H&E data for the tests and benchmarks (absent: real-data tests skip, benchmarks use synthetic tiles).
 export LSTAINNORM_SHARED_DATA ?= $(abspath ../shared/data)
 
-.PHONY: help install test test-heavy test-all docs demo bench bench-layers bench-cost bench-synthetic bench-speed bench-accuracy bench-segmentation bench-slide clean
+.PHONY: help install test test-heavy test-all docs demo bench bench-report bench-layers bench-cost bench-synthetic bench-speed bench-accuracy bench-segmentation bench-slide clean
 
 help:
 	@echo "make demo   - install, then train none/template/lstainnorm on synthetic multi-centre data (about 5 minutes; lstainnorm demo --full for the longer one)"
 	@echo "make test   - install, then run the test suite (the heavy end-to-end cases: make test-heavy; all: make test-all)"
 	@echo "make bench  - install, then run the benchmarks (tables for BENCHMARKS.md)"
+	@echo "make bench-report - regenerate BENCHMARKS.md's tables from the committed records"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +54,10 @@ $(BENCH_STAMP): $(STAMP)
 
 # All benchmarks: several hours on 2 CPU cores (accuracy and segmentation take the most).
 bench: bench-layers bench-cost bench-synthetic bench-speed bench-slide bench-accuracy bench-segmentation
+
+# BENCHMARKS.md's tables of training runs, regenerated from benchmarks/results/ (no training; about a minute).
+bench-report: $(STAMP)
+	$(PY) benchmarks/report.py
 
 bench-layers: $(BENCH_STAMP)
 	$(PY) benchmarks/bench_layers.py

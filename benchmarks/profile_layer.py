@@ -1,4 +1,4 @@
-"""Where LStainNorm's training cost goes (the profile behind BENCHMARKS.md's issue-13 section).
+"""Where LStainNorm's training cost goes (the profile behind BENCHMARKS.md's training-cost section).
 
     python benchmarks/profile_layer.py [--batch 32] [--repeats 3]
 

@@ -1,38 +1,50 @@
-"""The data-set benchmarks' tables in BENCHMARKS.md are what their command prints from the committed
-records (benchmarks/results/): regenerated here without training, every table row must be there."""
+"""BENCHMARKS.md's tables of training runs are their commands' output on the committed records
+(benchmarks/results/): benchmarks/report.py regenerates every marked block; --check says which differ."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-BENCHMARKS = set((REPO / "BENCHMARKS.md").read_text().splitlines())
 
 
-def _rows(text: str) -> list[str]:
-    return [ln for ln in text.splitlines() if ln.startswith("|")]
+def _report(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / "report.py"), *args], capture_output=True, text=True, cwd=REPO)
 
 
-@pytest.mark.parametrize("kind, args", [
-    ("mitosis", ["--seeds", "0", "1", "2"]),
-    ("segmentation", ["--methods", "template", "stain", "lstainnorm-stain", "lstainnorm", "--seeds", "0", "1", "2",
-                      "--set", "trainer.max_epochs=50", "--set", "trainer.patience=10", "--set", "optim.T_max=50"]),
-])
-def test_committed_records_regenerate_the_published_tables(kind, args, tmp_path, capsys):
-    from bench import main  # benchmarks/bench.py
+def test_report_rewrites_each_block_with_its_commands_output_and_check_finds_a_stale_one(tmp_path):
+    doc = tmp_path / "B.md"
+    cmd = "python -c \"print('| a | b |'); print('written: somewhere')\""
+    doc.write_text(f"# T\n\nprose `<!-- generated: not a block -->` stays\n\n<!-- generated: {cmd} -->\nstale\n<!-- end generated -->\n\nafter\n")
+    r = _report("--check", "--file", str(doc))
+    assert r.returncode == 1 and "differs" in r.stdout and "stale" in doc.read_text()
+    assert _report("--file", str(doc)).returncode == 0
+    text = doc.read_text()
+    assert f"<!-- generated: {cmd} -->\n| a | b |\n<!-- end generated -->\n\nafter\n" in text  # the written: line dropped
+    assert "prose `<!-- generated: not a block -->` stays" in text
+    assert _report("--check", "--file", str(doc)).returncode == 0
 
-    records = REPO / "benchmarks" / "results" / kind / "results.jsonl"
-    assert main([kind, "--tables-only", "--records", str(records), "--out", str(tmp_path), *args]) == 0
-    rows = _rows((tmp_path / kind / f"{kind}.md").read_text())
-    assert len(rows) > 20
-    missing = [r for r in rows if r not in BENCHMARKS]
-    assert not missing, f"{len(missing)} of {len(rows)} rows of `bench.py {kind} --tables-only` are not in BENCHMARKS.md: {missing[:3]}"
+
+def test_a_failing_command_is_named(tmp_path):
+    doc = tmp_path / "B.md"
+    doc.write_text("<!-- generated: python -c \"raise SystemExit(3)\" -->\nx\n<!-- end generated -->\n")
+    r = _report("--file", str(doc))
+    assert r.returncode != 0 and "failed (exit 3)" in r.stderr and doc.read_text().endswith("x\n<!-- end generated -->\n")
+
+
+@pytest.mark.heavy
+def test_benchmarks_md_is_its_commands_output_on_the_committed_records():
+    r = _report("--check")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "generated blocks are their command's output" in r.stdout
 
 
 def test_records_need_tables_only(tmp_path):
-    from bench import main
+    from bench import main  # benchmarks/bench.py
 
     with pytest.raises(SystemExit, match="--tables-only"):
         main(["mitosis", "--records", str(tmp_path / "r.jsonl"), "--out", str(tmp_path)])

@@ -11,7 +11,7 @@ import pytest
 from lstainnorm.cli import build_parser
 
 REPO = Path(__file__).resolve().parents[1]
-TRACKER = re.compile(r"\bissues?[ -]?#?\d+|\bissue's\b", re.IGNORECASE)
+TRACKER = re.compile(r"\bissues?\s?-?#?\d+|\bissue's\b", re.IGNORECASE)
 
 
 def _files():
@@ -20,12 +20,15 @@ def _files():
     yield from sorted((REPO / "configs").rglob("*.yaml"))
     yield from sorted((REPO / "docs").rglob("*.md"))
     yield from sorted((REPO / "docs").rglob("*.py"))
+    yield from sorted((REPO / "benchmarks").rglob("*.py"))  # they print the tables BENCHMARKS.md shows
     yield from (REPO / name for name in ("Makefile", "README.md", "RELIABILITY.md", "CHANGELOG.md", "BENCHMARKS.md", "mkdocs.yml"))
 
 
 @pytest.mark.parametrize("path", list(_files()), ids=lambda p: str(p.relative_to(REPO)))
 def test_no_tracker_numbers_in_shipped_text(path):
-    hits = [f"{i}: {line.strip()}" for i, line in enumerate(path.read_text().splitlines(), 1) if TRACKER.search(line)]
+    text = path.read_text()
+    hits = [f"{i}: {line.strip()}" for i, line in enumerate(text.splitlines(), 1) if TRACKER.search(line)]
+    hits += [f"across lines: ...{m.group(0)}..." for m in TRACKER.finditer(" ".join(text.split())) if "\n" not in m.group(0)][: 0 if hits else 5]
     assert not hits, f"{path.relative_to(REPO)} names tracker issues:\n" + "\n".join(hits)
 
 
