@@ -5,8 +5,9 @@ the chosen epoch a matter of luck), and where the best epoch falls.
 
     python benchmarks/steadiness.py --recipe steady=benchmarks/results/steady/p1 --recipe previous=benchmarks/results/steady/p1-previous
 
-Each folder holds a ``bench mitosis`` ``results.jsonl`` and ``histories/<method>_s<seed>.csv`` (the
-runs' ``history.csv``; ``--collect OUT`` copies them there from a live ``bench mitosis --out OUT``).
+Each folder holds a ``results.jsonl`` (of ``benchmarks/bench.py mitosis`` or ``lstainnorm compare``) and
+``histories/<protocol>_<method>_s<seed>.csv`` (the runs' ``history.csv``; ``--collect OUT DEST`` copies
+them there, with the test predictions, from a live ``bench.py mitosis --out OUT`` or ``compare -o OUT``).
 """
 
 from __future__ import annotations
@@ -15,29 +16,47 @@ import argparse
 import csv
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from lstainnorm.compare.stats import group_bootstrap, paired_t
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from suites.mitosis import load_suite_records  # noqa: E402
 
-def collect(bench_out: Path, dest: Path) -> None:
-    """Copy a bench mitosis folder's records and each run's history.csv into ``dest`` (no checkpoints)."""
-    recs = [json.loads(x) for x in (bench_out / "mitosis" / "results.jsonl").read_text().splitlines() if x.strip()]
+
+def _name(r: dict) -> str:
+    return f"{r['protocol']}_{r['method']}_s{r['seed']}.csv"
+
+
+def _records(folder: Path) -> list[dict]:
+    """A folder's records in the tables' form (``bench.py mitosis`` or ``lstainnorm compare`` records)."""
+    return load_suite_records(folder / "results.jsonl")
+
+
+def collect(src: Path, dest: Path) -> None:
+    """Copy the records of a ``bench.py mitosis --out SRC`` or ``lstainnorm compare -o SRC`` folder and each
+    run's history.csv and test_predictions.csv into ``dest`` (no checkpoints): what the tables need."""
+    results = src / "mitosis" / "results.jsonl" if (src / "mitosis" / "results.jsonl").is_file() else src / "results.jsonl"
+    if not results.is_file():
+        raise SystemExit(f"{src}: no results.jsonl (nor mitosis/results.jsonl)")
     (dest / "histories").mkdir(parents=True, exist_ok=True)
     (dest / "predictions").mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(bench_out / "mitosis" / "results.jsonl", dest / "results.jsonl")
-    for r in recs:
-        name = f"{r['protocol']}_{r['method']}_s{r['seed']}.csv"
-        for src, sub in ((Path(r["run_dir"]) / "history.csv", "histories"), (Path(r["run_dir"]) / "test_predictions.csv", "predictions")):
-            if src.is_file():
-                shutil.copyfile(src, dest / sub / name)
+    shutil.copyfile(results, dest / "results.jsonl")
+    for r in _records(dest):
+        for src_file, sub in ((Path(r["run_dir"]) / "history.csv", "histories"), (Path(r["run_dir"]) / "test_predictions.csv", "predictions")):
+            if src_file.is_file():
+                shutil.copyfile(src_file, dest / sub / _name(r))
+    failures = results.parent / "failures.jsonl"
+    if failures.is_file():
+        shutil.copyfile(failures, dest / "failures.jsonl")
 
 
 def argmax_bal_acc(folder: Path, r: dict) -> float | None:
     """The run's test balanced accuracy had it decided by argmax (from its per-crop probabilities)."""
-    f = folder / "predictions" / f"{r['protocol']}_{r['method']}_s{r['seed']}.csv"
+    f = folder / "predictions" / _name(r)
     if not f.is_file():
         return None
     with open(f, newline="") as fh:
@@ -51,7 +70,7 @@ def argmax_bal_acc(folder: Path, r: dict) -> float | None:
 
 
 def _curve(folder: Path, r: dict, key: str = "val/bal_acc") -> list[float]:
-    h = folder / "histories" / f"{r['protocol']}_{r['method']}_s{r['seed']}.csv"
+    h = folder / "histories" / _name(r)
     if not h.is_file():
         return []
     with open(h, newline="") as fh:
@@ -65,8 +84,7 @@ def _ms(v: list[float]) -> str:
 def table(recipes: dict[str, Path], protocol: str = "p1") -> str:
     rows = []
     for name, folder in recipes.items():
-        recs = [json.loads(x) for x in (folder / "results.jsonl").read_text().splitlines() if x.strip()]
-        recs = [r for r in recs if r["protocol"] == protocol]
+        recs = [r for r in _records(folder) if r["protocol"] == protocol]
         for m in dict.fromkeys(r["method"] for r in recs):
             rs = sorted((r for r in recs if r["method"] == m), key=lambda r: r["seed"])
             bal = [r["bal_acc"] for r in rs]
@@ -97,7 +115,7 @@ def table(recipes: dict[str, Path], protocol: str = "p1") -> str:
 
 def _argmax_counts(folder: Path, r: dict) -> dict[str, dict[str, list[int]]] | None:
     """``{slide: {class: [right, total]}}`` of the run's test crops decided by argmax (for the slide bootstrap)."""
-    f = folder / "predictions" / f"{r['protocol']}_{r['method']}_s{r['seed']}.csv"
+    f = folder / "predictions" / _name(r)
     if not f.is_file():
         return None
     with open(f, newline="") as fh:
@@ -117,7 +135,7 @@ def pairs(recipes: dict[str, Path], reference: str, protocol: str = "p1") -> str
     (paired t over seeds; for argmax also the bootstrap over test slides)."""
     lines = []
     for name, folder in recipes.items():
-        recs = [r for r in (json.loads(x) for x in (folder / "results.jsonl").read_text().splitlines() if x.strip()) if r["protocol"] == protocol]
+        recs = [r for r in _records(folder) if r["protocol"] == protocol]
         ref = {r["seed"]: r for r in recs if r["method"] == reference}
         for m in dict.fromkeys(r["method"] for r in recs):
             own = {r["seed"]: r for r in recs if r["method"] == m and r["seed"] in ref}
@@ -148,15 +166,19 @@ def main() -> None:
     ap.add_argument("--recipe", action="append", default=[], metavar="NAME=FOLDER")
     ap.add_argument("--collect", nargs=2, metavar=("BENCH_OUT", "DEST"), help="copy a bench mitosis folder's records and histories")
     ap.add_argument("--reference", default="template")
+    ap.add_argument("--protocol", action="append", default=[], help="p1 (default), p2-midog-to-tupac, p2-tupac-to-midog; repeatable")
     a = ap.parse_args()
     if a.collect:
         collect(Path(a.collect[0]), Path(a.collect[1]))
     recipes = dict(r.split("=", 1) for r in a.recipe)
     if recipes:
         recipes = {k: Path(v) for k, v in recipes.items()}
-        print(table(recipes))
-        print()
-        print(pairs(recipes, a.reference))
+        for i, p in enumerate(a.protocol or ["p1"]):
+            if len(a.protocol) > 1:
+                print(("\n" if i else "") + f"{p}:\n")
+            print(table(recipes, p))
+            print()
+            print(pairs(recipes, a.reference, p))
 
 
 if __name__ == "__main__":

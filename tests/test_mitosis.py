@@ -135,6 +135,31 @@ def test_class_balanced_sampler_is_balanced_and_resumable():
     assert class_weights([0, 1, 1, 0], 2) == [1.0, 1.0] and class_weights([0, 0], 2) == [0.5, 0.0]
 
 
+def test_epoch_size_sets_the_draws_per_epoch_whatever_the_training_set():
+    """data.epoch_size: the same steps per epoch for a protocol with fewer training tiles; the default
+    (None) is the training set's size, and its draws are those of the sampler without the option."""
+    from lstainnorm.tasks.loaders import EpochShuffleSampler
+
+    labels = [0] * 100 + [1] * 400
+    plain, same = ClassBalancedSampler(labels, seed=3), ClassBalancedSampler(labels, seed=3, size=500)
+    assert list(plain) == list(same) and len(plain) == 500
+    big = ClassBalancedSampler(labels, seed=3, size=1200)
+    big.set_epoch(1)
+    draws = list(big)
+    assert len(big) == len(draws) == 1200 and 0.4 < np.mean([labels[i] == 0 for i in draws]) < 0.6
+    big.set_epoch(1)
+    big.resume_at(1, 1000)  # resumed after 1000 draws: the rest of the same epoch
+    assert list(big) == draws[1000:]
+    shuffle = EpochShuffleSampler(7, seed=0, size=17)
+    order = list(shuffle)
+    assert len(order) == 17 and sorted(order[:7]) == list(range(7)) and sorted(order[7:14]) == list(range(7))
+    assert list(EpochShuffleSampler(7, seed=0)) == order[:7]  # without the option: one permutation, as before
+    with pytest.raises(ConfigError, match="data.epoch_size must be at least 1"):
+        make_config({"task": "classification", "data": {"epoch_size": 0}})
+    with pytest.raises(ConfigError, match="data.epoch_size sets the training tiles per epoch of classification"):
+        make_config({"task": "segmentation", "data": {"epoch_size": 100}})
+
+
 def test_one_class_training_data_is_a_clear_error(tmp_path):
     from PIL import Image
 

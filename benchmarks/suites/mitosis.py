@@ -37,7 +37,7 @@ from lstainnorm.compare.engine import Job, run_jobs
 from lstainnorm.experiments.runner import commits_line, markdown_table, mean_std, method_overrides, per_seed
 from suites.stress import stress_runs
 
-__all__ = ["mitosis_benchmark", "MITOSIS_METHODS", "COMBO", "choose_combo", "best_on_validation", "STAIN_AWARE", "PROTOCOLS", "slide_bootstrap", "counts_by_group", "protocol_tables", "stain_aware_tables", "both_directions_table", "suite_record", "load_suite_records"]
+__all__ = ["mitosis_benchmark", "MITOSIS_METHODS", "COMBO", "choose_combo", "best_on_validation", "STAIN_AWARE", "PROTOCOLS", "slide_bootstrap", "counts_by_group", "protocol_tables", "stain_aware_tables", "both_directions_table", "suite_record", "load_suite_records", "PROTOCOL_SPECS"]
 
 MIDOG = ["midog21-hamamatsu-xr", "midog21-hamamatsu-s360", "midog21-aperio-cs2"]
 TUPAC = ["tupac16"]
@@ -59,6 +59,12 @@ PROTOCOLS: dict[str, tuple[str, list[str]]] = {
         [f"data.train_centres={_centres(TUPAC)}", f"data.test_centres={_centres(MIDOG)}", "data.test_split=null"],
     ),
 }
+
+# The same protocols as ``lstainnorm compare --protocol`` names them (benchmarks/evidence.sh runs them so):
+# records of either name table alike.
+PROTOCOL_SPECS = {"p1": "split", "p2-midog-to-tupac": f"{','.join(MIDOG)}->{','.join(TUPAC)}",
+                  "p2-tupac-to-midog": f"{','.join(TUPAC)}->{','.join(MIDOG)}"}
+_NAME_OF_SPEC = {v: k for k, v in PROTOCOL_SPECS.items()}
 
 # The best normalisation combined with the best augmentation, each chosen per protocol on the mean
 # validation balanced accuracy of its runs (never the test crops), run once both are known as
@@ -292,7 +298,8 @@ def suite_record(rec: dict) -> dict:
         return rec
     m, v = rec.get("metrics", {}), rec.get("val", {})
     return {
-        "protocol": rec["protocol"], "method": rec["method"], "seed": rec["seed"], "overrides": rec.get("overrides", []),
+        "protocol": _NAME_OF_SPEC.get(rec["protocol"], rec["protocol"]), "method": rec["method"], "seed": rec["seed"],
+        "overrides": rec.get("overrides", []),
         **{k: m.get(k) for k in ("bal_acc", "auroc", "acc", "f1")},
         "per_centre": rec.get("per_centre", {}), "by_group": rec.get("groups", {}),
         # Validation balanced accuracy of the chosen checkpoint (whatever metric chose it): what picks

@@ -102,7 +102,10 @@ class DataConfig:
     (before ``image_size`` resizes it). ``split_seed`` seeds that held-out validation split (default
     null: the run's ``seed``); a fixed value keeps one validation split across seeds, so that seeds
     differ in the network's randomness only, not also in which slides train. The grouped split keeps
-    each centre's share of every class (stratified by class and centre).
+    each centre's share of every class (stratified by class and centre). ``epoch_size`` (classification):
+    training tiles per epoch (default null: the training set's size); a fixed number gives every protocol
+    the same number of steps whatever its training set (a held-out-scanner protocol trains on fewer
+    tiles), so one schedule in epochs fits all.
     """
 
     train: Optional[str] = None
@@ -129,6 +132,7 @@ class DataConfig:
     augment_strength: float = 1.0
     balance: str = "none"
     split_seed: Optional[int] = None
+    epoch_size: Optional[int] = None
 
 
 @dataclass
@@ -428,6 +432,11 @@ def _check_choices(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.threshold=val decides between two classes; task={cfg.task} has no class threshold")
     if cfg.task != "classification" and cfg.data.balance != "none":
         raise ConfigError(f"data.balance={cfg.data.balance} applies to classification only (task: {cfg.task})")
+    if cfg.data.epoch_size is not None:
+        if cfg.task != "classification":
+            raise ConfigError(f"data.epoch_size sets the training tiles per epoch of classification; task={cfg.task} trains on its images")
+        if int(cfg.data.epoch_size) < 1:
+            raise ConfigError(f"data.epoch_size must be at least 1 (tiles per training epoch), got {cfg.data.epoch_size}")
     if cfg.data.columns is not None:
         from .data.tiles import MANIFEST_COLUMNS
 

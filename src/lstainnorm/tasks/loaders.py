@@ -39,8 +39,9 @@ class EpochShuffleSampler(Sampler[int]):
     depend on the global RNG, so a resumed run sees the same batches as an uninterrupted one.
     Lightning calls :meth:`set_epoch` (and wraps it for DDP)."""
 
-    def __init__(self, n: int, seed: int) -> None:
-        self.n, self.seed, self.epoch = n, int(seed), 0
+    def __init__(self, n: int, seed: int, size: int | None = None) -> None:
+        # ``size``: indices per epoch (data.epoch_size); more than ``n`` chains further permutations.
+        self.n, self.seed, self.epoch, self.size = n, int(seed), 0, int(size or n)
         self._resume: tuple[int, int] | None = None  # (epoch, indices already trained on)
 
     def set_epoch(self, epoch: int) -> None:
@@ -53,7 +54,10 @@ class EpochShuffleSampler(Sampler[int]):
 
     def order(self) -> list[int]:
         rng = np.random.default_rng([self.seed, self.epoch])
-        return rng.permutation(self.n).tolist()
+        out = rng.permutation(self.n).tolist()
+        while len(out) < self.size:
+            out += rng.permutation(self.n).tolist()
+        return out[: self.size]
 
     def __iter__(self) -> Iterator[int]:
         order = self.order()
@@ -63,7 +67,7 @@ class EpochShuffleSampler(Sampler[int]):
         return iter(order)
 
     def __len__(self) -> int:
-        return self.n
+        return self.size
 
 
 class ResumableLoader(DataLoader):
@@ -85,12 +89,12 @@ class ResumableLoader(DataLoader):
 
 
 class ClassBalancedSampler(EpochShuffleSampler):
-    """An epoch of ``len(labels)`` indices drawn with replacement, each class equally likely
-    (``data.balance: sampler``); seeded by ``(seed, epoch)`` like :class:`EpochShuffleSampler`,
+    """An epoch of ``size`` (default ``len(labels)``) indices drawn with replacement, each class equally
+    likely (``data.balance: sampler``); seeded by ``(seed, epoch)`` like :class:`EpochShuffleSampler`,
     so a resumed run draws the same tiles."""
 
-    def __init__(self, labels: Sequence[int], seed: int) -> None:
-        super().__init__(len(labels), seed)
+    def __init__(self, labels: Sequence[int], seed: int, size: int | None = None) -> None:
+        super().__init__(len(labels), seed, size)
         lab = np.asarray(labels)
         counts = np.bincount(lab)
         weights = 1.0 / counts[lab]
@@ -98,7 +102,7 @@ class ClassBalancedSampler(EpochShuffleSampler):
 
     def order(self) -> list[int]:
         rng = np.random.default_rng([self.seed, self.epoch, 1])
-        return rng.choice(self.n, size=self.n, replace=True, p=self.p).tolist()
+        return rng.choice(self.n, size=self.size, replace=True, p=self.p).tolist()
 
 
 def class_weights(labels: Sequence[int], n_classes: int) -> list[float]:
@@ -160,7 +164,8 @@ class ClassificationData:
         d = cfg.data
         kw = {"num_workers": d.num_workers, "collate_fn": collate_tiles, "persistent_workers": d.num_workers > 0}
         ev = d.eval_batch_size or d.batch_size
-        sampler = ClassBalancedSampler(self.train.labels, seed) if d.balance == "sampler" else EpochShuffleSampler(len(self.train), seed)
+        size = d.epoch_size
+        sampler = ClassBalancedSampler(self.train.labels, seed, size) if d.balance == "sampler" else EpochShuffleSampler(len(self.train), seed, size)
         train = ResumableLoader(self.train, batch_size=d.batch_size, sampler=sampler, drop_last=False, **kw)
         val = DataLoader(self.val, batch_size=ev, shuffle=False, **kw)
         test = DataLoader(self.test, batch_size=ev, shuffle=False, **kw) if self.test is not None else None
