@@ -169,7 +169,11 @@ def test_paired_statistics_and_the_power_line():
     assert verdict((0.01, 0.03), (0.005, 0.02)) == "better"
     assert verdict((-0.01, 0.03), (0.005, 0.02)) == "not resolved (seeds disagree)"
     assert verdict((0.01, 0.03), (-0.005, 0.02)) == "not resolved"
-    assert verdict(None, (-0.03, -0.01)).startswith("one seed only (below")
+    assert verdict(None, (-0.03, -0.01)) == "one seed only (below on the test groups)"
+    assert verdict(None, (0.01, 0.03), groups="slides") == "one seed only (above on the slides)"
+    assert verdict((-0.03, -0.01), (-0.02, -0.001)) == "worse"
+    assert verdict((0.01, 0.03), (-0.03, -0.01)) == "not resolved (the intervals disagree)"
+    assert verdict((0.01, 0.03), None) == "better (seeds only)"
     # Bootstrap over groups: scores per image (segmentation) and counts per class (classification).
     d, lo, hi = group_bootstrap({0: {"a": 0.8, "b": 0.6}}, {0: {"a": 0.7, "b": 0.5}})
     assert d == pytest.approx(0.1) and lo == pytest.approx(0.1) and hi == pytest.approx(0.1)

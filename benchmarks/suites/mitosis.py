@@ -32,7 +32,7 @@ from lstainnorm.config import load_config
 from lstainnorm.files import atomic_write_bytes
 from lstainnorm.runs import RUN_DIR_ENV, write_json
 from lstainnorm.tasks.train import train
-from lstainnorm.compare.stats import BOOTSTRAP_SAMPLES, counts_by_group, group_bootstrap
+from lstainnorm.compare.stats import BOOTSTRAP_SAMPLES, counts_by_group, group_bootstrap, verdict
 from lstainnorm.compare.engine import Job, run_jobs
 from lstainnorm.experiments.runner import commits_line, markdown_table, mean_std, method_overrides, per_seed
 from suites.stress import stress_runs
@@ -137,19 +137,6 @@ def slide_bootstrap(
     return group_bootstrap(runs, ref, samples=samples, seed=seed)
 
 
-def _verdict(t_ci: tuple[float, float] | None, boot: tuple[float, float]) -> str:
-    """Resolved only when the slide bootstrap and the paired t over seeds both exclude 0 (one seed
-    resolves nothing: the bootstrap does not see how much another seed would move)."""
-    lo, hi = boot
-    if lo <= 0 <= hi:
-        return "not resolved"
-    if t_ci is None:  # the slides' spread alone; a seed's own noise is not in it
-        return f"one seed only ({'above' if lo > 0 else 'below'} on the slides)"
-    if t_ci[0] <= 0 <= t_ci[1]:
-        return "not resolved (seeds disagree)"
-    return "better" if lo > 0 else "worse"
-
-
 def _paired_rows(sel: Sequence[dict], methods: Sequence[str], reference: str) -> list[list]:
     from scipy import stats
 
@@ -168,7 +155,7 @@ def _paired_rows(sel: Sequence[dict], methods: Sequence[str], reference: str) ->
             t_ci = (float(np.mean(diffs)) - half, float(np.mean(diffs)) + half)
         d, lo, hi = slide_bootstrap({s: own[s]["by_group"] for s in own}, {s: ref[s]["by_group"] for s in own})
         rows.append([method, f"{d:+.3f}", "-" if t_ci is None else f"[{t_ci[0]:+.3f}, {t_ci[1]:+.3f}]",
-                     f"[{lo:+.3f}, {hi:+.3f}]", " / ".join(f"{v:+.3f}" for v in diffs), _verdict(t_ci, (lo, hi))])
+                     f"[{lo:+.3f}, {hi:+.3f}]", " / ".join(f"{v:+.3f}" for v in diffs), verdict(t_ci, (lo, hi), groups="slides")])
     return rows
 
 

@@ -103,19 +103,22 @@ def group_bootstrap(runs: Mapping[int, Any], ref: Mapping[int, Any], samples: in
     return float(diff[0]), float(lo), float(hi)
 
 
-def verdict(t_ci: tuple[float, float] | None, boot: tuple[float, float] | None) -> str:
-    """``better`` / ``worse`` only when the paired t over seeds and the group bootstrap both exclude 0
-    (one seed resolves nothing: the bootstrap does not see how much another seed would move)."""
+def verdict(t_ci: tuple[float, float] | None, boot: tuple[float, float] | None, groups: str = "test groups") -> str:
+    """``better`` / ``worse`` only when the paired t over seeds and the group bootstrap both exclude 0 on
+    the same side (one seed resolves nothing: the bootstrap does not see how much another seed would
+    move). ``groups`` names what the bootstrap resampled (``slides``, ``images``) in the one-seed case."""
     if boot is not None and boot[0] <= 0 <= boot[1]:
         return "not resolved"
     if t_ci is None:
         if boot is None:
             return "one seed only"
-        return f"one seed only ({'above' if boot[0] > 0 else 'below'} on the test groups)"
+        return f"one seed only ({'above' if boot[0] > 0 else 'below'} on the {groups})"
     if t_ci[0] <= 0 <= t_ci[1]:
         return "not resolved (seeds disagree)"
     if boot is None:
         return "better (seeds only)" if t_ci[0] > 0 else "worse (seeds only)"
+    if (t_ci[0] > 0) != (boot[0] > 0):
+        return "not resolved (the intervals disagree)"
     return "better" if t_ci[0] > 0 else "worse"
 
 
