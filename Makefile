@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # Real H&E data for the tests and benchmarks (absent: real-data tests skip, benchmarks use synthetic tiles).
 export LSTAINNORM_SHARED_DATA ?= $(abspath ../shared/data)
 
-.PHONY: help install test test-heavy test-all docs demo bench bench-report bench-layers bench-cost bench-synthetic bench-speed bench-accuracy bench-segmentation bench-slide clean
+.PHONY: help install browser test test-heavy test-all docs demo bench bench-report bench-layers bench-cost bench-synthetic bench-speed bench-accuracy bench-segmentation bench-slide clean
 
 help:
 	@echo "make demo   - install, then train none/template/lstainnorm on synthetic multi-centre data (about 5 minutes; lstainnorm demo --full for the longer one)"
@@ -28,6 +28,13 @@ $(STAMP): pyproject.toml | $(PY)
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# A headless browser for the test that opens compare's HTML report (Debian's chromium; the test is
+# skipped where none is installed).
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null) || \
+	  echo "make browser: could not install chromium (no apt or no root); the report's browser test will be skipped"
 
 # `make test` leaves out the cases marked heavy (long end-to-end runs); CI runs them too (.ci/run).
 test: $(STAMP)

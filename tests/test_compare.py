@@ -4,12 +4,16 @@ statistics with power lines, and the report (markdown, CSV, HTML with its figure
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
 from lstainnorm.compare import compare
 from lstainnorm.compare.engine import Job, job_command
@@ -121,6 +125,37 @@ def test_a_killed_run_resumes_and_a_failed_run_is_reported_then_retried(three_ce
     assert len(res["records"]) == 1 and not res["failures"]
     assert res["records"][0]["run_dir"] == str(run) and res["records"][0]["epochs_run"] == 2
     assert "resumed" in Path(fail["log"]).read_text() or "--resume" in Path(fail["log"]).read_text()
+
+
+def _browser() -> str | None:
+    return next((b for b in (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")) if b), None)
+
+
+# Added to a copy of the page: once loaded, the body says how many images the browser could decode.
+_COUNT_IMAGES = ('<script>window.addEventListener("load", () => {const i = [...document.images];'
+                 'document.body.setAttribute("data-images", i.length);'
+                 'document.body.setAttribute("data-loaded", i.filter(x => x.complete && x.naturalWidth > 0).length);});</script>')
+
+
+@pytest.mark.heavy
+@pytest.mark.slow
+@pytest.mark.skipif(_browser() is None, reason="no headless browser here (make browser installs Debian's chromium)")
+def test_the_report_opens_in_a_headless_browser_with_every_image_shown(three_centres, tmp_path):
+    out = tmp_path / "cmp"
+    compare(three_centres, out, methods=["none", "template"], seeds=[0], protocols=["A->C"], overrides=["trainer.max_epochs=1"], progress=False)
+    page = out / "report.html"
+    probe = out / "report.probe.html"  # beside it, so that its relative image paths resolve alike
+    probe.write_text(page.read_text().replace("</body>", _COUNT_IMAGES + "</body>"))
+    common = [_browser(), "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=20000"]
+    dom = subprocess.run([*common, "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=180).stdout
+    body = re.search(r'<body[^>]*data-images="(\d+)"[^>]*data-loaded="(\d+)"', dom)
+    assert body, "the browser did not load the page to its end"
+    assert int(body[1]) >= 3 and body[1] == body[2], f"{body[2]} of {body[1]} images shown"
+    assert dom.count("<table") == page.read_text().count("<table")
+    shot = tmp_path / "shot.png"
+    subprocess.run([*common, f"--screenshot={shot}", "--window-size=1200,1600", page.as_uri()], capture_output=True, timeout=180)
+    img = np.asarray(Image.open(shot).convert("L"), dtype=float)
+    assert img.std() > 5  # something drawn, not a blank page
 
 
 @pytest.mark.heavy
