@@ -14,12 +14,9 @@ from typing import Sequence
 import numpy as np
 
 from lstainnorm.data.synthetic import write_synthetic
-from lstainnorm.files import atomic_write_bytes
-from lstainnorm.runs import write_json
 from lstainnorm.experiments.demo import demo_config
 from lstainnorm.experiments.runner import benchmark_methods, markdown_table, mean_std, method_overrides, paired_table
-from suites.common import Job, engine_records, write_config
-from suites.stress import stress_runs
+from suites.common import Job, engine_records, finish, write_config
 
 __all__ = ["accuracy_benchmark"]
 
@@ -122,12 +119,4 @@ def accuracy_benchmark(
     paired = paired_table(sel, "cross_acc", scale=100) if len(seeds) > 1 else ""
     if paired:
         text += "\n\nCross-centre accuracy, each method minus `lstainnorm` on the same seed (points):\n\n" + paired
-    result = {"summary": summary, "runs": sel, "text": text}
-    if stress and sel:
-        st = stress_runs(sel, manifest, out / "stress", split="test", progress=progress)
-        result["stress"] = st["scores"]
-        text += "\n\n" + st["text"] + f"\nCurves: {st['png']}"
-        result["text"] = text
-    atomic_write_bytes(out / f"{report}.md", (text + "\n").encode())
-    write_json(out / f"{report}.json", result)
-    return result
+    return finish(out, report, {"summary": summary, "runs": sel, "text": text}, manifest if stress else None, progress)

@@ -10,8 +10,9 @@ import yaml
 
 from lstainnorm.compare.engine import Job, run_jobs
 from lstainnorm.files import atomic_write_bytes
+from lstainnorm.runs import write_json
 
-__all__ = ["Job", "engine_records", "write_config"]
+__all__ = ["Job", "engine_records", "write_config", "finish"]
 
 
 def write_config(path: Path, raw: dict[str, Any]) -> Path:
@@ -36,3 +37,17 @@ def engine_records(
     raw = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
     got = {(r.get("protocol"), r["method"], r["seed"]): r for r in raw}
     return [got[k] for k in ((j.protocol, j.method, j.seed) for j in jobs) if k in got]
+
+
+def finish(out: Path, report: str, result: dict, stress_data: str | Path | None = None, progress: bool = True) -> dict:
+    """With ``stress_data`` (the data the runs tested on), every run of ``result["runs"]`` stressed on
+    its test split and the robustness table added; then ``out/<report>.md`` and ``.json`` written."""
+    if stress_data is not None and result["runs"]:
+        from suites.stress import stress_runs
+
+        st = stress_runs(result["runs"], stress_data, out / "stress", split="test", progress=progress)
+        result["stress"] = st["scores"]
+        result["text"] += "\n\n" + st["text"] + f"\nCurves: {st['png']}"
+    atomic_write_bytes(out / f"{report}.md", (result["text"] + "\n").encode())
+    write_json(out / f"{report}.json", result)
+    return result

@@ -14,11 +14,9 @@ from typing import Sequence
 import numpy as np
 
 from lstainnorm.config import load_config
-from lstainnorm.files import atomic_write_bytes
-from lstainnorm.runs import write_json
 from lstainnorm.compare.engine import Job, run_jobs
+from suites.common import finish
 from lstainnorm.experiments.runner import commits_line, markdown_table, mean_std, method_overrides, paired_table, per_seed
-from suites.stress import stress_runs
 
 __all__ = ["segmentation_benchmark", "SEGMENTATION_METHODS", "suite_record"]
 
@@ -109,12 +107,4 @@ def segmentation_benchmark(
         paired = paired_table(sel, "dice", reference=ref, digits=3) if len(seeds) > 1 else ""
         if paired:
             text += f"\n\nTest Dice, each method minus `{ref}` on the same seed:\n\n" + paired
-    result = {"summary": summary, "runs": sel, "text": text}
-    if stress and sel:
-        st = stress_runs(sel, load_config(config, list(overrides))[0].segmentation.root, out / "stress", split="test", progress=progress)
-        result["stress"] = st["scores"]
-        text += "\n\n" + st["text"] + f"\nCurves: {st['png']}"
-        result["text"] = text
-    atomic_write_bytes(out / f"{report}.md", (text + "\n").encode())
-    write_json(out / f"{report}.json", result)
-    return result
+    return finish(out, report, {"summary": summary, "runs": sel, "text": text}, load_config(config, list(overrides))[0].segmentation.root if stress else None, progress)
