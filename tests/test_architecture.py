@@ -155,3 +155,17 @@ def test_package_ships_no_dev_code_and_is_typed():
                 f = node.value.func
                 name = getattr(f, "attr", getattr(f, "id", ""))
                 assert name not in ("filterwarnings", "simplefilter"), f"{p}: module-level warning filter"
+
+
+def test_every_public_name_exists():
+    """Each module's ``__all__`` names only what it defines (``from m import *`` works)."""
+    import importlib
+    import pkgutil
+
+    import lstainnorm
+
+    missing = []
+    for info in pkgutil.walk_packages(lstainnorm.__path__, "lstainnorm."):
+        mod = importlib.import_module(info.name)
+        missing += [f"{info.name}.{n}" for n in getattr(mod, "__all__", []) if not hasattr(mod, n)]
+    assert not missing, f"named in __all__ but not defined: {missing}"

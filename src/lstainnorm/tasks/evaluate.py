@@ -24,7 +24,7 @@ from .group_stats import with_group_stats
 from .loaders import resize_transform, segmentation_records
 from .module import StainNormModule
 
-__all__ = ["load_module", "evaluate", "predict", "evaluation_data"]
+__all__ = ["load_module", "evaluate", "evaluation_data"]
 
 
 def load_module(run_or_ckpt: str | Path) -> StainNormModule:
