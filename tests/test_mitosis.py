@@ -197,6 +197,7 @@ def test_counts_by_group_reads_a_predictions_csv(tmp_path):
     assert counts_by_group(p) == {"s1": {"atypical": [1, 1], "normal": [0, 1]}, "c.png": {"normal": [1, 1]}}
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 def test_bench_mitosis_end_to_end_on_synthetic_crops(amibr, tmp_path, monkeypatch):
     """Both protocol kinds, two methods, one seed: per-domain tables, paired rows, predictions with slides;
@@ -234,6 +235,7 @@ def test_bench_mitosis_end_to_end_on_synthetic_crops(amibr, tmp_path, monkeypatc
     assert (out / "results.jsonl").read_text() == before  # trained nothing
 
 
+@pytest.mark.heavy
 def test_stress_curves_outlive_the_run_folders_and_missing_ones_are_retrained(amibr, tmp_path, monkeypatch):
     """`--stress` on records whose run folders are gone: finished curves are read back, a method never
     stressed is listed (tables only) or trained again with its seed (and the records stay as they were)."""

@@ -55,6 +55,7 @@ def test_tile_bootstrap_brackets_the_accuracy():
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_organ_benchmark_tiny_run(tmp_path):
     root = write_synthetic_segmentation(tmp_path / "seg", n_images=8, size=64, centres=2)
     os.environ.pop(RUN_DIR_ENV, None)
