@@ -15,7 +15,6 @@ configs and ../shared/data). Every training run goes through ``lstainnorm compar
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
@@ -65,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "segmentation, configs/mitosis_amibr_cpu.yaml for mitosis)")
     g.add_argument("--tables-only", action="store_true", help="train nothing: the tables of the runs recorded so far")
     g.add_argument("--records", type=Path, help="with --tables-only: table this results file (e.g. the committed "
-                   "benchmarks/results/mitosis/results.jsonl) instead of OUT's")
+                   "benchmarks/results/mitosis/results.jsonl) instead of OUT's (OUT's own records are left as they are)")
     g = p.add_argument_group("mitosis")
     g.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "ami-br",
                    help="the AMi-Br folder: metadata.csv and images/ (default ../shared/data/ami-br)")
@@ -75,21 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _out_with_records(out: Path, records: Path | None) -> Path:
-    """With --records, a folder whose results.jsonl is a copy of that file (the tables read OUT)."""
-    if records is None:
-        return out
-    if not records.is_file():
-        raise SystemExit(f"error: --records {records}: no such file")
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(records, out / "results.jsonl")
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     if a.records is not None and not a.tables_only:
         raise SystemExit("error: --records tables committed records: give --tables-only too")
+    if a.records is not None and not a.records.is_file():
+        raise SystemExit(f"error: --records {a.records}: no such file")
     if a.kind == "speed":
         from suites.speed import run_speed_cli
 
@@ -103,22 +93,23 @@ def main(argv: list[str] | None = None) -> int:
 
         a.methods = a.methods or list(ABLATION_METHODS)
     run = dict(workers=a.workers, executor=a.executor, executor_options=a.executor_options)
+    tables = dict(run_missing=not a.tables_only, records=a.records)
     if a.kind == "segmentation":
         from suites.segmentation import SEGMENTATION_METHODS, segmentation_benchmark
 
-        out = _out_with_records(a.out / "segmentation", a.records)
+        out = a.out / "segmentation"
         res = segmentation_benchmark(a.config or REPO / "configs" / "segment_monuseg_cpu.yaml", out, methods=a.methods or SEGMENTATION_METHODS,
-                                     seeds=a.seeds, overrides=a.overrides, stress=a.stress, report=report, run_missing=not a.tables_only, **run)
+                                     seeds=a.seeds, overrides=a.overrides, stress=a.stress, report=report, **tables, **run)
         print(res["text"])
         print(f"written: {out / (report + '.md')}")
         return 0
     if a.kind == "mitosis":
         from suites.mitosis import MITOSIS_METHODS, mitosis_benchmark
 
-        out = _out_with_records(a.out / "mitosis", a.records)
+        out = a.out / "mitosis"
         res = mitosis_benchmark(a.config or REPO / "configs" / "mitosis_amibr_cpu.yaml", a.data, out,
                                 methods=a.methods or MITOSIS_METHODS, seeds=a.seeds, protocols=a.protocols,
-                                overrides=a.overrides, stress=a.stress, run_missing=not a.tables_only, **run)
+                                overrides=a.overrides, stress=a.stress, **tables, **run)
         print(res["text"])
         print(f"written: {out / 'mitosis.md'}")
         return 0

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from lstainnorm.compare.stats import group_bootstrap, paired_t
+from lstainnorm.experiments.runner import mean_std
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from suites.mitosis import load_suite_records  # noqa: E402
@@ -55,17 +56,15 @@ def collect(src: Path, dest: Path) -> None:
 
 def argmax_bal_acc(folder: Path, r: dict) -> float | None:
     """The run's test balanced accuracy had it decided by argmax (from its per-crop probabilities)."""
-    f = folder / "predictions" / _name(r)
-    if not f.is_file():
+    counts = _argmax_counts(folder, r)
+    if counts is None:
         return None
-    with open(f, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    classes = [k[2:] for k in rows[0] if k.startswith("p_")]
-    hits: dict[str, list[int]] = {}
-    for x in rows:
-        pred = max(classes, key=lambda c: float(x["p_" + c]))
-        hits.setdefault(x["label"], []).append(int(pred == x["label"]))
-    return float(np.mean([np.mean(v) for v in hits.values()]))
+    per_class: dict[str, list[int]] = {}
+    for cells in counts.values():
+        for label, (right, total) in cells.items():
+            acc = per_class.setdefault(label, [0, 0])
+            acc[0], acc[1] = acc[0] + right, acc[1] + total
+    return float(np.mean([right / total for right, total in per_class.values()]))
 
 
 def _curve(folder: Path, r: dict, key: str = "val/bal_acc") -> list[float]:
@@ -74,10 +73,6 @@ def _curve(folder: Path, r: dict, key: str = "val/bal_acc") -> list[float]:
         return []
     with open(h, newline="") as fh:
         return [float(x[key]) for x in csv.DictReader(fh) if x.get(key) not in (None, "")]
-
-
-def _ms(v: list[float]) -> str:
-    return f"{np.mean(v):.3f} ± {np.std(v, ddof=1):.3f}" if len(v) > 1 else f"{v[0]:.3f} (1 seed)"
 
 
 def table(recipes: dict[str, Path], protocol: str = "p1") -> str:
@@ -100,9 +95,8 @@ def table(recipes: dict[str, Path], protocol: str = "p1") -> str:
                 if r.get("best_epoch") is not None and r["best_epoch"] <= max(1, len(c)) / 5:
                     firsts += 1
             am = [v for v in (argmax_bal_acc(folder, r) for r in rs) if v is not None]
-            rows.append([name, m, len(rs), f"{np.mean(bal):.3f} ± {np.std(bal, ddof=1):.3f}" if len(bal) > 1 else f"{bal[0]:.3f} (1 seed)",
-                         (f"{np.mean(am):.3f} ± {np.std(am, ddof=1):.3f}" if len(am) > 1 else f"{am[0]:.3f} (1 seed)") if am else "-",
-                         " / ".join(f"{v:.3f}" for v in bal), _ms([r["auroc"] for r in rs]),
+            rows.append([name, m, len(rs), mean_std(bal, digits=3), mean_std(am, digits=3) if am else "-",
+                         " / ".join(f"{v:.3f}" for v in bal), mean_std([r["auroc"] for r in rs], digits=3),
                          f"{np.median(falls):.3f} / {max(falls):.3f}" if falls else "-",
                          f"{np.median(swings):.3f}" if swings else "-",
                          " / ".join(str(r.get("best_epoch")) for r in rs), firsts])

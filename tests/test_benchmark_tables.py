@@ -48,3 +48,19 @@ def test_records_need_tables_only(tmp_path):
 
     with pytest.raises(SystemExit, match="--tables-only"):
         main(["mitosis", "--records", str(tmp_path / "r.jsonl"), "--out", str(tmp_path)])
+
+
+def test_tables_of_committed_records_leave_outs_own_records_alone(tmp_path, capsys):
+    from bench import main
+
+    own = tmp_path / "segmentation" / "results.jsonl"
+    own.parent.mkdir()
+    own.write_text('{"method": "template", "seed": 9, "dice": 0.5}\n')
+    records = REPO / "benchmarks" / "results" / "segmentation" / "results.jsonl"
+    assert main(["segmentation", "--tables-only", "--records", str(records), "--out", str(tmp_path), "--methods", "template",
+                 "stain", "--seeds", "0", "1", "2", "--set", "trainer.max_epochs=50", "--set", "trainer.patience=10",
+                 "--set", "optim.T_max=50"]) == 0
+    assert own.read_text() == '{"method": "template", "seed": 9, "dice": 0.5}\n'
+    assert "| template | 0.768 ± 0.006 |" in (tmp_path / "segmentation" / "segmentation.md").read_text()
+    with pytest.raises(SystemExit, match="no such file"):
+        main(["segmentation", "--tables-only", "--records", str(tmp_path / "absent.jsonl"), "--out", str(tmp_path)])

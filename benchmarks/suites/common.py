@@ -12,7 +12,7 @@ from lstainnorm.compare.engine import Job, run_jobs
 from lstainnorm.files import atomic_write_bytes
 from lstainnorm.runs import write_json
 
-__all__ = ["Job", "engine_records", "write_config", "finish"]
+__all__ = ["Job", "engine_records", "read_records", "write_config", "finish"]
 
 
 def write_config(path: Path, raw: dict[str, Any]) -> Path:
@@ -24,18 +24,30 @@ def write_config(path: Path, raw: dict[str, Any]) -> Path:
     return path
 
 
+def read_records(path: Path) -> list[dict]:
+    """The records of a results.jsonl ([] if there is none)."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
 def engine_records(
     config: Path, jobs: Sequence[Job], out: Path, run_missing: bool = True, workers: int = 1, executor: str = "local",
-    executor_options: Sequence[str] = (), progress: bool = True,
+    executor_options: Sequence[str] = (), progress: bool = True, overrides: Sequence[str] | None = None,
+    protocol_names: dict[str, str] | None = None, records: Path | None = None,
 ) -> list[dict]:
     """Train every job without a record in ``out/results.jsonl`` (unless ``run_missing`` is false), then
-    the records of ``jobs`` in their order (a failed job has none; its log is named in failures.jsonl)."""
+    the records of ``jobs`` in their order (a failed job has none; its log is named in failures.jsonl).
+
+    Records written before the suites ran on the engine (no ``metrics``) are kept only where they ran
+    with ``overrides`` (when given); a record without a protocol counts as ``split``. ``protocol_names``
+    maps a record's protocol to the jobs' name for it (``lstainnorm compare``'s ``A,B->C`` to a suite's).
+    ``records``: read that results file instead of OUT's (committed records, tabled without training)."""
     if run_missing:
         run_jobs(Path(config), list(jobs), out, workers=workers, executor=executor, executor_options=executor_options,
                  progress=print if progress else None)
-    path = out / "results.jsonl"
-    raw = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-    got = {(r.get("protocol"), r["method"], r["seed"]): r for r in raw}
+    names = protocol_names or {}
+    got = {(names.get(r.get("protocol", "split"), r.get("protocol", "split")), r["method"], r["seed"]): r
+           for r in read_records(records or out / "results.jsonl")
+           if "metrics" in r or overrides is None or r.get("overrides", []) == list(overrides)}
     return [got[k] for k in ((j.protocol, j.method, j.seed) for j in jobs) if k in got]
 
 

@@ -21,7 +21,6 @@ engine (resumable, local workers or a cluster); the tables are the command's own
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Sequence
@@ -33,7 +32,7 @@ from lstainnorm.files import atomic_write_bytes
 from lstainnorm.runs import RUN_DIR_ENV, write_json
 from lstainnorm.tasks.train import train
 from lstainnorm.compare.stats import BOOTSTRAP_SAMPLES, counts_by_group, group_bootstrap, verdict
-from lstainnorm.compare.engine import Job, run_jobs
+from suites.common import Job, engine_records, read_records
 from lstainnorm.experiments.runner import commits_line, markdown_table, mean_std, method_overrides, per_seed
 from suites.stress import stress_runs
 
@@ -298,13 +297,9 @@ def suite_record(rec: dict) -> dict:
     }
 
 
-def load_suite_records(path: str | Path, overrides: Sequence[str] | None = None) -> list[dict]:
-    """The records of a results file (either form), as the tables read them. ``overrides``: keep only
-    the records from before the engine that ran with these benchmark overrides (engine records are
-    told apart by their job keys alone)."""
-    path = Path(path)
-    raw = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-    return [suite_record(r) for r in raw if overrides is None or "bal_acc" not in r or r.get("overrides", []) == list(overrides)]
+def load_suite_records(path: str | Path) -> list[dict]:
+    """Every record of a results file (either form), as the tables read them."""
+    return [suite_record(r) for r in read_records(Path(path))]
 
 
 def mitosis_benchmark(
@@ -321,12 +316,14 @@ def mitosis_benchmark(
     workers: int = 1,
     executor: str = "local",
     executor_options: Sequence[str] = (),
+    records: str | Path | None = None,
 ) -> dict:
     """Train ``config`` on the AMi-Br folder ``data`` for every protocol, method and seed; write
     ``out/mitosis.md`` and ``out/mitosis.json`` (see the module docstring). Each run is a job of the
     comparison engine (:func:`lstainnorm.compare.engine.run_jobs`: an ``lstainnorm train`` process, on
     ``workers`` local workers or a submitit cluster, resumable, failures kept in ``out/failures.jsonl``).
-    ``run_missing=False`` trains nothing and tables the runs recorded in ``out/results.jsonl``."""
+    ``run_missing=False`` trains nothing and tables the runs recorded in ``out/results.jsonl`` (or in
+    ``records``, a results file such as the committed ones)."""
     out, data = Path(out), Path(data)
     manifest = data / "metadata.csv"
     if (run_missing or stress) and not manifest.is_file():
@@ -341,14 +338,8 @@ def mitosis_benchmark(
         return Job(p, m, s, tuple(method_overrides(m, out / "cache") + PROTOCOLS[p][1] + [f"data.manifest={manifest}", *overrides]))
 
     def run_all(jobs: list[Job]) -> list[dict]:
-        if run_missing:
-            recs, failures = run_jobs(Path(config), jobs, out, workers=workers, executor=executor,
-                                      executor_options=executor_options, progress=print if progress else None)
-            for f in failures:
-                print(f"failed: {f['key']} (exit {f.get('returncode')}; log {f.get('log')})")
-        keys = {(j.protocol, j.method, j.seed): j for j in jobs}
-        got = {(r["protocol"], r["method"], r["seed"]): r for r in load_suite_records(out / "results.jsonl", overrides)}
-        return [got[k] for k in keys if k in got]
+        return [suite_record(r) for r in engine_records(Path(config), jobs, out, run_missing, workers, executor, executor_options,
+                                                         progress, overrides, _NAME_OF_SPEC, records and Path(records))]
 
     singles = [m for m in methods if m != COMBO]
     sel, parts, total, combos = [], [], 0, {}

@@ -7,15 +7,13 @@ seeds), overall and per held-out hospital. Every run is a job of ``lstainnorm co
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from lstainnorm.config import load_config
-from lstainnorm.compare.engine import Job, run_jobs
-from suites.common import finish
+from suites.common import Job, engine_records, finish
 from lstainnorm.experiments.runner import commits_line, markdown_table, mean_std, method_overrides, paired_table, per_seed
 
 __all__ = ["segmentation_benchmark", "SEGMENTATION_METHODS", "suite_record"]
@@ -44,11 +42,6 @@ def suite_record(rec: dict) -> dict:
             "minutes": (rec.get("seconds") or float("nan")) / 60, "code": rec.get("code")}
 
 
-def _records(out: Path) -> list[dict]:
-    path = out / "results.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-
-
 def segmentation_benchmark(
     config: str | Path,
     out: str | Path,
@@ -62,11 +55,13 @@ def segmentation_benchmark(
     workers: int = 1,
     executor: str = "local",
     executor_options: Sequence[str] = (),
+    records: str | Path | None = None,
 ) -> dict:
     """Train ``config`` (a segmentation config) once per method and seed; tables of the test metrics.
     With ``stress``, every trained run is then stressed on its test split (:mod:`.stress`).
     Each run is a job of the comparison engine (:func:`lstainnorm.compare.engine.run_jobs`).
-    ``run_missing=False`` trains nothing: the tables of the runs recorded so far (``--tables-only``)."""
+    ``run_missing=False`` trains nothing: the tables of the runs recorded so far (``--tables-only``), in
+    ``out/results.jsonl`` or in ``records``."""
     out = Path(out)
     if run_missing:
         load_config(config, list(overrides))  # a bad config or override fails before any run
@@ -76,12 +71,8 @@ def segmentation_benchmark(
         return Job("split", method, seed, tuple(method_overrides(method, out / "cache", image) + list(overrides)))
 
     jobs = [job(m, s) for m in methods for s in seeds]
-    if run_missing:
-        run_jobs(Path(config), jobs, out, workers=workers, executor=executor, executor_options=executor_options,
-                 progress=print if progress else None)
-    # Records from before the engine carry the benchmark's overrides; only this call's count.
-    got = {(r["method"], r["seed"]): suite_record(r) for r in _records(out) if "dice" not in r or r.get("overrides", []) == list(overrides)}
-    sel = [got[(j.method, j.seed)] for j in jobs if (j.method, j.seed) in got]
+    sel = [suite_record(r) for r in engine_records(Path(config), jobs, out, run_missing, workers, executor, executor_options,
+                                                   progress, overrides, records=records and Path(records))]
 
     rows, summary = [], {}
     centres = sorted({c for d in sel for c in d["per_centre"]})
