@@ -12,8 +12,9 @@ from .allocator import keep_freed_pages
 
 __all__ = ["main", "build_parser"]
 
-# The names of lstainnorm.data.restain.AXES, spelled out so that parsing never imports torch (~3 s);
+# The names of lstainnorm.data.restain.AXES (and the trainer.tta views), spelled out so that parsing never imports torch (~3 s);
 # a test keeps the two equal.
+TTA_CHOICES = ("none", "flips", "dihedral")  # lstainnorm.config.TTA_VIEWS, likewise
 STRESS_AXES = ("hematoxylin-hue", "eosin-hue", "stain-amount", "he-ratio", "white-point", "gamma", "saturation", "jpeg", "combined")
 
 _COMMANDS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
@@ -230,6 +231,7 @@ def _train_run(a: argparse.Namespace) -> int:
     """
     lstainnorm evaluate runs/20261125_101500_demo --data data/other_hospital
     lstainnorm evaluate runs/.../checkpoints/best.ckpt --data synth/manifest.csv --split test --centres B C
+    lstainnorm evaluate runs/20261125_101500_demo --data data/other_hospital --tta dihedral   # 8 views averaged
     """,
 )
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
@@ -239,12 +241,14 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--centres", nargs="+", help="with a manifest: only these centres")
     p.add_argument("-o", "--out", "--output", dest="output", type=Path, help="result JSON (default RUN_DIR/eval_<data>-<hash>.json, one per data set and selection)")
     p.add_argument("--batch-size", type=positive_int)
+    p.add_argument("--tta", choices=TTA_CHOICES, help="classification: test-time augmentation instead of the run's trainer.tta "
+                   "(none; flips: 4 views; dihedral: 8), class probabilities averaged over the views")
 
 
 def _evaluate_run(a: argparse.Namespace) -> int:
     from .tasks.evaluate import evaluate
 
-    res = evaluate(a.run, a.data, split=a.split, centres=a.centres, out=a.output, batch_size=a.batch_size)
+    res = evaluate(a.run, a.data, split=a.split, centres=a.centres, out=a.output, batch_size=a.batch_size, tta=a.tta)
     ov = res.get("overall", {})
     keys = [k for k in ("acc", "bal_acc", "f1", "auroc", "dice", "iou", "aji", "pq") if k in ov]
     print("overall: " + "  ".join(f"{k} {ov[k]:.4f}" for k in keys if ov[k] is not None) + f"  (n={ov.get('n')})")

@@ -47,6 +47,7 @@ __all__ = [
     "TaskName",
     "TASKS",
     "LOGGER_CHOICES",
+    "TTA_VIEWS",
     "logger_names",
 ]
 
@@ -78,6 +79,9 @@ BALANCE_CHOICES = ("none", "sampler", "loss")
 
 # norm.compile: "auto" compiles the layer for long training runs where torch.compile works (eager otherwise).
 COMPILE_CHOICES = ("auto", "true", "false")
+
+# trainer.tta: the views a classifier's probabilities are averaged over at test time (tasks.classify).
+TTA_VIEWS = ("none", "flips", "dihedral")
 
 
 class ConfigError(ValueError):
@@ -242,6 +246,14 @@ class TrainerConfig:
     checkpoint's validation balanced accuracy, then applies it to the test tiles (and to ``evaluate``
     and ``stress`` of the run): balanced accuracy then no longer hinges on how the network's
     probabilities happen to be calibrated at the chosen epoch. ``metrics.json`` records it.
+
+    ``tta`` (classification): test-time augmentation of the chosen checkpoint. ``none`` (default)
+    predicts from the tile as it is; ``flips`` averages the class probabilities over the tile and its
+    horizontal, vertical and double flips (4 views); ``dihedral`` over those and their transposes (all
+    8 rotations and reflections). It applies to the chosen checkpoint's validation and test metrics,
+    to ``evaluate``, ``stress`` and the run's predictions; the validation of every epoch, which picks
+    the checkpoint, sees one view (so training, and the checkpoint chosen, do not depend on it).
+    Inference costs 4x or 8x.
     """
 
     max_epochs: int = 100
@@ -260,6 +272,7 @@ class TrainerConfig:
     threads: Optional[int] = None
     logger: Any = "csv"
     threshold: str = "argmax"
+    tta: str = "none"
 
 
 @dataclass
@@ -430,6 +443,10 @@ def _check_choices(cfg: DictConfig) -> None:
     choose("trainer.threshold", cfg.trainer.threshold, ("argmax", "val"))
     if cfg.trainer.threshold == "val" and cfg.task != "classification":
         raise ConfigError(f"trainer.threshold=val decides between two classes; task={cfg.task} has no class threshold")
+    choose("trainer.tta", cfg.trainer.tta, TTA_VIEWS)
+    if cfg.trainer.tta != "none" and cfg.task != "classification":
+        raise ConfigError(f"trainer.tta averages a classifier's probabilities over flipped tiles; task={cfg.task} has no such option "
+                          "(set trainer.tta=none)")
     if cfg.task != "classification" and cfg.data.balance != "none":
         raise ConfigError(f"data.balance={cfg.data.balance} applies to classification only (task: {cfg.task})")
     if cfg.data.epoch_size is not None:

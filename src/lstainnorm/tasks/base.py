@@ -46,8 +46,9 @@ class Task(Protocol):
 
     def loss(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor: ...
 
-    def predict(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """Inference output of ``model`` on a validation or test batch (e.g. sliding windows)."""
+    def predict(self, model: nn.Module, x: torch.Tensor, tta: bool = True) -> torch.Tensor:
+        """Inference output of ``model`` on a validation or test batch (e.g. sliding windows);
+        ``tta=False``: without the config's test-time augmentation (the per-epoch validation)."""
         ...
 
     def update(self, out: torch.Tensor, batch: dict) -> None:

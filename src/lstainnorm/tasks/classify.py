@@ -18,7 +18,26 @@ from ..files import atomic_write_bytes
 from .build import build_classifier
 from .loaders import centre_index, flips
 
-__all__ = ["ClassificationTask", "classification_metrics", "decide", "best_threshold", "in_cross_summary"]
+__all__ = ["ClassificationTask", "classification_metrics", "decide", "best_threshold", "in_cross_summary", "view_probs"]
+
+# The views of trainer.tta: flips of the last two dims; "dihedral" adds their transposes (square tiles).
+_FLIPS = (lambda x: x, lambda x: x.flip(-1), lambda x: x.flip(-2), lambda x: x.flip(-2).flip(-1))
+_VIEWS = {"none": _FLIPS[:1], "flips": _FLIPS, "dihedral": _FLIPS + tuple((lambda x, f=f: f(x.transpose(-1, -2))) for f in _FLIPS)}
+
+
+def view_probs(model: nn.Module, x: torch.Tensor, tta: str = "none") -> torch.Tensor:
+    """Class probabilities of ``model`` on tiles ``x`` of shape ``(B, C, H, W)``, averaged over the views
+    of ``tta`` (``none``: the tile as it is; ``flips``: 4 flips; ``dihedral``: the 8 rotations and
+    reflections, square tiles only). Returns ``(B, classes)`` float probabilities."""
+    if tta not in _VIEWS:
+        raise ValueError(f"tta must be one of {list(_VIEWS)}, got {tta!r}")
+    if tta == "dihedral" and x.shape[-1] != x.shape[-2]:
+        raise ValueError(f"tta='dihedral' transposes tiles, which needs square ones; got {tuple(x.shape[-2:])} (use tta='flips')")
+    views = _VIEWS[tta]
+    p = model(views[0](x)).float().softmax(-1)
+    for v in views[1:]:
+        p = p + model(v(x)).float().softmax(-1)
+    return p / len(views)
 
 
 def decide(probs: torch.Tensor, threshold: float | None = None) -> torch.Tensor:
@@ -112,8 +131,12 @@ class ClassificationTask:
         weight = None if self.weight is None else self.weight.to(out.device)
         return nn.functional.cross_entropy(out.float(), target, weight=weight)
 
-    def predict(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return model(x)
+    def predict(self, model: nn.Module, x: torch.Tensor, tta: bool = True) -> torch.Tensor:
+        """Logits; with ``trainer.tta`` (and ``tta``), the log of the probabilities averaged over its views."""
+        mode = self.cfg.trainer.tta
+        if not tta or mode == "none":
+            return model(x)
+        return view_probs(model, x, mode).clamp_min(1e-12).log()
 
     def update(self, out: torch.Tensor, batch: dict) -> None:
         m = self.val_metrics.to(out.device)

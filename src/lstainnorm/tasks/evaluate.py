@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
+from ..config import TTA_VIEWS
 from ..data.segmentation import SegmentationDataset, collate_segmentation, split_records
 from ..data.tiles import TileFolder, collate_tiles
 from ..runs import find_checkpoint, load_checkpoint, run_dir_of, write_json
@@ -133,17 +134,27 @@ def evaluate(
     out: str | Path | None = None,
     batch_size: int | None = None,
     progress: bool = True,
+    tta: str | None = None,
 ) -> dict:
     """Evaluate a trained run on ``data`` and write the result JSON.
 
     Classification: a class-folder tree or a manifest CSV (``split``, ``centres`` select from
-    it). Segmentation: a folder with ``images/`` and ``masks/`` (or MoNuSeg's layout).
+    it); ``tta`` (``none``, ``flips``, ``dihedral``) overrides the run's ``trainer.tta``.
+    Segmentation: a folder with ``images/`` and ``masks/`` (or MoNuSeg's layout).
     Unreadable images are skipped with a warning and listed in the result. The JSON goes to
-    ``out`` (default ``RUN_DIR/eval_<data name>-<hash of data, split, centres>.json``).
+    ``out`` (default ``RUN_DIR/eval_<data name>-<hash of data, split, centres>.json``, with
+    ``_tta-<views>`` where ``tta`` differs from the run's).
     """
     ckpt = find_checkpoint(run_or_ckpt)
     module = load_module(ckpt)
     cfg = module.cfg
+    own_tta = cfg.trainer.tta
+    if tta is not None:
+        if tta not in TTA_VIEWS:
+            raise ValueError(f"tta must be one of {list(TTA_VIEWS)}, got {tta!r}")
+        if tta != "none" and cfg.task != "classification":
+            raise ValueError(f"tta={tta!r} averages a classifier's probabilities; {run_or_ckpt} is a {cfg.task} run")
+        cfg.trainer.tta = tta
     data = Path(data)
     ds, collate, bs = evaluation_data(module, data, split=split, centres=centres, batch_size=batch_size)
     res = _test(module, ds, collate, bs, progress)
@@ -152,7 +163,9 @@ def evaluate(
     res["checkpoint"] = str(ckpt)
     res["data"] = str(data)
     res["skipped_files"] = sorted(module.skipped)
-    out = Path(out) if out else run_dir_of(ckpt) / (data_name("eval", data, split, centres) + ".json")
+    res["tta"] = cfg.trainer.tta
+    suffix = f"_tta-{cfg.trainer.tta}" if cfg.trainer.tta != own_tta else ""
+    out = Path(out) if out else run_dir_of(ckpt) / (data_name("eval", data, split, centres) + suffix + ".json")
     preds = res.pop("predictions", None)
     if preds is not None:
         res["predictions"] = str(write_predictions(out.with_name(out.stem + "_predictions.csv"), preds, ds, module.classes))

@@ -143,7 +143,8 @@ class StainNormModule(L.LightningModule):
         self._note_skipped(batch)
         if batch["image"].shape[0] == 0:
             return None
-        out = self.task.predict(self._model_for(batch), batch["image"])
+        # One view: the checkpoint is chosen without trainer.tta, so training does not depend on it.
+        out = self.task.predict(self._model_for(batch), batch["image"], tta=False)
         loss = self.task.loss(out, self.task.target(batch))
         self.log("val/loss", loss, on_step=False, on_epoch=True, prog_bar=False, batch_size=batch["image"].shape[0], sync_dist=True)
         self.task.update(out, batch)

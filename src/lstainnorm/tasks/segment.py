@@ -147,7 +147,7 @@ class SegmentationTask:
         out = out.float()
         return F.binary_cross_entropy_with_logits(out, target) + self.dice_loss(out, target)
 
-    def predict(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def predict(self, model: nn.Module, x: torch.Tensor, tta: bool = True) -> torch.Tensor:
         s = self.cfg.segmentation
         return sliding_window(model, x, s.window, s.overlap)
 

@@ -1,0 +1,129 @@
+"""trainer.tta: a classifier's probabilities averaged over flipped (and transposed) tiles at test time."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from lstainnorm.config import TTA_VIEWS, ConfigError, make_config
+from lstainnorm.tasks.classify import ClassificationTask, view_probs
+
+
+class _Corner(nn.Module):
+    """Logits from the top-left pixel: every flip or transpose changes them."""
+
+    def forward(self, x):
+        return torch.stack([x[:, 0, 0, 0], x[:, 1, 0, 0]], -1) * 3.0
+
+
+class _Pooled(nn.Module):
+    """Logits from the channel means: blind to flips and transposes."""
+
+    def forward(self, x):
+        return x.mean((-2, -1))[:, :2] * 3.0
+
+
+def _views(x):
+    flips = [x, x.flip(-1), x.flip(-2), x.flip(-2).flip(-1)]
+    return flips, flips + [f.transpose(-1, -2) for f in flips]
+
+
+def test_view_probs_average_the_views_probabilities():
+    torch.manual_seed(0)
+    x = torch.rand(5, 3, 6, 6)
+    m = _Corner()
+    flips, dihedral = _views(x)
+    assert torch.allclose(view_probs(m, x, "none"), m(x).softmax(-1))
+    assert torch.allclose(view_probs(m, x, "flips"), torch.stack([m(v).softmax(-1) for v in flips]).mean(0), atol=1e-6)
+    # The transposes of the 4 flips are the 4 other elements of the dihedral group.
+    assert torch.allclose(view_probs(m, x, "dihedral"), torch.stack([m(v).softmax(-1) for v in dihedral]).mean(0), atol=1e-6)
+    assert not torch.allclose(view_probs(m, x, "flips"), view_probs(m, x, "none"))
+    p = view_probs(m, x, "dihedral")
+    assert p.shape == (5, 2) and torch.allclose(p.sum(-1), torch.ones(5))
+    for mode in TTA_VIEWS:  # a model that cannot see the views: every mode is the plain prediction
+        assert torch.allclose(view_probs(_Pooled(), x, mode), _Pooled()(x).softmax(-1), atol=1e-6)
+
+
+def test_view_probs_errors():
+    with pytest.raises(ValueError, match="tta must be one of"):
+        view_probs(_Corner(), torch.rand(1, 3, 4, 4), "rot90")
+    with pytest.raises(ValueError, match="square"):
+        view_probs(_Corner(), torch.rand(1, 3, 4, 6), "dihedral")
+    assert view_probs(_Corner(), torch.rand(2, 3, 4, 6), "flips").shape == (2, 2)  # flips keep the shape
+
+
+def test_task_predict_uses_the_config_views_unless_told_not_to():
+    cfg, _ = make_config({}, ["trainer.tta=flips"])
+    task = ClassificationTask(cfg, ["a", "b"], ["A"])
+    x = torch.rand(4, 3, 8, 8)
+    m = _Corner()
+    assert torch.allclose(task.predict(m, x, tta=False), m(x))  # the per-epoch validation: one view
+    assert torch.allclose(task.predict(m, x).softmax(-1), view_probs(m, x, "flips"), atol=1e-6)
+
+
+def test_tta_config_errors():
+    with pytest.raises(ConfigError, match="trainer.tta"):
+        make_config({}, ["trainer.tta=rot90"])
+    with pytest.raises(ConfigError, match="trainer.tta"):
+        make_config({"task": "segmentation"}, ["trainer.tta=flips"])
+
+
+def test_cli_tta_choices_match_the_config():
+    from lstainnorm.cli import TTA_CHOICES
+
+    assert TTA_CHOICES == TTA_VIEWS
+
+
+@pytest.mark.slow
+def test_tta_changes_the_test_only_and_evaluate_reproduces_it(tmp_path):
+    """The same run with and without trainer.tta trains identically (the checkpoint is chosen on one view);
+    its test metrics are what ``evaluate --tta`` gives for the run trained without it."""
+    from lstainnorm.data.synthetic import write_synthetic
+    from lstainnorm.tasks.evaluate import evaluate
+    from lstainnorm.tasks.train import RUN_DIR_ENV, train
+
+    synth = tmp_path / "synth"
+    write_synthetic(synth, centres=2, per_class=8, size=32, seed=0, classes=2, workers=1, progress=False)
+    raw = {
+        "seed": 1, "postfix": "r",
+        "data": {"manifest": str(synth / "manifest.csv"), "train_centres": ["A"], "batch_size": 8, "split_seed": 0},
+        "norm": {"mode": "template", "templates": "auto"},
+        "model": {"backbone": "test_resnet"},
+        "trainer": {"max_epochs": 2, "accelerator": "cpu", "progress": False, "logger": "none", "monitor": "val/auroc"},
+    }
+    runs = {}
+    for mode in ("none", "dihedral"):
+        os.environ.pop(RUN_DIR_ENV, None)  # a run names its folder for DDP's other ranks here
+        cfg, notes = make_config({**raw, "output_path": str(tmp_path / mode)}, [f"trainer.tta={mode}"])
+        runs[mode] = train(cfg, notes)
+    plain, tta = (Path(runs[m]["run_dir"]) for m in ("none", "dihedral"))
+    assert (plain / "history.csv").read_text() == (tta / "history.csv").read_text()
+    a = torch.load(plain / "checkpoints" / "best.ckpt", weights_only=True)["state_dict"]
+    b = torch.load(tta / "checkpoints" / "best.ckpt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    again = evaluate(plain, synth / "manifest.csv", split="test", tta="dihedral", progress=False)
+    assert again["tta"] == "dihedral" and again["output"].endswith("_tta-dihedral.json")
+    for k in ("acc", "bal_acc", "auroc"):
+        assert again["overall"][k] == pytest.approx(runs["dihedral"]["test"]["overall"][k], abs=1e-6), k
+    assert json.loads(Path(again["output"]).read_text())["tta"] == "dihedral"
+    # ...and the views did change the test probabilities.
+    assert (plain / "test_predictions.csv").read_text() != (tta / "test_predictions.csv").read_text()
+    with pytest.raises(ValueError, match="tta must be one of"):
+        evaluate(plain, synth / "manifest.csv", split="test", tta="rot90", progress=False)
+
+    # benchmarks/tta_check.py scores the run without tta as the run with it reported.
+    import subprocess
+    import sys
+
+    records = tmp_path / "results.jsonl"
+    records.write_text(json.dumps({"method": "template", "seed": 1, "run_dir": str(plain)}) + "\n")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "tta_check.py"
+    out = subprocess.run([sys.executable, str(script), "--records", str(records), "--save", str(tmp_path / "probs")],
+                         capture_output=True, text=True, check=True).stdout
+    test_part = out[out.index("p1, test crops"):]
+    row = next(line for line in test_part.splitlines() if line.startswith("| template | dihedral |"))
+    assert float(row.split("|")[4]) == pytest.approx(runs["dihedral"]["test"]["overall"]["bal_acc"], abs=1e-3)
+    assert len(list((tmp_path / "probs").glob("*.json.gz"))) == 1
