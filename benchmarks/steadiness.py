@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lstainnorm.compare.stats import group_bootstrap, paired_t
+from lstainnorm.compare.stats import balanced_accuracy, counts_of, group_bootstrap, paired_t
 from lstainnorm.experiments.runner import mean_std
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -59,12 +59,7 @@ def argmax_bal_acc(folder: Path, r: dict) -> float | None:
     counts = _argmax_counts(folder, r)
     if counts is None:
         return None
-    per_class: dict[str, list[int]] = {}
-    for cells in counts.values():
-        for label, (right, total) in cells.items():
-            acc = per_class.setdefault(label, [0, 0])
-            acc[0], acc[1] = acc[0] + right, acc[1] + total
-    return float(np.mean([right / total for right, total in per_class.values()]))
+    return balanced_accuracy(counts)
 
 
 def _curve(folder: Path, r: dict, key: str = "val/bal_acc") -> list[float]:
@@ -114,13 +109,8 @@ def _argmax_counts(folder: Path, r: dict) -> dict[str, dict[str, list[int]]] | N
     with open(f, newline="") as fh:
         rows = list(csv.DictReader(fh))
     classes = [k[2:] for k in rows[0] if k.startswith("p_")]
-    out: dict[str, dict[str, list[int]]] = {}
-    for x in rows:
-        pred = max(classes, key=lambda c: float(x["p_" + c]))
-        cell = out.setdefault(x["group"] or x["path"], {}).setdefault(x["label"], [0, 0])
-        cell[0] += int(pred == x["label"])
-        cell[1] += 1
-    return out
+    preds = [max(classes, key=lambda c: float(x["p_" + c])) for x in rows]
+    return counts_of([x["label"] for x in rows], preds, [x["group"] or x["path"] for x in rows])
 
 
 def pairs(recipes: dict[str, Path], reference: str, protocol: str = "p1") -> str:

@@ -23,17 +23,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lstainnorm.compare.stats import balanced_accuracy, counts_of
+from lstainnorm.experiments.runner import markdown_table, mean_std
+from lstainnorm.tasks.classify import VIEW_COUNTS, decide, view_probs
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from suites.mitosis import PROTOCOL_SPECS  # noqa: E402
+from suites.mitosis import PROTOCOL_SPECS, paired_rows  # noqa: E402
 
 # compare's protocol (``A,B->C``) as the AMi-Br suite names it; records of either name table alike.
 _NAMES = {spec: name for name, spec in PROTOCOL_SPECS.items()}
-VIEWS = ("none", "flips", "dihedral")
+VIEWS = tuple(VIEW_COUNTS)
 
 
 def run_probs(run_dir: Path) -> dict:
     """``{split: {"label", "group", view: class-1 probabilities}}`` of the run's chosen checkpoint."""
-    from lstainnorm.tasks.classify import view_probs
     from lstainnorm.tasks.evaluate import load_module
     from lstainnorm.tasks.loaders import build_classification_data
 
@@ -45,16 +48,13 @@ def run_probs(run_dir: Path) -> dict:
     out: dict = {}
     for split in ("val", "test"):
         ds = getattr(data, split)
-        rec: dict = {"label": [], "group": [], **{v: [] for v in VIEWS}}
+        rec: dict = {"label": [], "group": [], **{v: [] for v in VIEW_COUNTS}}
         with torch.no_grad():
             for i0 in range(0, len(ds), 256):
                 items = [ds[i] for i in range(i0, min(len(ds), i0 + 256))]
-                x = torch.stack([it["image"] for it in items])
-                views = {"none": view_probs(module.model, x, "none"), "flips": view_probs(module.model, x, "flips")}
-                # The 8 rotations and reflections are the 4 flips of the tile and of its transpose.
-                views["dihedral"] = (views["flips"] + view_probs(module.model, x.transpose(-1, -2), "flips")) / 2
-                for v in VIEWS:
-                    rec[v] += [round(p, 5) for p in views[v][:, 1].tolist()]
+                per_view = view_probs(module.model, torch.stack([it["image"] for it in items]), "dihedral", per_view=True)
+                for v, n in VIEW_COUNTS.items():  # each mode averages a prefix of the 8 views
+                    rec[v] += [round(p, 5) for p in per_view[:n].mean(0)[:, 1].tolist()]
                 rec["label"] += [int(it["label"]) for it in items]
                 rec["group"] += [it["group"] or it["path"] for it in items]
         out[split] = rec
@@ -82,62 +82,39 @@ def collect(records: Path, save: Path) -> None:
         print(f"{name}: saved", flush=True)
 
 
-def _bal(p: np.ndarray, y: np.ndarray) -> float:
-    pred = (p >= 0.5).astype(int)  # argmax of two classes
-    return float(np.mean([np.mean(pred[y == c] == c) for c in (0, 1) if np.any(y == c)]))
+def _counts(r: dict, split: str, view: str) -> dict:
+    """``{slide: {class: [right, total]}}`` of the argmax decisions of one view."""
+    p = torch.tensor(r[split][view])
+    pred = decide(torch.stack([1 - p, p], 1))
+    return counts_of(r[split]["label"], pred.tolist(), r[split]["group"])
 
 
-def _counts(p: np.ndarray, y: np.ndarray, groups: list[str]) -> dict:
-    """``{slide: {class: [right, total]}}`` of argmax decisions: what the slide bootstrap resamples."""
-    out: dict = {}
-    for pi, yi, g in zip((p >= 0.5).astype(int), y, groups):
-        cell = out.setdefault(g, {}).setdefault(str(yi), [0, 0])
-        cell[0] += int(pi == yi)
-        cell[1] += 1
-    return out
-
-
-def pairs(counts: dict, view: str, refs: tuple[str, ...] = ("none", "template")) -> list[str]:
-    """Test balanced accuracy with ``view``: each method minus each of ``refs``, paired by seed (paired t
-    and a bootstrap over test slides, as the benchmark tables)."""
-    from lstainnorm.compare.stats import group_bootstrap, paired_t, verdict
-
+def pairs(sel: list[dict], view: str, refs: tuple[str, ...] = ("none", "template")) -> list[str]:
+    """Test balanced accuracy with ``view``: each method minus each of ``refs``, paired by seed (the
+    AMi-Br tables' paired t and slide bootstrap)."""
     out = []
-    for protocol in sorted({k[0] for k in counts}):
-        methods = sorted({k[1] for k in counts if k[0] == protocol})
-        out += [f"{protocol}, test crops, `tta: {view}`: balanced accuracy, method minus reference (paired by seed; slide bootstrap 2000 resamples)", "",
-                "| method | minus | difference | 95 % CI (paired t) | 95 % CI (slide bootstrap) | per seed | verdict |",
-                "|---|---|---|---|---|---|---|"]
+    for protocol in sorted({r["protocol"] for r in sel}):
+        recs = [r for r in sel if r["protocol"] == protocol]
+        methods = sorted({r["method"] for r in recs})
         for ref in refs:
-            if (protocol, ref) not in counts:
-                continue
-            for m in methods:
-                a, b = counts[(protocol, m)], counts[(protocol, ref)]
-                seeds = sorted(set(a) & set(b))
-                if m == ref or not seeds:
-                    continue
-                d = [a[s][1] - b[s][1] for s in seeds]
-                t = paired_t(d)
-                boot = group_bootstrap({s: a[s][0] for s in seeds}, {s: b[s][0] for s in seeds})
-                tci = f"[{t[1]:+.3f}, {t[2]:+.3f}]" if t else "-"
-                out.append(f"| {m} | {ref} | {np.mean(d):+.3f} | {tci} | [{boot[1]:+.3f}, {boot[2]:+.3f}] | "
-                           + " / ".join(f"{x:+.3f}" for x in d) + f" | {verdict(t[1:] if t else None, boot[1:], 'slides')} |")
-        out.append("")
+            rows = paired_rows(recs, methods, ref) if ref in methods else []
+            if rows:
+                out += [f"{protocol}, test crops, `tta: {view}`: balanced accuracy, each method minus `{ref}` (paired by seed; "
+                        "slide bootstrap 2000 resamples)", "",
+                        markdown_table(["method", "difference", "95 % CI (paired t)", "95 % CI (slide bootstrap)", "per seed", "verdict"], rows), ""]
     return out
 
 
 def tables(probs: Path, view: str = "dihedral") -> str:
     rows: dict = defaultdict(lambda: defaultdict(dict))
-    counts: dict = defaultdict(dict)
+    sel = []
     for f in sorted(probs.glob("*.json.gz")):
         r = json.loads(gzip.decompress(f.read_bytes()))
         for split in ("val", "test"):
-            y = np.array(r[split]["label"])
             for v in VIEWS:
-                rows[(r["protocol"], split)][(r["method"], v)][r["seed"]] = _bal(np.array(r[split][v]), y)
-        y = np.array(r["test"]["label"])
-        counts[(r["protocol"], r["method"])][r["seed"]] = (_counts(np.array(r["test"][view]), y, r["test"]["group"]),
-                                                          _bal(np.array(r["test"][view]), y))
+                rows[(r["protocol"], split)][(r["method"], v)][r["seed"]] = balanced_accuracy(_counts(r, split, v))
+        c = _counts(r, "test", view)
+        sel.append({"protocol": r["protocol"], "method": r["method"], "seed": r["seed"], "bal_acc": balanced_accuracy(c), "by_group": c})
     out = []
     for (protocol, split), by in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1] != "val")):
         out += [f"{protocol}, {split} crops: balanced accuracy (argmax) of the chosen checkpoint, per `trainer.tta`", "",
@@ -145,14 +122,13 @@ def tables(probs: Path, view: str = "dihedral") -> str:
                 "|---|---|---|---|---|---|"]
         for (method, v), seeds in sorted(by.items(), key=lambda kv: (kv[0][0], VIEWS.index(kv[0][1]))):
             s = sorted(seeds)
-            b = np.array([seeds[k] for k in s])
+            b = [seeds[k] for k in s]
             base = by[(method, "none")]
             d = np.array([seeds[k] - base[k] for k in s])
             diff = "-" if v == "none" else f"{d.mean():+.3f}; " + " / ".join(f"{x:+.3f}" for x in d)
-            sd = f" ± {b.std(ddof=1):.3f}" if len(b) > 1 else ""
-            out.append(f"| {method} | {v} | {len(b)} | {b.mean():.3f}{sd} | {diff} | " + " / ".join(f"{x:.3f}" for x in b) + " |")
+            out.append(f"| {method} | {v} | {len(b)} | {mean_std(b, digits=3)} | {diff} | " + " / ".join(f"{x:.3f}" for x in b) + " |")
         out.append("")
-    out += pairs(counts, view)
+    out += pairs(sel, view)
     return "\n".join(out).rstrip() + "\n"
 
 

@@ -195,6 +195,10 @@ def test_counts_by_group_reads_a_predictions_csv(tmp_path):
     p.write_text("path,centre,group,label,prediction,probability\n"
                  "a.png,x,s1,atypical,atypical,0.9\nb.png,x,s1,normal,atypical,0.6\nc.png,x,,normal,normal,0.8\n")
     assert counts_by_group(p) == {"s1": {"atypical": [1, 1], "normal": [0, 1]}, "c.png": {"normal": [1, 1]}}
+    from lstainnorm.compare.stats import balanced_accuracy, counts_of
+
+    assert counts_of([1, 0, 0], [1, 1, 0], ["s1", "s1", "c.png"]) == {"s1": {"1": [1, 1], "0": [0, 1]}, "c.png": {"0": [1, 1]}}
+    assert balanced_accuracy(counts_by_group(p)) == pytest.approx((1 / 1 + 1 / 2) / 2)  # atypical 1/1, normal 1/2
 
 
 @pytest.mark.heavy

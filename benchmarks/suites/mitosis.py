@@ -31,12 +31,12 @@ from lstainnorm.config import load_config
 from lstainnorm.files import atomic_write_bytes
 from lstainnorm.runs import RUN_DIR_ENV, write_json
 from lstainnorm.tasks.train import train
-from lstainnorm.compare.stats import BOOTSTRAP_SAMPLES, counts_by_group, group_bootstrap, verdict
+from lstainnorm.compare.stats import BOOTSTRAP_SAMPLES, counts_by_group, group_bootstrap, paired_t, verdict
 from suites.common import Job, engine_records, read_records
 from lstainnorm.experiments.runner import commits_line, markdown_table, mean_std, method_overrides, per_seed
 from suites.stress import stress_runs
 
-__all__ = ["mitosis_benchmark", "MITOSIS_METHODS", "COMBO", "choose_combo", "best_on_validation", "STAIN_AWARE", "PROTOCOLS", "slide_bootstrap", "counts_by_group", "protocol_tables", "stain_aware_tables", "both_directions_table", "suite_record", "load_suite_records", "PROTOCOL_SPECS"]
+__all__ = ["mitosis_benchmark", "MITOSIS_METHODS", "COMBO", "choose_combo", "best_on_validation", "STAIN_AWARE", "PROTOCOLS", "slide_bootstrap", "counts_by_group", "protocol_tables", "stain_aware_tables", "both_directions_table", "suite_record", "load_suite_records", "PROTOCOL_SPECS", "paired_rows"]
 
 MIDOG = ["midog21-hamamatsu-xr", "midog21-hamamatsu-s360", "midog21-aperio-cs2"]
 TUPAC = ["tupac16"]
@@ -136,9 +136,9 @@ def slide_bootstrap(
     return group_bootstrap(runs, ref, samples=samples, seed=seed)
 
 
-def _paired_rows(sel: Sequence[dict], methods: Sequence[str], reference: str) -> list[list]:
-    from scipy import stats
-
+def paired_rows(sel: Sequence[dict], methods: Sequence[str], reference: str) -> list[list]:
+    """Rows of the table of each method minus ``reference`` (records with ``method``, ``seed``,
+    ``bal_acc`` and ``by_group`` counts): difference, paired t and slide-bootstrap intervals, per seed, verdict."""
     ref = {d["seed"]: d for d in sel if d["method"] == reference}
     rows = []
     for method in methods:
@@ -148,10 +148,8 @@ def _paired_rows(sel: Sequence[dict], methods: Sequence[str], reference: str) ->
         if not own:
             continue
         diffs = [own[s]["bal_acc"] - ref[s]["bal_acc"] for s in sorted(own)]
-        t_ci = None
-        if len(diffs) > 1:
-            half = float(stats.t.ppf(0.975, len(diffs) - 1) * np.std(diffs, ddof=1) / np.sqrt(len(diffs)))
-            t_ci = (float(np.mean(diffs)) - half, float(np.mean(diffs)) + half)
+        t = paired_t(diffs)
+        t_ci = None if t is None else t[1:]
         d, lo, hi = slide_bootstrap({s: own[s]["by_group"] for s in own}, {s: ref[s]["by_group"] for s in own})
         rows.append([method, f"{d:+.3f}", "-" if t_ci is None else f"[{t_ci[0]:+.3f}, {t_ci[1]:+.3f}]",
                      f"[{lo:+.3f}, {hi:+.3f}]", " / ".join(f"{v:+.3f}" for v in diffs), verdict(t_ci, (lo, hi), groups="slides")])
@@ -198,7 +196,7 @@ def protocol_tables(sel: Sequence[dict], methods: Sequence[str], protocol: str) 
     text += "\n\nPer test domain, balanced accuracy / AUROC (mean over seeds):\n\n" + markdown_table(["method"] + domains, dom_rows)
     paired = {}
     for reference in ("lstainnorm", "template"):
-        prow = paired[reference] = _paired_rows(recs, methods, reference)
+        prow = paired[reference] = paired_rows(recs, methods, reference)
         if prow:
             text += (f"\n\nBalanced accuracy, each method minus `{reference}` (paired by seed; 95 % intervals: paired t over "
                      f"seeds, and a bootstrap of the seed-mean difference over test slides, {BOOTSTRAP_SAMPLES} resamples):\n\n")
@@ -217,7 +215,7 @@ def stain_aware_tables(recs: Sequence[dict], candidates: Sequence[str], best_aug
     text = ""
     verdicts = {"template": {r[0]: r[-1] for r in template_rows}}
     for reference, why in (("none", ""), ("macenko", ""), (best_aug, ", the augmentation with the best validation balanced accuracy")):
-        prow = _paired_rows(recs, candidates, reference) if reference else []
+        prow = paired_rows(recs, candidates, reference) if reference else []
         verdicts[reference] = {r[0]: r[-1] for r in prow}
         if prow:
             text += (f"\n\nThe stain-aware methods (and those pooling statistics per centre) minus `{reference}`{why} "
@@ -244,7 +242,7 @@ def both_directions_table(sel: Sequence[dict], methods: Sequence[str], combos: d
     if not all(recs.values()):
         return ""
     alias = {p: {**{m: m for m in methods}, COMBO: combos.get(p, "")} for p in P2}
-    paired = {(p, ref): {r[0]: r for r in _paired_rows(recs[p], [alias[p][m] for m in methods], ref)} for p in P2 for ref in ("none", "template")}
+    paired = {(p, ref): {r[0]: r for r in paired_rows(recs[p], [alias[p][m] for m in methods], ref)} for p in P2 for ref in ("none", "template")}
 
     def cell(p: str, m: str, ref: str) -> str:
         r = paired[(p, ref)].get(alias[p][m])

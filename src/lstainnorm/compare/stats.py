@@ -23,7 +23,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["paired_t", "group_bootstrap", "verdict", "power_line", "counts_by_group", "BOOTSTRAP_SAMPLES", "t_quantile"]
+__all__ = ["paired_t", "group_bootstrap", "verdict", "power_line", "counts_by_group", "counts_of", "balanced_accuracy",
+           "BOOTSTRAP_SAMPLES", "t_quantile"]
 
 BOOTSTRAP_SAMPLES = 2000
 
@@ -32,13 +33,26 @@ def counts_by_group(predictions: str | Path) -> dict[str, dict[str, list[int]]]:
     """``{group: {class: [right, total]}}`` from a run's ``test_predictions.csv`` (a row without a group
     is its own group): all that the balanced accuracy of any resampling of whole groups needs, small
     enough to keep in a comparison's records (which then need no run folder to be tabled again)."""
-    out: dict[str, dict[str, list[int]]] = {}
     with open(predictions, newline="") as fh:
-        for r in csv.DictReader(fh):
-            cell = out.setdefault(r["group"] or r["path"], {}).setdefault(r["label"], [0, 0])
-            cell[0] += int(r["label"] == r["prediction"])
-            cell[1] += 1
+        rows = list(csv.DictReader(fh))
+    return counts_of([r["label"] for r in rows], [r["prediction"] for r in rows], [r["group"] or r["path"] for r in rows])
+
+
+def counts_of(labels: Sequence[Any], predictions: Sequence[Any], groups: Sequence[str]) -> dict[str, dict[str, list[int]]]:
+    """``{group: {class: [right, total]}}`` of per-tile labels and decisions (classes as strings)."""
+    out: dict[str, dict[str, list[int]]] = {}
+    for y, pred, g in zip(labels, predictions, groups):
+        cell = out.setdefault(g, {}).setdefault(str(y), [0, 0])
+        cell[0] += int(str(y) == str(pred))
+        cell[1] += 1
     return out
+
+
+def balanced_accuracy(counts: Mapping[str, Mapping[str, Sequence[int]]]) -> float:
+    """Balanced accuracy of :func:`counts_of` counts, every group counted once."""
+    groups = sorted(counts)
+    classes = sorted({c for g in counts.values() for c in g})
+    return float(_balanced_accuracy(counts, groups, classes, np.ones((1, len(groups))))[0])
 
 
 def t_quantile(df: int, q: float = 0.975) -> float:

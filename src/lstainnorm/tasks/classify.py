@@ -18,26 +18,27 @@ from ..files import atomic_write_bytes
 from .build import build_classifier
 from .loaders import centre_index, flips
 
-__all__ = ["ClassificationTask", "classification_metrics", "decide", "best_threshold", "in_cross_summary", "view_probs"]
+__all__ = ["ClassificationTask", "classification_metrics", "decide", "best_threshold", "in_cross_summary", "view_probs", "VIEW_COUNTS"]
 
-# The views of trainer.tta: flips of the last two dims; "dihedral" adds their transposes (square tiles).
+# The views of trainer.tta, in an order whose prefixes are the modes: the tile, its 3 flips of the last two
+# dims ("flips": the first 4), then the transposes of those 4 ("dihedral": all 8 rotations and reflections).
 _FLIPS = (lambda x: x, lambda x: x.flip(-1), lambda x: x.flip(-2), lambda x: x.flip(-2).flip(-1))
-_VIEWS = {"none": _FLIPS[:1], "flips": _FLIPS, "dihedral": _FLIPS + tuple((lambda x, f=f: f(x.transpose(-1, -2))) for f in _FLIPS)}
+_VIEWS = _FLIPS + tuple((lambda x, f=f: f(x.transpose(-1, -2))) for f in _FLIPS)
+VIEW_COUNTS = {"none": 1, "flips": 4, "dihedral": 8}
 
 
-def view_probs(model: nn.Module, x: torch.Tensor, tta: str = "none") -> torch.Tensor:
+def view_probs(model: nn.Module, x: torch.Tensor, tta: str = "none", per_view: bool = False) -> torch.Tensor:
     """Class probabilities of ``model`` on tiles ``x`` of shape ``(B, C, H, W)``, averaged over the views
     of ``tta`` (``none``: the tile as it is; ``flips``: 4 flips; ``dihedral``: the 8 rotations and
-    reflections, square tiles only). Returns ``(B, classes)`` float probabilities."""
-    if tta not in _VIEWS:
-        raise ValueError(f"tta must be one of {list(_VIEWS)}, got {tta!r}")
+    reflections, square tiles only). Returns ``(B, classes)`` float probabilities; with ``per_view``,
+    ``(views, B, classes)`` unaveraged, in an order whose first 1 / 4 / 8 are ``none`` / ``flips`` /
+    ``dihedral`` (see :data:`VIEW_COUNTS`)."""
+    if tta not in VIEW_COUNTS:
+        raise ValueError(f"tta must be one of {list(VIEW_COUNTS)}, got {tta!r}")
     if tta == "dihedral" and x.shape[-1] != x.shape[-2]:
         raise ValueError(f"tta='dihedral' transposes tiles, which needs square ones; got {tuple(x.shape[-2:])} (use tta='flips')")
-    views = _VIEWS[tta]
-    p = model(views[0](x)).float().softmax(-1)
-    for v in views[1:]:
-        p = p + model(v(x)).float().softmax(-1)
-    return p / len(views)
+    p = torch.stack([model(v(x)).float().softmax(-1) for v in _VIEWS[: VIEW_COUNTS[tta]]])
+    return p if per_view else p.mean(0)
 
 
 def decide(probs: torch.Tensor, threshold: float | None = None) -> torch.Tensor:
