@@ -37,22 +37,25 @@ VIEWS = tuple(VIEW_COUNTS)
 
 def run_probs(run_dir: Path) -> dict:
     """``{split: {"label", "group", view: class-1 probabilities}}`` of the run's chosen checkpoint."""
+    from lstainnorm.data.tiles import stack_stats
     from lstainnorm.tasks.evaluate import load_module
+    from lstainnorm.tasks.group_stats import with_group_stats
     from lstainnorm.tasks.loaders import build_classification_data
 
     module = load_module(run_dir)
     cfg = module.cfg
-    if cfg.norm.stats_by:
-        raise ValueError(f"{run_dir}: norm.stats_by={cfg.norm.stats_by} pools statistics per batch of a centre; not supported here")
     data = build_classification_data(cfg, cfg.seed)
     out: dict = {}
     for split in ("val", "test"):
-        ds = getattr(data, split)
+        # norm.stats_by: each split's tiles carry their centre's statistics pooled over that split, as in the
+        # run; a centre's pooled mean and std do not change when its tiles are flipped or rotated.
+        ds = with_group_stats(getattr(data, split), module.norm, cfg.norm.stats_by, tissue=cfg.norm.tissue_stats)
         rec: dict = {"label": [], "group": [], **{v: [] for v in VIEW_COUNTS}}
         with torch.no_grad():
             for i0 in range(0, len(ds), 256):
                 items = [ds[i] for i in range(i0, min(len(ds), i0 + 256))]
-                per_view = view_probs(module.model, torch.stack([it["image"] for it in items]), "dihedral", per_view=True)
+                model = module.model_for({"stats": stack_stats(items)})
+                per_view = view_probs(model, torch.stack([it["image"] for it in items]), "dihedral", per_view=True)
                 for v, n in VIEW_COUNTS.items():  # each mode averages a prefix of the 8 views
                     rec[v] += [round(p, 5) for p in per_view[:n].mean(0)[:, 1].tolist()]
                 rec["label"] += [int(it["label"]) for it in items]
@@ -70,12 +73,8 @@ def collect(records: Path, save: Path) -> None:
         dst = save / f"{name}.json.gz"
         if dst.exists():
             continue
-        try:
-            rec = {"protocol": protocol, "method": r["method"], "seed": r["seed"], "run": Path(r["run_dir"]).name,
-                   **run_probs(Path(r["run_dir"]))}
-        except ValueError as err:  # norm.stats_by runs
-            print(f"{name}: skipped: {err}", flush=True)
-            continue
+        rec = {"protocol": protocol, "method": r["method"], "seed": r["seed"], "run": Path(r["run_dir"]).name,
+               **run_probs(Path(r["run_dir"]))}
         tmp = dst.with_suffix(".tmp")
         tmp.write_bytes(gzip.compress(json.dumps(rec).encode(), mtime=0))
         tmp.replace(dst)

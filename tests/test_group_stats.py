@@ -156,7 +156,7 @@ def test_train_and_evaluate_with_statistics_per_centre(amibr, tmp_path, monkeypa
     ds, collate, _ = evaluation_data(module, amibr, split="test")
     batch = collate([with_group_stats(ds, module.norm, "centre")[i] for i in range(6)])
     with torch.no_grad():
-        pooled_out, own_out = module._model_for(batch)(batch["image"]), module.model(batch["image"])
+        pooled_out, own_out = module.model_for(batch)(batch["image"]), module.model(batch["image"])
         expected = module.net(module.norm(batch["image"], stats=batch["stats"]["lab"]))
     assert torch.allclose(pooled_out, expected) and not torch.allclose(pooled_out, own_out)
     with pytest.warns(UserWarning, match="trained with norm.stats_by=centre"):

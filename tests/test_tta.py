@@ -131,3 +131,32 @@ def test_tta_changes_the_test_only_and_evaluate_reproduces_it(tmp_path):
     row = next(line for line in test_part.splitlines() if line.startswith("| template | dihedral |"))
     assert float(row.split("|")[4].split()[0]) == pytest.approx(runs["dihedral"]["test"]["overall"]["bal_acc"], abs=1e-3)
     assert len(list((tmp_path / "probs").glob("*.json.gz"))) == 1
+
+
+def test_tta_check_scores_pooled_statistics_runs_as_the_run_did(tmp_path):
+    """norm.stats_by runs: tta_check's views use each centre's pooled statistics, as the run's test did."""
+    import subprocess
+    import sys
+
+    from lstainnorm.data.synthetic import write_synthetic
+    from lstainnorm.tasks.train import RUN_DIR_ENV, train
+
+    synth = tmp_path / "synth"
+    write_synthetic(synth, centres=2, per_class=8, size=32, seed=0, classes=2, workers=1, progress=False)
+    os.environ.pop(RUN_DIR_ENV, None)
+    cfg, notes = make_config({
+        "seed": 2, "postfix": "c", "output_path": str(tmp_path / "runs"),
+        "data": {"manifest": str(synth / "manifest.csv"), "train_centres": ["A"], "batch_size": 8, "split_seed": 0},
+        "norm": {"mode": "template", "templates": "auto", "stats_by": "centre"},
+        "model": {"backbone": "test_resnet"},
+        "trainer": {"max_epochs": 1, "accelerator": "cpu", "progress": False, "logger": "none", "tta": "dihedral"},
+    })
+    res = train(cfg, notes)
+    records = tmp_path / "results.jsonl"
+    records.write_text(json.dumps({"method": "template@centre", "seed": 2, "run_dir": res["run_dir"]}) + "\n")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "tta_check.py"
+    out = subprocess.run([sys.executable, str(script), "--records", str(records), "--save", str(tmp_path / "probs")],
+                         capture_output=True, text=True, check=True).stdout
+    test_part = out[out.index("p1, test crops"):]
+    row = next(line for line in test_part.splitlines() if line.startswith("| template@centre | dihedral |"))
+    assert float(row.split("|")[4].split()[0]) == pytest.approx(res["test"]["overall"]["bal_acc"], abs=1e-3)

@@ -91,8 +91,8 @@ class StainNormModule(L.LightningModule):
             return self.norm(x)
         return self.norm(x, stats=stats if isinstance(self.norm, LStainNorm) else stats[self.norm.space.name])
 
-    def _model_for(self, batch: dict):
-        """The model as it runs on ``batch``: with the batch's pooled statistics (norm.stats_by) if it has them."""
+    def model_for(self, batch: dict):
+        """The model (a callable on images) as it runs on ``batch``: with the batch's pooled statistics (norm.stats_by) if it has them."""
         st = batch.get("stats")
         return self.model if st is None else (lambda x: self.net(self.normalize(x, st)))
 
@@ -127,7 +127,7 @@ class StainNormModule(L.LightningModule):
         x, target = self.task.augment_pair(x, batch, self.cfg.seed, self.current_epoch, batch_idx)
         if self.augment is not None:
             x = self.augment(x, seed=(self.cfg.seed, self.current_epoch, batch_idx))
-        out = self.net(x) if self.preprocess else self._model_for(batch)(x)
+        out = self.net(x) if self.preprocess else self.model_for(batch)(x)
         loss = self.task.loss(out, target)
         if not torch.isfinite(loss.detach()):
             # Stop before the optimiser writes NaN into every weight; checkpoints so far stay good.
@@ -144,7 +144,7 @@ class StainNormModule(L.LightningModule):
         if batch["image"].shape[0] == 0:
             return None
         # One view: the checkpoint is chosen without trainer.tta, so training does not depend on it.
-        out = self.task.predict(self._model_for(batch), batch["image"], tta=False)
+        out = self.task.predict(self.model_for(batch), batch["image"], tta=False)
         loss = self.task.loss(out, self.task.target(batch))
         self.log("val/loss", loss, on_step=False, on_epoch=True, prog_bar=False, batch_size=batch["image"].shape[0], sync_dist=True)
         self.task.update(out, batch)
@@ -157,7 +157,7 @@ class StainNormModule(L.LightningModule):
         self._note_skipped(batch)
         if batch["image"].shape[0] == 0:
             return None
-        out = self.task.predict(self._model_for(batch), batch["image"])
+        out = self.task.predict(self.model_for(batch), batch["image"])
         self.task.collect(out, batch)
 
     def on_test_epoch_start(self) -> None:
