@@ -9,6 +9,7 @@ view, mean ± std over seeds, validation first: the validation table chooses, th
 
     python benchmarks/tta_check.py --records benchmarks/results/steady/p1/results.jsonl --save benchmarks/results/steady/p1/tta_probs
     python benchmarks/tta_check.py --probs benchmarks/results/steady/p1/tta_probs        # tables only
+    python benchmarks/tta_check.py --probs DIR1 DIR2      # runs of several folders in one table
 """
 
 from __future__ import annotations
@@ -104,11 +105,27 @@ def pairs(sel: list[dict], view: str, refs: tuple[str, ...] = ("none", "template
     return out
 
 
-def tables(probs: Path, view: str = "dihedral") -> str:
+def load_probs(folders: list[Path]) -> list[dict]:
+    """The saved runs of ``folders``; a run saved in two of them counts once if its probabilities agree
+    (a rerun that reproduced it, e.g. on another commit), else it is an error."""
+    seen: dict = {}
+    for folder in folders:
+        for f in sorted(folder.glob("*.json.gz")):
+            r = json.loads(gzip.decompress(f.read_bytes()))
+            key = (r["protocol"], r["method"], r["seed"])
+            if key in seen:
+                # Saved to 5 decimals: a last-bit difference in a view average may round the other way.
+                if any(not np.allclose(seen[key][0][s][v], r[s][v], rtol=0, atol=2e-5) for s in ("val", "test") for v in VIEWS):
+                    raise SystemExit(f"{f}: {key} is also in {seen[key][1]} with other probabilities")
+                continue
+            seen[key] = (r, f)
+    return [r for r, _ in seen.values()]
+
+
+def tables(probs: Path | list[Path], view: str = "dihedral") -> str:
     rows: dict = defaultdict(lambda: defaultdict(dict))
     sel = []
-    for f in sorted(probs.glob("*.json.gz")):
-        r = json.loads(gzip.decompress(f.read_bytes()))
+    for r in load_probs(probs if isinstance(probs, list) else [probs]):
         for split in ("val", "test"):
             for v in VIEWS:
                 rows[(r["protocol"], split)][(r["method"], v)][r["seed"]] = balanced_accuracy(_counts(r, split, v))
@@ -136,14 +153,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--records", type=Path, help="results.jsonl whose runs (run_dir with checkpoints) to evaluate")
     ap.add_argument("--save", type=Path, help="with --records: where the probabilities go (resumable)")
-    ap.add_argument("--probs", type=Path, help="tables from saved probabilities only")
+    ap.add_argument("--probs", type=Path, nargs="+", help="tables from saved probabilities only (one or more folders)")
     ap.add_argument("--view", choices=VIEWS, default="dihedral", help="the views of the method-against-method table (default dihedral)")
     a = ap.parse_args()
     if a.records:
         if not a.save:
             ap.error("--records needs --save DIR")
         collect(a.records, a.save)
-    src = a.probs or a.save
+    src = a.probs or ([a.save] if a.save else None)
     if not src:
         ap.error("give --records with --save, or --probs")
     print(tables(src, a.view), end="")

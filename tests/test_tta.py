@@ -160,3 +160,24 @@ def test_tta_check_scores_pooled_statistics_runs_as_the_run_did(tmp_path):
     test_part = out[out.index("p1, test crops"):]
     row = next(line for line in test_part.splitlines() if line.startswith("| template@centre | dihedral |"))
     assert float(row.split("|")[4].split()[0]) == pytest.approx(res["test"]["overall"]["bal_acc"], abs=1e-3)
+
+
+def test_tta_check_counts_a_reproduced_run_once_and_refuses_a_different_one(tmp_path):
+    import gzip
+
+    import tta_check
+
+    def save(folder, test_p):
+        folder.mkdir(exist_ok=True)
+        rec = {"protocol": "p1", "method": "none", "seed": 0}
+        for split, p in (("val", [0.2, 0.7]), ("test", test_p)):
+            rec[split] = {"label": [0, 1], "group": ["a", "b"], **{v: p for v in VIEW_COUNTS}}
+        (folder / "p1_none_s0.json.gz").write_bytes(gzip.compress(json.dumps(rec).encode()))
+
+    save(tmp_path / "a", [0.1, 0.9])
+    save(tmp_path / "b", [0.1, 0.90001])  # the same run saved again (5 decimals; last bit rounded the other way)
+    save(tmp_path / "c", [0.6, 0.9])
+    assert len(tta_check.load_probs([tmp_path / "a", tmp_path / "b"])) == 1
+    assert "| none | dihedral | 1 |" in tta_check.tables([tmp_path / "a", tmp_path / "b"])
+    with pytest.raises(SystemExit, match="with other probabilities"):
+        tta_check.load_probs([tmp_path / "a", tmp_path / "c"])
