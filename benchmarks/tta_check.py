@@ -122,6 +122,33 @@ def load_probs(folders: list[Path]) -> list[dict]:
     return [r for r, _ in seen.values()]
 
 
+# The overview's row order: the reference, the layers, then the rest by name.
+_FIRST = ("none", "template", "template@centre", "lstainnorm", "lstainnorm@centre", "macenko")
+
+
+def overview(sel: list[dict], view: str) -> str:
+    """One table of every method and protocol: test balanced accuracy with ``view``, mean ± std over seeds,
+    and the difference from ``none`` on the same seeds with its verdict (paired t and slide bootstrap)."""
+    protocols = sorted({r["protocol"] for r in sel})
+    methods = sorted({r["method"] for r in sel}, key=lambda m: (_FIRST.index(m) if m in _FIRST else len(_FIRST), m))
+    rows = []
+    for m in methods:
+        row = [m]
+        for protocol in protocols:
+            recs = [r for r in sel if r["protocol"] == protocol]
+            own = sorted((r for r in recs if r["method"] == m), key=lambda r: r["seed"])
+            if not own:
+                row.append("-")
+                continue
+            cell = f"{mean_std([r['bal_acc'] for r in own], digits=3)} ({len(own)})"
+            vs = paired_rows(recs, [m], "none") if m != "none" and any(r["method"] == "none" for r in recs) else []
+            if vs:
+                cell += f"; {vs[0][1]} {vs[0][-1]}"
+            row.append(cell)
+        rows.append(row)
+    return markdown_table(["method", *protocols], rows)
+
+
 def tables(probs: Path | list[Path], view: str = "dihedral") -> str:
     rows: dict = defaultdict(lambda: defaultdict(dict))
     sel = []
@@ -131,7 +158,9 @@ def tables(probs: Path | list[Path], view: str = "dihedral") -> str:
                 rows[(r["protocol"], split)][(r["method"], v)][r["seed"]] = balanced_accuracy(_counts(r, split, v))
         c = _counts(r, "test", view)
         sel.append({"protocol": r["protocol"], "method": r["method"], "seed": r["seed"], "bal_acc": balanced_accuracy(c), "by_group": c})
-    out = []
+    out = [f"Test crops, `tta: {view}`: balanced accuracy (argmax), mean ± std over seeds (seeds); then the difference "
+           "from `none` on the same seeds and its verdict (resolved only when the paired t and the slide bootstrap "
+           "intervals both exclude 0; tables below)", "", overview(sel, view), ""]
     for (protocol, split), by in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1] != "val")):
         out += [f"{protocol}, {split} crops: balanced accuracy (argmax) of the chosen checkpoint, per `trainer.tta`", "",
                 "| method | tta | seeds | mean ± std over seeds | minus `tta: none` (mean; per seed) | per seed |",

@@ -181,3 +181,23 @@ def test_tta_check_counts_a_reproduced_run_once_and_refuses_a_different_one(tmp_
     assert "| none | dihedral | 1 |" in tta_check.tables([tmp_path / "a", tmp_path / "b"])
     with pytest.raises(SystemExit, match="with other probabilities"):
         tta_check.load_probs([tmp_path / "a", tmp_path / "c"])
+
+
+def test_tta_check_overview_has_every_method_and_protocol_against_none(tmp_path):
+    import gzip
+
+    import tta_check
+
+    for protocol in ("p1", "p2-x"):
+        for method, right in (("none", 1), ("template", 2)):
+            for seed in (0, 1, 2):
+                labels = [0, 0, 1, 1]
+                p = [0.1, 0.9, 0.9, 0.1] if right == 1 else [0.1, 0.1, 0.9, 0.9]  # template right on all 4 crops
+                rec = {"protocol": protocol, "method": method, "seed": seed,
+                       **{s: {"label": labels, "group": ["a", "b", "c", "d"], **{v: p for v in VIEW_COUNTS}} for s in ("val", "test")}}
+                (tmp_path / f"{protocol}_{method}_s{seed}.json.gz").write_bytes(gzip.compress(json.dumps(rec).encode()))
+    table = tta_check.tables([tmp_path])
+    lines = table.splitlines()[2:]
+    assert lines[0] == "| method | p1 | p2-x |"
+    assert lines[2].startswith("| none | 0.500 ± 0.000 (3) | 0.500 ± 0.000 (3) |")
+    assert lines[3].startswith("| template | 1.000 ± 0.000 (3); +0.500")
