@@ -173,3 +173,25 @@ def test_segmentation_bench_tables_only_pairs_against_template(tmp_path):
     assert "minus `lstainnorm`" not in res["text"]
     pairs = res["text"].split("each method minus `template` on the same seed:")[1]
     assert "| stain | +0.055 |" in pairs and "+0.050 / +0.060" in pairs
+
+
+def test_segmentation_bench_pairs_compare_records_with_an_image_bootstrap(tmp_path):
+    """Records of `lstainnorm compare` carry each test image's Dice: the paired table adds a bootstrap over
+    test images and gives a verdict only when it and the paired t both exclude 0."""
+    from suites.segmentation import segmentation_benchmark
+
+    config, out = tmp_path / "absent.yaml", tmp_path / "seg"
+    out.mkdir()
+    with open(out / "results.jsonl", "w") as f:
+        for method, base in (("none", 0.70), ("template", 0.75)):
+            for seed in (0, 1, 2):
+                groups = {f"img{i}": base + 0.01 * i + 0.002 * seed for i in range(6)}
+                d = sum(groups.values()) / len(groups)
+                f.write(json.dumps({"protocol": "split", "method": method, "seed": seed, "overrides": [f"norm.mode={method}"],
+                                    "metrics": {"dice": d, "iou": d - 0.1, "aji": d - 0.3, "pq": d - 0.4}, "groups": groups,
+                                    "per_centre": {"A": {"dice": d}}, "run_dir": "", "best_epoch": 30, "seconds": 60}) + "\n")
+    res = segmentation_benchmark(config, out, methods=["none", "template"], seeds=[0, 1, 2], progress=False, run_missing=False)
+    pairs = res["text"].split("each method minus `template` on the same seed:")[1]
+    assert "95 % CI (group bootstrap)" in pairs
+    row = next(line for line in pairs.splitlines() if line.startswith("| none |"))
+    assert "| -0.050 |" in row and "| worse |" in row

@@ -12,6 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
+from lstainnorm.compare.report import pair_rows, pair_table
 from lstainnorm.config import load_config
 from suites.common import Job, engine_records, finish
 from lstainnorm.experiments.runner import commits_line, markdown_table, mean_std, method_overrides, paired_table, per_seed
@@ -39,7 +40,18 @@ def suite_record(rec: dict) -> dict:
     m = rec.get("metrics", {})
     return {"method": rec["method"], "seed": rec["seed"], **{k: m.get(k) for k in ("dice", "iou", "aji", "pq")},
             "per_centre": rec.get("per_centre", {}), "run_dir": rec.get("run_dir"), "best_epoch": rec.get("best_epoch"),
-            "minutes": (rec.get("seconds") or float("nan")) / 60, "code": rec.get("code")}
+            "minutes": (rec.get("seconds") or float("nan")) / 60, "code": rec.get("code"), "groups": rec.get("groups")}
+
+
+def _paired(sel: Sequence[dict], methods: Sequence[str], reference: str) -> str:
+    """Each method minus ``reference`` on the same seeds. Records with each test image's Dice (``groups``)
+    get the comparison's table: paired t, a bootstrap over test images and a verdict only when both
+    exclude 0; older records the paired t alone."""
+    if not all(d.get("groups") for d in sel):
+        return paired_table(sel, "dice", reference=reference, digits=3)
+    recs = [{"protocol": "split", "method": d["method"], "seed": d["seed"], "metrics": {"dice": d["dice"]}, "groups": d["groups"]} for d in sel]
+    pairs = pair_rows(recs, "split", methods, reference, "dice")
+    return markdown_table(*pair_table(pairs)) if pairs else ""
 
 
 def segmentation_benchmark(
@@ -95,7 +107,7 @@ def segmentation_benchmark(
     )
     # Against the method and against the fixed template, where each has runs.
     for ref in ("lstainnorm", "template"):
-        paired = paired_table(sel, "dice", reference=ref, digits=3) if len(seeds) > 1 else ""
+        paired = _paired(sel, methods, ref) if len(seeds) > 1 else ""
         if paired:
             text += f"\n\nTest Dice, each method minus `{ref}` on the same seed:\n\n" + paired
     return finish(out, report, {"summary": summary, "runs": sel, "text": text}, load_config(config, list(overrides))[0].segmentation.root if stress else None, progress)

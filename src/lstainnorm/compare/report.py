@@ -82,7 +82,7 @@ def pair_rows(records: Sequence[dict], protocol: str, methods: Sequence[str], ba
     return out
 
 
-def _pair_table(pairs: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
+def pair_table(pairs: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
     header = ["method", "difference", "95 % CI (paired t)", "95 % CI (group bootstrap)", "per seed", "verdict", "resolvable with these seeds", "seeds for 1 point"]
     rows = [[p["method"], _fmt(p["diff"], sign=True),
              f"[{_fmt(p['t_low'], sign=True)}, {_fmt(p['t_high'], sign=True)}]" if p["t_low"] is not None else "-",
@@ -224,7 +224,7 @@ def write_report(records: Sequence[dict], failures: Sequence[dict], out: Path, p
             parts.append(f"Per test centre ({metric}, mean ± std over seeds):\n\n" + markdown_table(head, crow) + "\n")
         pr = pairs[p] = pair_rows(records, p, methods, baseline, metric)
         if pr:
-            h, prow = _pair_table(pr)
+            h, prow = pair_table(pr)
             parts.append(f"Each method minus `{baseline}`, paired by seed:\n\n" + markdown_table(h, prow) + "\n")
             parts.append("*resolvable with these seeds*: the smallest mean difference whose paired-t interval would exclude 0 "
                          "at the spread these seeds show; *seeds for 1 point*: how many seeds a difference of 0.01 would need.\n")
