@@ -140,7 +140,7 @@ def overview(sel: list[dict], view: str) -> str:
             if not own:
                 row.append("-")
                 continue
-            cell = f"{mean_std([r['bal_acc'] for r in own], digits=3)} ({len(own)})"
+            cell = mean_std([r["bal_acc"] for r in own], digits=3) + (f" ({len(own)})" if len(own) > 1 else "")  # one: "(1 seed)"
             vs = paired_rows(recs, [m], "none") if m != "none" and any(r["method"] == "none" for r in recs) else []
             if vs:
                 cell += f"; {vs[0][1]} {vs[0][-1]}"
