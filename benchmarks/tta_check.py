@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lstainnorm.compare.stats import balanced_accuracy, counts_of
+from lstainnorm.compare.stats import BOOTSTRAP_SAMPLES, balanced_accuracy, counts_of
 from lstainnorm.experiments.runner import markdown_table, mean_std
 from lstainnorm.tasks.classify import VIEW_COUNTS, decide, view_probs
 
@@ -89,19 +89,30 @@ def _counts(r: dict, split: str, view: str) -> dict:
     return counts_of(r[split]["label"], pred.tolist(), r[split]["group"])
 
 
-def pairs(sel: list[dict], view: str, refs: tuple[str, ...] = ("none", "template")) -> list[str]:
-    """Test balanced accuracy with ``view``: each method minus each of ``refs``, paired by seed (the
-    AMi-Br tables' paired t and slide bootstrap)."""
-    out = []
+REFS = ("none", "template")
+
+
+def paired(sel: list[dict]) -> dict[tuple[str, str], list[list]]:
+    """``{(protocol, reference): rows}``: each method minus each of :data:`REFS`, paired by seed (the AMi-Br
+    tables' paired t and slide bootstrap), computed once for the overview and the tables."""
+    out = {}
     for protocol in sorted({r["protocol"] for r in sel}):
         recs = [r for r in sel if r["protocol"] == protocol]
         methods = sorted({r["method"] for r in recs})
-        for ref in refs:
-            rows = paired_rows(recs, methods, ref) if ref in methods else []
-            if rows:
-                out += [f"{protocol}, test crops, `tta: {view}`: balanced accuracy, each method minus `{ref}` (paired by seed; "
-                        "slide bootstrap 2000 resamples)", "",
-                        markdown_table(["method", "difference", "95 % CI (paired t)", "95 % CI (slide bootstrap)", "per seed", "verdict"], rows), ""]
+        for ref in REFS:
+            if ref in methods:
+                out[(protocol, ref)] = paired_rows(recs, methods, ref)
+    return out
+
+
+def pairs(rows_by: dict[tuple[str, str], list[list]], view: str) -> list[str]:
+    """The tables of :func:`paired`, one per protocol and reference."""
+    out = []
+    for (protocol, ref), rows in rows_by.items():
+        if rows:
+            out += [f"{protocol}, test crops, `tta: {view}`: balanced accuracy, each method minus `{ref}` (paired by seed; "
+                    f"slide bootstrap {BOOTSTRAP_SAMPLES} resamples)", "",
+                    markdown_table(["method", "difference", "95 % CI (paired t)", "95 % CI (slide bootstrap)", "per seed", "verdict"], rows), ""]
     return out
 
 
@@ -126,24 +137,23 @@ def load_probs(folders: list[Path]) -> list[dict]:
 _FIRST = ("none", "template", "template@centre", "lstainnorm", "lstainnorm@centre", "macenko")
 
 
-def overview(sel: list[dict], view: str) -> str:
-    """One table of every method and protocol: test balanced accuracy with ``view``, mean ± std over seeds,
-    and the difference from ``none`` on the same seeds with its verdict (paired t and slide bootstrap)."""
+def overview(sel: list[dict], rows_by: dict[tuple[str, str], list[list]]) -> str:
+    """One table of every method and protocol: test balanced accuracy, mean ± std over seeds, and the
+    difference from ``none`` on the same seeds with its verdict (``rows_by``: :func:`paired`)."""
     protocols = sorted({r["protocol"] for r in sel})
     methods = sorted({r["method"] for r in sel}, key=lambda m: (_FIRST.index(m) if m in _FIRST else len(_FIRST), m))
     rows = []
     for m in methods:
         row = [m]
         for protocol in protocols:
-            recs = [r for r in sel if r["protocol"] == protocol]
-            own = sorted((r for r in recs if r["method"] == m), key=lambda r: r["seed"])
+            own = sorted((r for r in sel if r["protocol"] == protocol and r["method"] == m), key=lambda r: r["seed"])
             if not own:
                 row.append("-")
                 continue
             cell = mean_std([r["bal_acc"] for r in own], digits=3) + (f" ({len(own)})" if len(own) > 1 else "")  # one: "(1 seed)"
-            vs = paired_rows(recs, [m], "none") if m != "none" and any(r["method"] == "none" for r in recs) else []
+            vs = next((x for x in rows_by.get((protocol, "none"), []) if x[0] == m), None)
             if vs:
-                cell += f"; {vs[0][1]} {vs[0][-1]}"
+                cell += f"; {vs[1]} {vs[-1]}"
             row.append(cell)
         rows.append(row)
     return markdown_table(["method", *protocols], rows)
@@ -158,9 +168,10 @@ def tables(probs: Path | list[Path], view: str = "dihedral") -> str:
                 rows[(r["protocol"], split)][(r["method"], v)][r["seed"]] = balanced_accuracy(_counts(r, split, v))
         c = _counts(r, "test", view)
         sel.append({"protocol": r["protocol"], "method": r["method"], "seed": r["seed"], "bal_acc": balanced_accuracy(c), "by_group": c})
+    rows_by = paired(sel)
     out = [f"Test crops, `tta: {view}`: balanced accuracy (argmax), mean ± std over seeds (seeds); then the difference "
            "from `none` on the same seeds and its verdict (resolved only when the paired t and the slide bootstrap "
-           "intervals both exclude 0; tables below)", "", overview(sel, view), ""]
+           "intervals both exclude 0; tables below)", "", overview(sel, rows_by), ""]
     for (protocol, split), by in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1] != "val")):
         out += [f"{protocol}, {split} crops: balanced accuracy (argmax) of the chosen checkpoint, per `trainer.tta`", "",
                 "| method | tta | seeds | mean ± std over seeds | minus `tta: none` (mean; per seed) | per seed |",
@@ -173,7 +184,7 @@ def tables(probs: Path | list[Path], view: str = "dihedral") -> str:
             diff = "-" if v == "none" else f"{d.mean():+.3f}; " + " / ".join(f"{x:+.3f}" for x in d)
             out.append(f"| {method} | {v} | {len(b)} | {mean_std(b, digits=3)} | {diff} | " + " / ".join(f"{x:.3f}" for x in b) + " |")
         out.append("")
-    out += pairs(sel, view)
+    out += pairs(rows_by, view)
     return "\n".join(out).rstrip() + "\n"
 
 
