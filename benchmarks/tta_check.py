@@ -10,6 +10,10 @@ view, mean ± std over seeds, validation first: the validation table chooses, th
     python benchmarks/tta_check.py --records benchmarks/results/steady/p1/results.jsonl --save benchmarks/results/steady/p1/tta_probs
     python benchmarks/tta_check.py --probs benchmarks/results/steady/p1/tta_probs        # tables only
     python benchmarks/tta_check.py --probs DIR1 DIR2      # runs of several folders in one table
+
+A variant of a method (the same method trained with another setting, e.g. an ablation of the recipe) is
+saved under its own name with ``--label``: ``--records R --save D --label "no EMA"`` names its runs
+``lstainnorm (no EMA)``; ``--refs lstainnorm`` then pairs every row with the method as configured.
 """
 
 from __future__ import annotations
@@ -65,16 +69,19 @@ def run_probs(run_dir: Path) -> dict:
     return out
 
 
-def collect(records: Path, save: Path) -> None:
+def collect(records: Path, save: Path, label: str | None = None) -> None:
+    """Score every run of ``records`` and save its probabilities in ``save`` (resumable); with ``label``
+    each run's method is saved as ``METHOD (LABEL)``: a variant tabled beside the method itself."""
     save.mkdir(parents=True, exist_ok=True)
     for line in records.read_text().splitlines():
         r = json.loads(line)
         protocol = _NAMES.get(r.get("protocol", "p1"), r.get("protocol", "p1"))
-        name = f"{protocol}_{r['method']}_s{r['seed']}".replace("/", "_").replace(",", "+").replace(">", "")
+        method = f"{r['method']} ({label})" if label else r["method"]
+        name = f"{protocol}_{method}_s{r['seed']}".replace("/", "_").replace(",", "+").replace(">", "").replace(" ", "_")
         dst = save / f"{name}.json.gz"
         if dst.exists():
             continue
-        rec = {"protocol": protocol, "method": r["method"], "seed": r["seed"], "run": Path(r["run_dir"]).name,
+        rec = {"protocol": protocol, "method": method, "seed": r["seed"], "run": Path(r["run_dir"]).name,
                **run_probs(Path(r["run_dir"]))}
         tmp = dst.with_suffix(".tmp")
         tmp.write_bytes(gzip.compress(json.dumps(rec).encode(), mtime=0))
@@ -92,14 +99,14 @@ def _counts(r: dict, split: str, view: str) -> dict:
 REFS = ("none", "template")
 
 
-def paired(sel: list[dict]) -> dict[tuple[str, str], list[list]]:
-    """``{(protocol, reference): rows}``: each method minus each of :data:`REFS`, paired by seed (the AMi-Br
+def paired(sel: list[dict], refs: tuple[str, ...] = REFS) -> dict[tuple[str, str], list[list]]:
+    """``{(protocol, reference): rows}``: each method minus each of ``refs``, paired by seed (the AMi-Br
     tables' paired t and slide bootstrap), computed once for the overview and the tables."""
     out = {}
     for protocol in sorted({r["protocol"] for r in sel}):
         recs = [r for r in sel if r["protocol"] == protocol]
         methods = sorted({r["method"] for r in recs})
-        for ref in REFS:
+        for ref in refs:
             if ref in methods:
                 out[(protocol, ref)] = paired_rows(recs, methods, ref)
     return out
@@ -137,11 +144,12 @@ def load_probs(folders: list[Path]) -> list[dict]:
 _FIRST = ("none", "template", "template@centre", "lstainnorm", "lstainnorm@centre", "macenko")
 
 
-def overview(sel: list[dict], rows_by: dict[tuple[str, str], list[list]]) -> str:
+def overview(sel: list[dict], rows_by: dict[tuple[str, str], list[list]], ref: str = "none") -> str:
     """One table of every method and protocol: test balanced accuracy, mean ± std over seeds, and the
-    difference from ``none`` on the same seeds with its verdict (``rows_by``: :func:`paired`)."""
+    difference from ``ref`` on the same seeds with its verdict (``rows_by``: :func:`paired`)."""
     protocols = sorted({r["protocol"] for r in sel})
-    methods = sorted({r["method"] for r in sel}, key=lambda m: (_FIRST.index(m) if m in _FIRST else len(_FIRST), m))
+    first = (ref, *(m for m in _FIRST if m != ref))
+    methods = sorted({r["method"] for r in sel}, key=lambda m: (first.index(m) if m in first else len(first), m))
     rows = []
     for m in methods:
         row = [m]
@@ -151,7 +159,7 @@ def overview(sel: list[dict], rows_by: dict[tuple[str, str], list[list]]) -> str
                 row.append("-")
                 continue
             cell = mean_std([r["bal_acc"] for r in own], digits=3) + (f" ({len(own)})" if len(own) > 1 else "")  # one: "(1 seed)"
-            vs = next((x for x in rows_by.get((protocol, "none"), []) if x[0] == m), None)
+            vs = next((x for x in rows_by.get((protocol, ref), []) if x[0] == m), None)
             if vs:
                 cell += f"; {vs[1]} {vs[-1]}"
             row.append(cell)
@@ -159,7 +167,7 @@ def overview(sel: list[dict], rows_by: dict[tuple[str, str], list[list]]) -> str
     return markdown_table(["method", *protocols], rows)
 
 
-def tables(probs: Path | list[Path], view: str = "dihedral") -> str:
+def tables(probs: Path | list[Path], view: str = "dihedral", refs: tuple[str, ...] = REFS) -> str:
     rows: dict = defaultdict(lambda: defaultdict(dict))
     sel = []
     for r in load_probs(probs if isinstance(probs, list) else [probs]):
@@ -168,10 +176,10 @@ def tables(probs: Path | list[Path], view: str = "dihedral") -> str:
                 rows[(r["protocol"], split)][(r["method"], v)][r["seed"]] = balanced_accuracy(_counts(r, split, v))
         c = _counts(r, "test", view)
         sel.append({"protocol": r["protocol"], "method": r["method"], "seed": r["seed"], "bal_acc": balanced_accuracy(c), "by_group": c})
-    rows_by = paired(sel)
+    rows_by = paired(sel, refs)
     out = [f"Test crops, `tta: {view}`: balanced accuracy (argmax), mean ± std over seeds (seeds); then the difference "
-           "from `none` on the same seeds and its verdict (resolved only when the paired t and the slide bootstrap "
-           "intervals both exclude 0; tables below)", "", overview(sel, rows_by), ""]
+           f"from `{refs[0]}` on the same seeds and its verdict (resolved only when the paired t and the slide bootstrap "
+           "intervals both exclude 0; tables below)", "", overview(sel, rows_by, refs[0]), ""]
     for (protocol, split), by in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1] != "val")):
         out += [f"{protocol}, {split} crops: balanced accuracy (argmax) of the chosen checkpoint, per `trainer.tta`", "",
                 "| method | tta | seeds | mean ± std over seeds | minus `tta: none` (mean; per seed) | per seed |",
@@ -195,15 +203,20 @@ def main() -> None:
     ap.add_argument("--save", type=Path, help="with --records: where the probabilities go (resumable)")
     ap.add_argument("--probs", type=Path, nargs="+", help="tables from saved probabilities only (one or more folders)")
     ap.add_argument("--view", choices=VIEWS, default="dihedral", help="the views of the method-against-method table (default dihedral)")
+    ap.add_argument("--label", help="with --records: save each run's method as 'METHOD (LABEL)', a variant beside the method")
+    ap.add_argument("--refs", nargs="+", default=list(REFS), help="the methods every row is paired with; the first in the overview "
+                    "(default: none template)")
     a = ap.parse_args()
     if a.records:
         if not a.save:
             ap.error("--records needs --save DIR")
-        collect(a.records, a.save)
+        collect(a.records, a.save, a.label)
+    elif a.label:
+        ap.error("--label names the runs of --records")
     src = a.probs or ([a.save] if a.save else None)
     if not src:
         ap.error("give --records with --save, or --probs")
-    print(tables(src, a.view), end="")
+    print(tables(src, a.view, tuple(a.refs)), end="")
 
 
 if __name__ == "__main__":

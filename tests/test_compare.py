@@ -202,7 +202,7 @@ def test_paired_statistics_and_the_power_line():
     assert power_line([0.001, 0.002, 0.0015])[1] <= 3  # a steady difference: few seeds
     assert power_line([0.05]) == (None, None)
     assert verdict((0.01, 0.03), (0.005, 0.02)) == "better"
-    assert verdict((-0.01, 0.03), (0.005, 0.02)) == "not resolved (seeds disagree)"
+    assert verdict((-0.01, 0.03), (0.005, 0.02)) == "not resolved (the seeds' interval includes 0)"
     assert verdict((0.01, 0.03), (-0.005, 0.02)) == "not resolved"
     assert verdict(None, (-0.03, -0.01)) == "one seed only (below on the test groups)"
     assert verdict(None, (0.01, 0.03), groups="slides") == "one seed only (above on the slides)"

@@ -131,6 +131,14 @@ def test_tta_changes_the_test_only_and_evaluate_reproduces_it(tmp_path):
     row = next(line for line in test_part.splitlines() if line.startswith("| template | dihedral |"))
     assert float(row.split("|")[4].split()[0]) == pytest.approx(runs["dihedral"]["test"]["overall"]["bal_acc"], abs=1e-3)
     assert len(list((tmp_path / "probs").glob("*.json.gz"))) == 1
+    # The same run saved as a labelled variant and paired with the method itself: a difference of 0.
+    out = subprocess.run([sys.executable, str(script), "--records", str(records), "--save", str(tmp_path / "variant"),
+                          "--label", "no EMA"], capture_output=True, text=True, check=True).stdout
+    assert "| template (no EMA) | dihedral | 1 |" in out
+    out = subprocess.run([sys.executable, str(script), "--probs", str(tmp_path / "probs"), str(tmp_path / "variant"),
+                          "--refs", "template"], capture_output=True, text=True, check=True).stdout
+    assert "difference from `template`" in out
+    assert next(line for line in out.splitlines() if line.startswith("| template (no EMA) |")).split("|")[2].split("; ")[1].startswith("+0.000")
 
 
 def test_tta_check_scores_pooled_statistics_runs_as_the_run_did(tmp_path):

@@ -43,14 +43,13 @@ def suite_record(rec: dict) -> dict:
             "minutes": (rec.get("seconds") or float("nan")) / 60, "code": rec.get("code"), "groups": rec.get("groups")}
 
 
-def _paired(sel: Sequence[dict], methods: Sequence[str], reference: str) -> str:
-    """Each method minus ``reference`` on the same seeds. Records with each test image's Dice (``groups``)
-    get the comparison's table: paired t, a bootstrap over test images and a verdict only when both
-    exclude 0; older records the paired t alone."""
-    if not all(d.get("groups") for d in sel):
+def _paired(raw: Sequence[dict], sel: Sequence[dict], methods: Sequence[str], reference: str) -> str:
+    """Each method minus ``reference`` on the same seeds. Comparison records (``raw``) with each test
+    image's Dice (``groups``) get the comparison's table: paired t, a bootstrap over test images and a
+    verdict only when both exclude 0; older records (``sel``, flattened) the paired t alone."""
+    if not all(r.get("groups") and "metrics" in r for r in raw):
         return paired_table(sel, "dice", reference=reference, digits=3)
-    recs = [{"protocol": "split", "method": d["method"], "seed": d["seed"], "metrics": {"dice": d["dice"]}, "groups": d["groups"]} for d in sel]
-    pairs = pair_rows(recs, "split", methods, reference, "dice")
+    pairs = pair_rows(raw, "split", methods, reference, "dice")
     return markdown_table(*pair_table(pairs)) if pairs else ""
 
 
@@ -83,8 +82,9 @@ def segmentation_benchmark(
         return Job("split", method, seed, tuple(method_overrides(method, out / "cache", image) + list(overrides)))
 
     jobs = [job(m, s) for m in methods for s in seeds]
-    sel = [suite_record(r) for r in engine_records(Path(config), jobs, out, run_missing, workers, executor, executor_options,
-                                                   progress, overrides, records=records and Path(records))]
+    raw = engine_records(Path(config), jobs, out, run_missing, workers, executor, executor_options, progress, overrides,
+                         records=records and Path(records))
+    sel = [suite_record(r) for r in raw]
 
     rows, summary = [], {}
     centres = sorted({c for d in sel for c in d["per_centre"]})
@@ -107,7 +107,7 @@ def segmentation_benchmark(
     )
     # Against the method and against the fixed template, where each has runs.
     for ref in ("lstainnorm", "template"):
-        paired = _paired(sel, methods, ref) if len(seeds) > 1 else ""
+        paired = _paired(raw, sel, methods, ref) if len(seeds) > 1 else ""
         if paired:
             text += f"\n\nTest Dice, each method minus `{ref}` on the same seed:\n\n" + paired
     return finish(out, report, {"summary": summary, "runs": sel, "text": text}, load_config(config, list(overrides))[0].segmentation.root if stress else None, progress)

@@ -128,7 +128,7 @@ def verdict(t_ci: tuple[float, float] | None, boot: tuple[float, float] | None, 
             return "one seed only"
         return f"one seed only ({'above' if boot[0] > 0 else 'below'} on the {groups})"
     if t_ci[0] <= 0 <= t_ci[1]:
-        return "not resolved (seeds disagree)"
+        return "not resolved (the seeds' interval includes 0)"
     if boot is None:
         return "better (seeds only)" if t_ci[0] > 0 else "worse (seeds only)"
     if (t_ci[0] > 0) != (boot[0] > 0):
