@@ -70,7 +70,10 @@ def _curve(folder: Path, r: dict, key: str = "val/bal_acc") -> list[float]:
         return [float(x[key]) for x in csv.DictReader(fh) if x.get(key) not in (None, "")]
 
 
-def table(recipes: dict[str, Path], protocol: str = "p1") -> str:
+def table(recipes: dict[str, Path], protocol: str = "p1", curves_only: bool = False) -> str:
+    """Per recipe and method: the test scores as run, then the validation curves. ``curves_only``: the
+    curves alone (recipes whose runs were scored differently, e.g. with and without test-time views,
+    have no comparable "as run" column; ``tta_check.py`` scores them alike)."""
     rows = []
     for name, folder in recipes.items():
         recs = [r for r in _records(folder) if r["protocol"] == protocol]
@@ -97,6 +100,9 @@ def table(recipes: dict[str, Path], protocol: str = "p1") -> str:
                          " / ".join(str(r.get("best_epoch")) for r in rs), firsts])
     head = ["recipe", "method", "seeds", "test bal. acc. (mean ± std)", "the same runs decided by argmax", "per seed", "test AUROC (mean ± std)", "largest epoch-to-epoch fall of val. bal. acc. (median / max over seeds)",
             "largest move either way (median)", "best epoch per seed", "best in first fifth"]
+    if curves_only:
+        keep = [0, 1, 2, 7, 8, 9, 10]
+        head, rows = [head[i] for i in keep], [[r[i] for i in keep] for r in rows]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(str(v) for v in r) + " |" for r in rows]
     return "\n".join(out)
 
@@ -150,6 +156,7 @@ def main() -> None:
     ap.add_argument("--collect", nargs=2, metavar=("BENCH_OUT", "DEST"), help="copy a bench mitosis folder's records and histories")
     ap.add_argument("--reference", default="template")
     ap.add_argument("--protocol", action="append", default=[], help="p1 (default), p2-midog-to-tupac, p2-tupac-to-midog; repeatable")
+    ap.add_argument("--curves-only", action="store_true", help="the validation curves alone, no test scores nor pairs")
     a = ap.parse_args()
     if a.collect:
         collect(Path(a.collect[0]), Path(a.collect[1]))
@@ -159,9 +166,10 @@ def main() -> None:
         for i, p in enumerate(a.protocol or ["p1"]):
             if len(a.protocol) > 1:
                 print(("\n" if i else "") + f"{p}:\n")
-            print(table(recipes, p))
-            print()
-            print(pairs(recipes, a.reference, p))
+            print(table(recipes, p, a.curves_only))
+            if not a.curves_only:
+                print()
+                print(pairs(recipes, a.reference, p))
 
 
 if __name__ == "__main__":

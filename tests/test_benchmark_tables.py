@@ -64,3 +64,29 @@ def test_tables_of_committed_records_leave_outs_own_records_alone(tmp_path, caps
     assert "| template | 0.768 ± 0.006 |" in (tmp_path / "segmentation" / "segmentation.md").read_text()
     with pytest.raises(SystemExit, match="no such file"):
         main(["segmentation", "--tables-only", "--records", str(tmp_path / "absent.jsonl"), "--out", str(tmp_path)])
+
+
+def test_steadiness_curves_of_compare_records(tmp_path):
+    """steadiness.py reads compare records and their histories: the largest fall of validation balanced
+    accuracy after the first fifth, the best epochs, and how many peak in the first fifth."""
+    import json
+
+    import steadiness
+
+    folder = tmp_path / "recipe"
+    (folder / "histories").mkdir(parents=True)
+    curves = {0: [0.5, 0.9, 0.6, 0.7, 0.72, 0.8, 0.81, 0.79, 0.8, 0.82], 1: [0.5, 0.6, 0.65, 0.7, 0.7, 0.72, 0.74, 0.75, 0.76, 0.77]}
+    with open(folder / "results.jsonl", "w") as fh:
+        for seed, c in curves.items():
+            best = max(range(len(c)), key=c.__getitem__) + 1
+            fh.write(json.dumps({"protocol": "split", "method": "none", "seed": seed, "best_epoch": best,
+                                 "metrics": {"bal_acc": 0.7, "auroc": 0.8}, "val": {"bal_acc": max(c)}}) + "\n")
+            rows = "\n".join(f"{e + 1},{v}" for e, v in enumerate(c))
+            (folder / "histories" / f"p1_none_s{seed}.csv").write_text("epoch,val/bal_acc\n" + rows + "\n")
+    full = steadiness.table({"r": folder})
+    assert "test bal. acc." in full
+    out = steadiness.table({"r": folder}, curves_only=True)
+    assert "test" not in out.splitlines()[0]
+    row = out.splitlines()[2].split(" | ")
+    # Seed 0 falls 0.3 after its peak at epoch 2, seed 1 never falls: median 0.15, max 0.3.
+    assert row[3] == "0.150 / 0.300" and row[5] == "2 / 10" and row[6].rstrip(" |") == "1"
