@@ -70,7 +70,7 @@ def _curve(folder: Path, r: dict, key: str = "val/bal_acc") -> list[float]:
         return [float(x[key]) for x in csv.DictReader(fh) if x.get(key) not in (None, "")]
 
 
-def table(recipes: dict[str, Path], protocol: str = "p1", curves_only: bool = False) -> str:
+def table(recipes: dict[str, Path], protocol: str = "p1", curves_only: bool = False, methods: list[str] | None = None) -> str:
     """Per recipe and method: the test scores as run, then the validation curves. ``curves_only``: the
     curves alone (recipes whose runs were scored differently, e.g. with and without test-time views,
     have no comparable "as run" column; ``tta_check.py`` scores them alike)."""
@@ -78,6 +78,8 @@ def table(recipes: dict[str, Path], protocol: str = "p1", curves_only: bool = Fa
     for name, folder in recipes.items():
         recs = [r for r in _records(folder) if r["protocol"] == protocol]
         for m in dict.fromkeys(r["method"] for r in recs):
+            if methods and m not in methods:
+                continue
             rs = sorted((r for r in recs if r["method"] == m), key=lambda r: r["seed"])
             bal = [r["bal_acc"] for r in rs]
             falls, swings, firsts = [], [], 0
@@ -157,6 +159,7 @@ def main() -> None:
     ap.add_argument("--reference", default="template")
     ap.add_argument("--protocol", action="append", default=[], help="p1 (default), p2-midog-to-tupac, p2-tupac-to-midog; repeatable")
     ap.add_argument("--curves-only", action="store_true", help="the validation curves alone, no test scores nor pairs")
+    ap.add_argument("--method", action="append", default=[], help="only these methods' rows (repeatable; default all)")
     a = ap.parse_args()
     if a.collect:
         collect(Path(a.collect[0]), Path(a.collect[1]))
@@ -166,7 +169,7 @@ def main() -> None:
         for i, p in enumerate(a.protocol or ["p1"]):
             if len(a.protocol) > 1:
                 print(("\n" if i else "") + f"{p}:\n")
-            print(table(recipes, p, a.curves_only))
+            print(table(recipes, p, a.curves_only, a.method))
             if not a.curves_only:
                 print()
                 print(pairs(recipes, a.reference, p))

@@ -90,3 +90,4 @@ def test_steadiness_curves_of_compare_records(tmp_path):
     row = out.splitlines()[2].split(" | ")
     # Seed 0 falls 0.3 after its peak at epoch 2, seed 1 never falls: median 0.15, max 0.3.
     assert row[3] == "0.150 / 0.300" and row[5] == "2 / 10" and row[6].rstrip(" |") == "1"
+    assert len(steadiness.table({"r": folder}, methods=["template"]).splitlines()) == 2  # header only
