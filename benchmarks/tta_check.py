@@ -167,10 +167,13 @@ def overview(sel: list[dict], rows_by: dict[tuple[str, str], list[list]], ref: s
     return markdown_table(["method", *protocols], rows)
 
 
-def tables(probs: Path | list[Path], view: str = "dihedral", refs: tuple[str, ...] = REFS) -> str:
+def tables(probs: Path | list[Path], view: str = "dihedral", refs: tuple[str, ...] = REFS, methods: list[str] | None = None) -> str:
+    """The tables of the saved runs; ``methods``: only those methods and their labelled variants."""
     rows: dict = defaultdict(lambda: defaultdict(dict))
     sel = []
     for r in load_probs(probs if isinstance(probs, list) else [probs]):
+        if methods and r["method"].split(" (")[0] not in methods:
+            continue
         for split in ("val", "test"):
             for v in VIEWS:
                 rows[(r["protocol"], split)][(r["method"], v)][r["seed"]] = balanced_accuracy(_counts(r, split, v))
@@ -204,6 +207,7 @@ def main() -> None:
     ap.add_argument("--probs", type=Path, nargs="+", help="tables from saved probabilities only (one or more folders)")
     ap.add_argument("--view", choices=VIEWS, default="dihedral", help="the views of the method-against-method table (default dihedral)")
     ap.add_argument("--label", help="with --records: save each run's method as 'METHOD (LABEL)', a variant beside the method")
+    ap.add_argument("--method", action="append", default=[], help="only this method and its labelled variants (repeatable)")
     ap.add_argument("--refs", nargs="+", default=list(REFS), help="the methods every row is paired with; the first in the overview "
                     "(default: none template)")
     a = ap.parse_args()
@@ -216,7 +220,7 @@ def main() -> None:
     src = a.probs or ([a.save] if a.save else None)
     if not src:
         ap.error("give --records with --save, or --probs")
-    print(tables(src, a.view, tuple(a.refs)), end="")
+    print(tables(src, a.view, tuple(a.refs), a.method), end="")
 
 
 if __name__ == "__main__":

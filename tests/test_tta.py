@@ -139,6 +139,11 @@ def test_tta_changes_the_test_only_and_evaluate_reproduces_it(tmp_path):
                           "--refs", "template"], capture_output=True, text=True, check=True).stdout
     assert "difference from `template`" in out
     assert next(line for line in out.splitlines() if line.startswith("| template (no EMA) |")).split("|")[2].split("; ")[1].startswith("+0.000")
+    import tta_check
+
+    both = [tmp_path / "probs", tmp_path / "variant"]
+    assert "| template (no EMA) | dihedral |" in tta_check.tables(both, methods=["template"])  # a variant goes with its method
+    assert "| template (no EMA) |" not in tta_check.tables(both, methods=["none"])
 
 
 def test_tta_check_scores_pooled_statistics_runs_as_the_run_did(tmp_path):
