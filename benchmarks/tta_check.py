@@ -77,7 +77,7 @@ def collect(records: Path, save: Path, label: str | None = None) -> None:
         r = json.loads(line)
         protocol = _NAMES.get(r.get("protocol", "p1"), r.get("protocol", "p1"))
         method = f"{r['method']} ({label})" if label else r["method"]
-        name = f"{protocol}_{method}_s{r['seed']}".replace("/", "_").replace(",", "+").replace(">", "").replace(" ", "_")
+        name = f"{protocol}_{method}_s{r['seed']}".replace("/", "_").replace(",", "+").replace(">", "").replace(" ", "_").replace("(", "").replace(")", "")
         dst = save / f"{name}.json.gz"
         if dst.exists():
             continue
