@@ -81,7 +81,6 @@ def table(recipes: dict[str, Path], protocol: str = "p1", curves_only: bool = Fa
             if methods and m not in methods:
                 continue
             rs = sorted((r for r in recs if r["method"] == m), key=lambda r: r["seed"])
-            bal = [r["bal_acc"] for r in rs]
             falls, swings, firsts = [], [], 0
             for r in rs:
                 c = _curve(folder, r)
@@ -94,17 +93,19 @@ def table(recipes: dict[str, Path], protocol: str = "p1", curves_only: bool = Fa
                     swings.append(max(abs(b - a) for a, b in zip(tail, tail[1:])))
                 if r.get("best_epoch") is not None and r["best_epoch"] <= max(1, len(c)) / 5:
                     firsts += 1
-            am = [v for v in (argmax_bal_acc(folder, r) for r in rs) if v is not None]
-            rows.append([name, m, len(rs), mean_std(bal, digits=3), mean_std(am, digits=3) if am else "-",
-                         " / ".join(f"{v:.3f}" for v in bal), mean_std([r["auroc"] for r in rs], digits=3),
+            test = []
+            if not curves_only:  # the test columns (and the predictions read for argmax) only where shown
+                bal = [r["bal_acc"] for r in rs]
+                am = [v for v in (argmax_bal_acc(folder, r) for r in rs) if v is not None]
+                test = [mean_std(bal, digits=3), mean_std(am, digits=3) if am else "-", " / ".join(f"{v:.3f}" for v in bal),
+                        mean_std([r["auroc"] for r in rs], digits=3)]
+            rows.append([name, m, len(rs), *test,
                          f"{np.median(falls):.3f} / {max(falls):.3f}" if falls else "-",
                          f"{np.median(swings):.3f}" if swings else "-",
                          " / ".join(str(r.get("best_epoch")) for r in rs), firsts])
-    head = ["recipe", "method", "seeds", "test bal. acc. (mean ± std)", "the same runs decided by argmax", "per seed", "test AUROC (mean ± std)", "largest epoch-to-epoch fall of val. bal. acc. (median / max over seeds)",
+    test_head = [] if curves_only else ["test bal. acc. (mean ± std)", "the same runs decided by argmax", "per seed", "test AUROC (mean ± std)"]
+    head = ["recipe", "method", "seeds", *test_head, "largest epoch-to-epoch fall of val. bal. acc. (median / max over seeds)",
             "largest move either way (median)", "best epoch per seed", "best in first fifth"]
-    if curves_only:
-        keep = [0, 1, 2, 7, 8, 9, 10]
-        head, rows = [head[i] for i in keep], [[r[i] for i in keep] for r in rows]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(str(v) for v in r) + " |" for r in rows]
     return "\n".join(out)
 

@@ -69,6 +69,20 @@ def run_probs(run_dir: Path) -> dict:
     return out
 
 
+# A saved run's file name: its protocol, method and seed, without the characters of compare's protocols
+# (``A,B->C``) and of a variant's label.
+_FILE_NAME = str.maketrans({"/": "_", ",": "+", ">": None, " ": "_", "(": None, ")": None})
+
+
+def variant(method: str, label: str | None) -> str:
+    """The name a labelled variant of ``method`` is saved and tabled under (``base_method`` reverses it)."""
+    return f"{method} ({label})" if label else method
+
+
+def base_method(name: str) -> str:
+    return name.split(" (")[0]
+
+
 def collect(records: Path, save: Path, label: str | None = None) -> None:
     """Score every run of ``records`` and save its probabilities in ``save`` (resumable); with ``label``
     each run's method is saved as ``METHOD (LABEL)``: a variant tabled beside the method itself."""
@@ -76,8 +90,8 @@ def collect(records: Path, save: Path, label: str | None = None) -> None:
     for line in records.read_text().splitlines():
         r = json.loads(line)
         protocol = _NAMES.get(r.get("protocol", "p1"), r.get("protocol", "p1"))
-        method = f"{r['method']} ({label})" if label else r["method"]
-        name = f"{protocol}_{method}_s{r['seed']}".replace("/", "_").replace(",", "+").replace(">", "").replace(" ", "_").replace("(", "").replace(")", "")
+        method = variant(r["method"], label)
+        name = f"{protocol}_{method}_s{r['seed']}".translate(_FILE_NAME)
         dst = save / f"{name}.json.gz"
         if dst.exists():
             continue
@@ -172,7 +186,7 @@ def tables(probs: Path | list[Path], view: str = "dihedral", refs: tuple[str, ..
     rows: dict = defaultdict(lambda: defaultdict(dict))
     sel = []
     for r in load_probs(probs if isinstance(probs, list) else [probs]):
-        if methods and r["method"].split(" (")[0] not in methods:
+        if methods and base_method(r["method"]) not in methods:
             continue
         for split in ("val", "test"):
             for v in VIEWS:
