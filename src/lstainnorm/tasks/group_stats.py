@@ -31,7 +31,7 @@ def _key(item: dict, by: str) -> str:
     key = item.get(by)
     if not key:
         raise ValueError(f"norm.stats_by={by}: tile {item.get('path', '?')} has no {by} "
-                         f"(give the manifest's {by} column in data.columns, or folders per centre)")
+                         f"(tiles need a CSV manifest with a {by} column, data.columns naming it; a folder tree has none)")
     return str(key)
 
 
