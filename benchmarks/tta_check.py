@@ -11,6 +11,9 @@ view, mean ± std over seeds, validation first: the validation table chooses, th
     python benchmarks/tta_check.py --probs benchmarks/results/steady/p1/tta_probs        # tables only
     python benchmarks/tta_check.py --probs DIR1 DIR2      # runs of several folders in one table
 
+``--metric auroc``: the overview and the method-against-method tables in test AUROC instead (threshold-free:
+it ranks the crops, so unlike balanced accuracy it does not move with where argmax puts the decision).
+
 A variant of a method (the same method trained with another setting, e.g. an ablation of the recipe) is
 saved under its own name with ``--label``: ``--records R --save D --label "no EMA"`` names its runs
 ``lstainnorm (no EMA)``; ``--refs lstainnorm`` then pairs every row with the method as configured.
@@ -28,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lstainnorm.compare.stats import BOOTSTRAP_SAMPLES, balanced_accuracy, counts_of
+from lstainnorm.compare.stats import BOOTSTRAP_SAMPLES, Scores, auroc, balanced_accuracy, counts_of
 from lstainnorm.experiments.runner import markdown_table, mean_std
 from lstainnorm.tasks.classify import VIEW_COUNTS, decide, view_probs
 
@@ -111,9 +114,11 @@ def _counts(r: dict, split: str, view: str) -> dict:
 
 
 REFS = ("none", "template")
+# Each metric's name in the tables and what its slide bootstrap resamples (see paired_rows).
+METRICS = {"bal_acc": ("balanced accuracy", "by_group"), "auroc": ("AUROC", "scores")}
 
 
-def paired(sel: list[dict], refs: tuple[str, ...] = REFS) -> dict[tuple[str, str], list[list]]:
+def paired(sel: list[dict], refs: tuple[str, ...] = REFS, metric: str = "bal_acc") -> dict[tuple[str, str], list[list]]:
     """``{(protocol, reference): rows}``: each method minus each of ``refs``, paired by seed (the AMi-Br
     tables' paired t and slide bootstrap), computed once for the overview and the tables."""
     out = {}
@@ -122,16 +127,16 @@ def paired(sel: list[dict], refs: tuple[str, ...] = REFS) -> dict[tuple[str, str
         methods = sorted({r["method"] for r in recs})
         for ref in refs:
             if ref in methods:
-                out[(protocol, ref)] = paired_rows(recs, methods, ref)
+                out[(protocol, ref)] = paired_rows(recs, methods, ref, metric, METRICS[metric][1])
     return out
 
 
-def pairs(rows_by: dict[tuple[str, str], list[list]], view: str) -> list[str]:
+def pairs(rows_by: dict[tuple[str, str], list[list]], view: str, metric: str = "bal_acc") -> list[str]:
     """The tables of :func:`paired`, one per protocol and reference."""
     out = []
     for (protocol, ref), rows in rows_by.items():
         if rows:
-            out += [f"{protocol}, test crops, `tta: {view}`: balanced accuracy, each method minus `{ref}` (paired by seed; "
+            out += [f"{protocol}, test crops, `tta: {view}`: {METRICS[metric][0]}, each method minus `{ref}` (paired by seed; "
                     f"slide bootstrap {BOOTSTRAP_SAMPLES} resamples)", "",
                     markdown_table(["method", "difference", "95 % CI (paired t)", "95 % CI (slide bootstrap)", "per seed", "verdict"], rows), ""]
     return out
@@ -158,8 +163,8 @@ def load_probs(folders: list[Path]) -> list[dict]:
 _FIRST = ("none", "template", "template@centre", "lstainnorm", "lstainnorm@centre", "macenko")
 
 
-def overview(sel: list[dict], rows_by: dict[tuple[str, str], list[list]], ref: str = "none") -> str:
-    """One table of every method and protocol: test balanced accuracy, mean ± std over seeds, and the
+def overview(sel: list[dict], rows_by: dict[tuple[str, str], list[list]], ref: str = "none", metric: str = "bal_acc") -> str:
+    """One table of every method and protocol: the test ``metric``, mean ± std over seeds, and the
     difference from ``ref`` on the same seeds with its verdict (``rows_by``: :func:`paired`)."""
     protocols = sorted({r["protocol"] for r in sel})
     first = (ref, *(m for m in _FIRST if m != ref))
@@ -172,7 +177,7 @@ def overview(sel: list[dict], rows_by: dict[tuple[str, str], list[list]], ref: s
             if not own:
                 row.append("-")
                 continue
-            cell = mean_std([r["bal_acc"] for r in own], digits=3) + (f" ({len(own)})" if len(own) > 1 else "")  # one: "(1 seed)"
+            cell = mean_std([r[metric] for r in own], digits=3) + (f" ({len(own)})" if len(own) > 1 else "")  # one: "(1 seed)"
             vs = next((x for x in rows_by.get((protocol, ref), []) if x[0] == m), None)
             if vs:
                 cell += f"; {vs[1]} {vs[-1]}"
@@ -181,8 +186,11 @@ def overview(sel: list[dict], rows_by: dict[tuple[str, str], list[list]], ref: s
     return markdown_table(["method", *protocols], rows)
 
 
-def tables(probs: Path | list[Path], view: str = "dihedral", refs: tuple[str, ...] = REFS, methods: list[str] | None = None) -> str:
-    """The tables of the saved runs; ``methods``: only those methods and their labelled variants."""
+def tables(probs: Path | list[Path], view: str = "dihedral", refs: tuple[str, ...] = REFS, methods: list[str] | None = None,
+           metric: str = "bal_acc") -> str:
+    """The tables of the saved runs; ``methods``: only those methods and their labelled variants;
+    ``metric="auroc"``: the overview and the paired tables in test AUROC (the per-view tables are of
+    balanced accuracy)."""
     rows: dict = defaultdict(lambda: defaultdict(dict))
     sel = []
     for r in load_probs(probs if isinstance(probs, list) else [probs]):
@@ -192,11 +200,16 @@ def tables(probs: Path | list[Path], view: str = "dihedral", refs: tuple[str, ..
             for v in VIEWS:
                 rows[(r["protocol"], split)][(r["method"], v)][r["seed"]] = balanced_accuracy(_counts(r, split, v))
         c = _counts(r, "test", view)
-        sel.append({"protocol": r["protocol"], "method": r["method"], "seed": r["seed"], "bal_acc": balanced_accuracy(c), "by_group": c})
-    rows_by = paired(sel, refs)
-    out = [f"Test crops, `tta: {view}`: balanced accuracy (argmax), mean ± std over seeds (seeds); then the difference "
+        scores = Scores(r["test"]["label"], r["test"][view], r["test"]["group"])
+        sel.append({"protocol": r["protocol"], "method": r["method"], "seed": r["seed"], "bal_acc": balanced_accuracy(c), "by_group": c,
+                    "auroc": auroc(scores), "scores": scores})
+    rows_by = paired(sel, refs, metric)
+    name = "balanced accuracy (argmax)" if metric == "bal_acc" else "AUROC"
+    out = [f"Test crops, `tta: {view}`: {name}, mean ± std over seeds (seeds); then the difference "
            f"from `{refs[0]}` on the same seeds and its verdict (resolved only when the paired t and the slide bootstrap "
-           "intervals both exclude 0; tables below)", "", overview(sel, rows_by, refs[0]), ""]
+           "intervals both exclude 0; tables below)", "", overview(sel, rows_by, refs[0], metric), ""]
+    if metric == "auroc":
+        return "\n".join(out + pairs(rows_by, view, metric)).rstrip() + "\n"
     for (protocol, split), by in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1] != "val")):
         out += [f"{protocol}, {split} crops: balanced accuracy (argmax) of the chosen checkpoint, per `trainer.tta`", "",
                 "| method | tta | seeds | mean ± std over seeds | minus `tta: none` (mean; per seed) | per seed |",
@@ -222,6 +235,8 @@ def main() -> None:
     ap.add_argument("--view", choices=VIEWS, default="dihedral", help="the views of the method-against-method table (default dihedral)")
     ap.add_argument("--label", help="with --records: save each run's method as 'METHOD (LABEL)', a variant beside the method")
     ap.add_argument("--method", action="append", default=[], help="only this method and its labelled variants (repeatable)")
+    ap.add_argument("--metric", choices=tuple(METRICS), default="bal_acc",
+                    help="the overview's and the paired tables' test metric (default bal_acc; auroc: threshold-free)")
     ap.add_argument("--refs", nargs="+", default=list(REFS), help="the methods every row is paired with; the first in the overview "
                     "(default: none template)")
     a = ap.parse_args()
@@ -234,7 +249,7 @@ def main() -> None:
     src = a.probs or ([a.save] if a.save else None)
     if not src:
         ap.error("give --records with --save, or --probs")
-    print(tables(src, a.view, tuple(a.refs), a.method), end="")
+    print(tables(src, a.view, tuple(a.refs), a.method, a.metric), end="")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from PIL import Image
 from lstainnorm.compare import compare
 from lstainnorm.compare.engine import Job, job_command
 from lstainnorm.compare.protocols import expand_protocols
-from lstainnorm.compare.stats import group_bootstrap, paired_t, power_line, verdict
+from lstainnorm.compare.stats import Scores, _auroc, auroc, group_bootstrap, paired_t, power_line, verdict
 from lstainnorm.config import load_config, make_config
 from lstainnorm.data.synthetic import write_synthetic
 from lstainnorm.tasks.train import RUN_DIR_ENV
@@ -99,6 +99,36 @@ def test_leave_one_centre_out_two_methods_two_seeds_two_workers_end_to_end(three
     moved.write_text(moved.read_text().replace("batch_size: 8", "batch_size: 4"))
     with pytest.raises(ValueError, match="another -o"):
         compare(moved, out, methods=["none"], seeds=[0], train=False, progress=False)
+
+
+
+def _pairwise_auroc(y, p):
+    pos, neg = p[y == 1], p[y != 1]
+    return np.mean([(a > b) + 0.5 * (a == b) for a in pos for b in neg])
+
+
+def test_auroc_and_its_bootstrap_over_groups():
+    from torchmetrics.functional.classification import binary_auroc
+    import torch
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 60)
+    p = np.round(rng.random(60) * 0.5 + 0.4 * y, 2)  # rounded: ties within and across classes
+    groups = [f"slide{i % 7}" for i in range(60)]
+    s = Scores(y.tolist(), p.tolist(), groups)
+    assert auroc(s) == pytest.approx(_pairwise_auroc(y, p))
+    assert auroc(s) == pytest.approx(float(binary_auroc(torch.tensor(p), torch.tensor(y))), abs=1e-6)
+    # A resample's weights count each tile as often as its slide was drawn: the AUROC of the repeated tiles.
+    names = sorted(set(groups))
+    w = rng.integers(0, 3, (4, len(names))).astype(float)
+    for row in w:
+        rep = np.array([int(row[names.index(g)]) for g in groups])
+        assert _auroc(s, names, row[None])[0] == pytest.approx(_pairwise_auroc(np.repeat(y, rep), np.repeat(p, rep)))
+    assert auroc(Scores([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8], ["a"] * 4)) == pytest.approx(0.75)
+    # Bootstrap of the difference: a method that ranks every positive above every negative against chance.
+    perfect = Scores(y.tolist(), (y + 0.1 * p).tolist(), groups)
+    d, lo, hi = group_bootstrap({0: perfect, 1: perfect}, {0: s, 1: s})
+    assert d == pytest.approx(1 - auroc(s)) and 0 < lo <= d <= hi
 
 
 @pytest.mark.slow

@@ -214,3 +214,8 @@ def test_tta_check_overview_has_every_method_and_protocol_against_none(tmp_path)
     assert lines[0] == "| method | p1 | p2-x |"
     assert lines[2].startswith("| none | 0.500 ± 0.000 (3) | 0.500 ± 0.000 (3) |")
     assert lines[3].startswith("| template | 1.000 ± 0.000 (3); +0.500")
+    # The same runs in AUROC: template ranks every atypical crop first (1.0), none ranks them at chance (0.5).
+    table = tta_check.tables([tmp_path], metric="auroc")
+    assert "AUROC" in table.splitlines()[0] and "val crops" not in table  # the per-view tables are of balanced accuracy
+    assert "| none | 0.500 ± 0.000 (3) | 0.500 ± 0.000 (3) |" in table
+    assert "| template | 1.000 ± 0.000 (3); +0.500" in table

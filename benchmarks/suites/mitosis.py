@@ -123,22 +123,18 @@ def choose_combo(sel: Sequence[dict], protocol: str, seeds: Sequence[int], metho
 
 
 
-def slide_bootstrap(
-    runs: dict[int, dict[str, dict[str, list[int]]]],
-    ref: dict[int, dict[str, dict[str, list[int]]]],
-    samples: int = BOOTSTRAP_SAMPLES,
-    seed: int = 0,
-) -> tuple[float, float, float]:
+def slide_bootstrap(runs: dict, ref: dict, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> tuple[float, float, float]:
     """Difference of balanced accuracy (method minus reference, mean over the shared seeds) and its 95 %
     percentile interval from resampling test slides with replacement (the same slides for every seed
-    and both methods). ``runs``/``ref``: per seed, :func:`counts_by_group` of a run
-    (:func:`lstainnorm.compare.stats.group_bootstrap`, which ``lstainnorm compare`` uses too)."""
+    and both methods). ``runs``/``ref``: per seed, :func:`counts_by_group` of a run, or its ``Scores``
+    for AUROC (:func:`lstainnorm.compare.stats.group_bootstrap`, which ``lstainnorm compare`` uses too)."""
     return group_bootstrap(runs, ref, samples=samples, seed=seed)
 
 
-def paired_rows(sel: Sequence[dict], methods: Sequence[str], reference: str) -> list[list]:
-    """Rows of the table of each method minus ``reference`` (records with ``method``, ``seed``,
-    ``bal_acc`` and ``by_group`` counts): difference, paired t and slide-bootstrap intervals, per seed, verdict."""
+def paired_rows(sel: Sequence[dict], methods: Sequence[str], reference: str, metric: str = "bal_acc", data: str = "by_group") -> list[list]:
+    """Rows of the table of each method minus ``reference`` (records with ``method``, ``seed``, the
+    ``metric`` and what its slide bootstrap resamples, ``data``: ``by_group`` counts for balanced
+    accuracy, ``Scores`` for AUROC): difference, paired t and slide-bootstrap intervals, per seed, verdict."""
     ref = {d["seed"]: d for d in sel if d["method"] == reference}
     rows = []
     for method in methods:
@@ -147,10 +143,10 @@ def paired_rows(sel: Sequence[dict], methods: Sequence[str], reference: str) -> 
         own = {d["seed"]: d for d in sel if d["method"] == method and d["seed"] in ref}
         if not own:
             continue
-        diffs = [own[s]["bal_acc"] - ref[s]["bal_acc"] for s in sorted(own)]
+        diffs = [own[s][metric] - ref[s][metric] for s in sorted(own)]
         t = paired_t(diffs)
         t_ci = None if t is None else t[1:]
-        d, lo, hi = slide_bootstrap({s: own[s]["by_group"] for s in own}, {s: ref[s]["by_group"] for s in own})
+        d, lo, hi = slide_bootstrap({s: own[s][data] for s in own}, {s: ref[s][data] for s in own})
         rows.append([method, f"{d:+.3f}", "-" if t_ci is None else f"[{t_ci[0]:+.3f}, {t_ci[1]:+.3f}]",
                      f"[{lo:+.3f}, {hi:+.3f}]", " / ".join(f"{v:+.3f}" for v in diffs), verdict(t_ci, (lo, hi), groups="slides")])
     return rows

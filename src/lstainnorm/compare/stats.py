@@ -19,12 +19,12 @@ from __future__ import annotations
 import csv
 import math
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
 __all__ = ["paired_t", "group_bootstrap", "verdict", "power_line", "counts_by_group", "counts_of", "balanced_accuracy",
-           "BOOTSTRAP_SAMPLES", "t_quantile"]
+           "Scores", "auroc", "BOOTSTRAP_SAMPLES", "t_quantile"]
 
 BOOTSTRAP_SAMPLES = 2000
 
@@ -80,6 +80,41 @@ def _balanced_accuracy(counts: Mapping[str, Mapping[str, Sequence[int]]], groups
     return np.nanmean(per_class, axis=1)  # a class absent from a resample does not count
 
 
+class Scores(NamedTuple):
+    """Per-tile labels (1 the positive class, anything else negative), the positive class's scores and
+    each tile's group: what AUROC, and its bootstrap over whole groups, needs."""
+
+    labels: Sequence[int]
+    scores: Sequence[float]
+    groups: Sequence[str]
+
+
+def auroc(s: Scores) -> float:
+    """Area under the ROC curve (ties count half): threshold-free, so it does not move with the
+    decision rule that balanced accuracy depends on."""
+    groups = sorted(set(s.groups))
+    return float(_auroc(s, groups, np.ones((1, len(groups))))[0])
+
+
+def _auroc(s: Scores, groups: Sequence[str], weights: np.ndarray) -> np.ndarray:
+    """AUROC per row of group ``weights`` (each tile weighs its group's weight): the weighted
+    Mann-Whitney statistic, one sort for every resample."""
+    index = {g: i for i, g in enumerate(groups)}
+    p = np.asarray(s.scores, dtype=float)
+    order = np.argsort(p, kind="stable")
+    p = p[order]
+    pos = (np.asarray(s.labels) == 1)[order]
+    w = weights[:, np.array([index[g] for g in s.groups])[order]]  # (resamples, tiles), ascending score
+    w_neg = np.where(pos, 0.0, w)
+    cum = np.concatenate([np.zeros((len(w), 1)), np.cumsum(w_neg, axis=1)], axis=1)
+    _, first, size = np.unique(p, return_index=True, return_counts=True)  # blocks of tied scores
+    block = np.repeat(np.arange(len(first)), size)
+    lo, hi = first[block], first[block] + size[block]
+    beaten = cum[:, lo] + 0.5 * (cum[:, hi] - cum[:, lo])  # negatives below each tile; tied ones count half
+    with np.errstate(invalid="ignore", divide="ignore"):  # a resample without one class: nan, left out
+        return (np.where(pos, w, 0.0) * beaten).sum(1) / (np.where(pos, w, 0.0).sum(1) * w_neg.sum(1))
+
+
 def _mean_score(scores: Mapping[str, float], groups: Sequence[str], weights: np.ndarray) -> np.ndarray:
     v = np.array([scores.get(g, np.nan) for g in groups], dtype=float)
     present = ~np.isnan(v)
@@ -93,18 +128,22 @@ def group_bootstrap(runs: Mapping[int, Any], ref: Mapping[int, Any], samples: in
     and both methods).
 
     ``runs``/``ref``: per seed, either ``{group: {class: [right, total]}}`` (classification: the metric
-    is balanced accuracy) or ``{group: score}`` (e.g. segmentation: Dice per image, the metric is their mean).
+    is balanced accuracy), :class:`Scores` (the metric is AUROC) or ``{group: score}`` (e.g.
+    segmentation: Dice per image, the metric is their mean).
     """
     seeds = sorted(set(runs) & set(ref))
     if not seeds:
         raise ValueError("no seed with results of both methods")
     every = [runs[s] for s in seeds] + [ref[s] for s in seeds]
-    groups = sorted({g for c in every for g in c})
+    scored = isinstance(every[0], Scores)
+    groups = sorted({g for c in every for g in (c.groups if scored else c)})
     n = len(groups)
     rng = np.random.default_rng(seed)
     weights = np.vstack([np.ones(n), rng.multinomial(n, np.full(n, 1.0 / n), size=samples)])  # row 0: the data as it is
-    counted = isinstance(next(iter(every[0].values())), Mapping)
-    if counted:
+    if scored:
+        def metric(c):
+            return _auroc(c, groups, weights)
+    elif isinstance(next(iter(every[0].values())), Mapping):
         classes = sorted({k for c in every for g in c.values() for k in g})
 
         def metric(c):
