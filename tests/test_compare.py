@@ -131,6 +131,41 @@ def test_auroc_and_its_bootstrap_over_groups():
     assert d == pytest.approx(1 - auroc(s)) and 0 < lo <= d <= hi
 
 
+
+def test_a_two_class_comparison_pairs_auroc_too(tmp_path):
+    """Records of two-class runs carry each test tile's score; the report pairs the methods in AUROC
+    beside the headline metric (a method that ranks perfectly against one that does not)."""
+    from lstainnorm.compare.report import write_report
+    from lstainnorm.compare.stats import counts_of, scores_by_tile
+
+    csv_path = tmp_path / "test_predictions.csv"
+    csv_path.write_text("path,centre,group,label,prediction,probability,p_atypical,p_normal\n"
+                        "a.png,A,s1,atypical,atypical,0.9,0.9,0.1\nb.png,A,,normal,normal,0.7,0.3,0.7\n")
+    assert scores_by_tile(csv_path) == {"positive": "normal", "label": [0, 1], "score": [0.1, 0.7], "group": ["s1", "b.png"]}
+    three = tmp_path / "three.csv"
+    three.write_text("path,centre,group,label,prediction,probability,p_a,p_b,p_c\nx.png,A,s,a,a,0.5,0.5,0.3,0.2\n")
+    assert scores_by_tile(three) is None
+
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 40)
+    groups = [f"s{i % 8}" for i in range(40)]
+    records = []
+    for method, good in (("none", False), ("template", True)):
+        for seed in (0, 1, 2):
+            p = (0.6 * y + 0.3 * rng.random(40)) if good else rng.random(40)
+            pred = (p > 0.5).astype(int)
+            records.append({"protocol": "p", "method": method, "seed": seed, "minutes": 1.0,
+                            "metrics": {"bal_acc": float(np.mean([np.mean(pred[y == c] == c) for c in (0, 1)])), "auroc": 0.5},
+                            "groups": counts_of(y.tolist(), pred.tolist(), groups),
+                            "scores": {"positive": "1", "label": y.tolist(), "score": p.tolist(), "group": groups}})
+    text = write_report(records, [], tmp_path, ["p"], ["none", "template"], "none", plots=False)["text"]
+    auroc_part = text.split("The same pairs in AUROC")[1]
+    row = next(line for line in auroc_part.splitlines() if line.startswith("| template |"))
+    assert "better" in row and float(row.split("|")[2]) > 0.3  # ranks every tile right, against chance
+    without = [{k: v for k, v in r.items() if k != "scores"} for r in records]  # older records: no AUROC pairs
+    assert "The same pairs in AUROC" not in write_report(without, [], tmp_path, ["p"], ["none", "template"], "none", plots=False)["text"]
+
+
 @pytest.mark.slow
 def test_a_killed_run_resumes_and_a_failed_run_is_reported_then_retried(three_centres, tmp_path):
     out = tmp_path / "cmp"

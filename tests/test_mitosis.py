@@ -228,6 +228,9 @@ def test_bench_mitosis_end_to_end_on_synthetic_crops(amibr, tmp_path, monkeypatc
         rows = list(csv.DictReader(fh))
     assert len(rows) == 24 and all(r["group"].endswith("-003.tiff") for r in rows)  # the test slides
     assert {"p_atypical", "p_normal"} <= set(rows[0])
+    scores = [json.loads(line)["scores"] for line in (out / "results.jsonl").read_text().splitlines()]
+    assert all(s["positive"] == "normal" and len(s["score"]) == len(s["label"]) == len(s["group"]) for s in scores)
+    assert [s["label"] for s in scores][0] == [int(r["label"] == "normal") for r in rows]  # each test crop, for AUROC
     assert json.loads((out / "mitosis.json").read_text())["runs"][0]["method"] == "none"
     before = (out / "results.jsonl").read_text()
     mitosis_benchmark(config, amibr.parent, out, methods=["none", "lstainnorm"], seeds=[0],

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..files import atomic_write_bytes
 from ..experiments.runner import commits_line, markdown_table, mean_std
-from .stats import group_bootstrap, paired_t, power_line, verdict
+from .stats import Scores, auroc, group_bootstrap, paired_t, power_line, verdict
 
 __all__ = ["metric_of", "summary_rows", "pair_rows", "write_report"]
 
@@ -55,10 +55,19 @@ def summary_rows(records: Sequence[dict], protocol: str, methods: Sequence[str],
     return rows
 
 
+def _scores(r: dict) -> Scores | None:
+    s = r.get("scores")
+    return Scores(s["label"], s["score"], s["group"]) if s else None
+
+
 def pair_rows(records: Sequence[dict], protocol: str, methods: Sequence[str], baseline: str, metric: str) -> list[dict]:
     """Each method minus ``baseline`` on the same seeds: mean difference, paired-t and group-bootstrap
-    intervals, verdict, and the power line (smallest resolvable difference; seeds for one point)."""
+    intervals, verdict, and the power line (smallest resolvable difference; seeds for one point).
+    ``metric="auroc"``: from the records' per-tile scores (two-class runs), every seed's AUROC and its
+    bootstrap computed from the same scores."""
     sel = [r for r in records if r["protocol"] == protocol]
+    if metric == "auroc":
+        sel = [{**r, "metrics": {"auroc": auroc(sc)}, "groups": sc} for r in sel if (sc := _scores(r)) is not None]
     ref = {r["seed"]: r for r in sel if r["method"] == baseline}
     out = []
     for m in _methods(sel, methods):
@@ -229,6 +238,10 @@ def write_report(records: Sequence[dict], failures: Sequence[dict], out: Path, p
             parts.append("*resolvable with these seeds*: the smallest mean difference whose paired-t interval would exclude 0 "
                          "at the spread these seeds show; *seeds for 1 point*: how many seeds a difference of 0.01 would need.\n")
             pair_csv += [[p, *r] for r in prow]
+        if metric != "auroc" and (pa := pair_rows(records, p, methods, baseline, "auroc")):
+            h, prow = pair_table(pa)
+            parts.append(f"The same pairs in AUROC (threshold-free: how well each network ranks the tiles, which the decision "
+                         f"point that {metric} depends on does not move):\n\n" + markdown_table(h, prow) + "\n")
     if failures:
         parts.append("## Failed runs\n\n" + markdown_table(["protocol", "method", "seed", "exit code", "log"],
                                                       [[f["protocol"], f["method"], f["seed"], f["returncode"], f["log"]] for f in failures])

@@ -24,7 +24,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import numpy as np
 
 __all__ = ["paired_t", "group_bootstrap", "verdict", "power_line", "counts_by_group", "counts_of", "balanced_accuracy",
-           "Scores", "auroc", "BOOTSTRAP_SAMPLES", "t_quantile"]
+           "Scores", "auroc", "scores_by_tile", "BOOTSTRAP_SAMPLES", "t_quantile"]
 
 BOOTSTRAP_SAMPLES = 2000
 
@@ -36,6 +36,21 @@ def counts_by_group(predictions: str | Path) -> dict[str, dict[str, list[int]]]:
     with open(predictions, newline="") as fh:
         rows = list(csv.DictReader(fh))
     return counts_of([r["label"] for r in rows], [r["prediction"] for r in rows], [r["group"] or r["path"] for r in rows])
+
+
+def scores_by_tile(predictions: str | Path) -> dict[str, Any] | None:
+    """``{"positive", "label", "score", "group"}`` of a two-class run's ``test_predictions.csv``: each
+    tile's probability of the second class (4 decimals) and whether it is that class, for AUROC and its
+    group bootstrap (:class:`Scores`); None for more than two classes."""
+    with open(predictions, newline="") as fh:
+        reader = csv.DictReader(fh)
+        classes = [c[2:] for c in reader.fieldnames or [] if c.startswith("p_")]
+        rows = list(reader)
+    if len(classes) != 2:
+        return None
+    pos = classes[1]
+    return {"positive": pos, "label": [int(r["label"] == pos) for r in rows], "score": [round(float(r[f"p_{pos}"]), 4) for r in rows],
+            "group": [r["group"] or r["path"] for r in rows]}
 
 
 def counts_of(labels: Sequence[Any], predictions: Sequence[Any], groups: Sequence[str]) -> dict[str, dict[str, list[int]]]:
