@@ -101,7 +101,6 @@ def test_leave_one_centre_out_two_methods_two_seeds_two_workers_end_to_end(three
         compare(moved, out, methods=["none"], seeds=[0], train=False, progress=False)
 
 
-
 def _pairwise_auroc(y, p):
     pos, neg = p[y == 1], p[y != 1]
     return np.mean([(a > b) + 0.5 * (a == b) for a in pos for b in neg])
@@ -129,7 +128,6 @@ def test_auroc_and_its_bootstrap_over_groups():
     perfect = Scores(y.tolist(), (y + 0.1 * p).tolist(), groups)
     d, lo, hi = group_bootstrap({0: perfect, 1: perfect}, {0: s, 1: s})
     assert d == pytest.approx(1 - auroc(s)) and 0 < lo <= d <= hi
-
 
 
 def test_a_two_class_comparison_pairs_auroc_too(tmp_path):

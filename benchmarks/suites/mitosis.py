@@ -124,7 +124,7 @@ def choose_combo(sel: Sequence[dict], protocol: str, seeds: Sequence[int], metho
 
 
 def slide_bootstrap(runs: dict, ref: dict, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> tuple[float, float, float]:
-    """Difference of balanced accuracy (method minus reference, mean over the shared seeds) and its 95 %
+    """Difference of the metric (method minus reference, mean over the shared seeds) and its 95 %
     percentile interval from resampling test slides with replacement (the same slides for every seed
     and both methods). ``runs``/``ref``: per seed, :func:`counts_by_group` of a run, or its ``Scores``
     for AUROC (:func:`lstainnorm.compare.stats.group_bootstrap`, which ``lstainnorm compare`` uses too)."""

@@ -240,8 +240,8 @@ def write_report(records: Sequence[dict], failures: Sequence[dict], out: Path, p
             pair_csv += [[p, *r] for r in prow]
         if metric != "auroc" and (pa := pair_rows(records, p, methods, baseline, "auroc")):
             h, prow = pair_table(pa)
-            parts.append(f"The same pairs in AUROC (threshold-free: how well each network ranks the tiles, which the decision "
-                         f"point that {metric} depends on does not move):\n\n" + markdown_table(h, prow) + "\n")
+            parts.append(f"The same pairs in AUROC (threshold-free: how well each network ranks the tiles, whatever decision "
+                         f"point {metric} is measured at):\n\n" + markdown_table(h, prow) + "\n")
     if failures:
         parts.append("## Failed runs\n\n" + markdown_table(["protocol", "method", "seed", "exit code", "log"],
                                                       [[f["protocol"], f["method"], f["seed"], f["returncode"], f["log"]] for f in failures])

@@ -120,14 +120,14 @@ def _auroc(s: Scores, groups: Sequence[str], weights: np.ndarray) -> np.ndarray:
     p = p[order]
     pos = (np.asarray(s.labels) == 1)[order]
     w = weights[:, np.array([index[g] for g in s.groups])[order]]  # (resamples, tiles), ascending score
-    w_neg = np.where(pos, 0.0, w)
+    w_pos, w_neg = np.where(pos, w, 0.0), np.where(pos, 0.0, w)
     cum = np.concatenate([np.zeros((len(w), 1)), np.cumsum(w_neg, axis=1)], axis=1)
     _, first, size = np.unique(p, return_index=True, return_counts=True)  # blocks of tied scores
     block = np.repeat(np.arange(len(first)), size)
     lo, hi = first[block], first[block] + size[block]
     beaten = cum[:, lo] + 0.5 * (cum[:, hi] - cum[:, lo])  # negatives below each tile; tied ones count half
     with np.errstate(invalid="ignore", divide="ignore"):  # a resample without one class: nan, left out
-        return (np.where(pos, w, 0.0) * beaten).sum(1) / (np.where(pos, w, 0.0).sum(1) * w_neg.sum(1))
+        return (w_pos * beaten).sum(1) / (w_pos.sum(1) * w_neg.sum(1))
 
 
 def _mean_score(scores: Mapping[str, float], groups: Sequence[str], weights: np.ndarray) -> np.ndarray:
