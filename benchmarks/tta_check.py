@@ -202,7 +202,7 @@ def tables(probs: Path | list[Path], view: str = "dihedral", refs: tuple[str, ..
         c = _counts(r, "test", view)
         scores = Scores(r["test"]["label"], r["test"][view], r["test"]["group"])
         sel.append({"protocol": r["protocol"], "method": r["method"], "seed": r["seed"], "bal_acc": balanced_accuracy(c), "by_group": c,
-                    "auroc": auroc(scores), "scores": scores})
+                    "scores": scores, **({"auroc": auroc(scores)} if metric == "auroc" else {})})
     rows_by = paired(sel, refs, metric)
     name = "balanced accuracy (argmax)" if metric == "bal_acc" else "AUROC"
     out = [f"Test crops, `tta: {view}`: {name}, mean ± std over seeds (seeds); then the difference "

@@ -3,6 +3,8 @@ statistics with power lines, and the report (markdown, CSV, HTML with its figure
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import re
 import shutil
@@ -76,7 +78,8 @@ def test_leave_one_centre_out_two_methods_two_seeds_two_workers_end_to_end(three
         assert f"## {p}" in text
     assert "resolvable with these seeds" in text and "seeds for 1 point" in text
     pairs = (out / "pairs.csv").read_text().splitlines()
-    assert pairs[0].startswith("protocol,method,difference") and len(pairs) == 4
+    assert pairs[0].startswith("protocol,metric,method,difference") and len(pairs) == 7  # 3 protocols, in bal_acc and AUROC
+    assert sorted(line.split(",")[1] for line in pairs[1:]) == ["auroc"] * 3 + ["bal_acc"] * 3
     page = _Page()
     page.feed((out / "report.html").read_text())
     page.close()
@@ -160,6 +163,9 @@ def test_a_two_class_comparison_pairs_auroc_too(tmp_path):
     auroc_part = text.split("The same pairs in AUROC")[1]
     row = next(line for line in auroc_part.splitlines() if line.startswith("| template |"))
     assert "better" in row and float(row.split("|")[2]) > 0.3  # ranks every tile right, against chance
+    csv_rows = list(csv.DictReader((tmp_path / "pairs.csv").open()))  # both metrics' pairs, named
+    assert [(r["metric"], r["method"]) for r in csv_rows] == [("bal_acc", "template"), ("auroc", "template")]
+    assert csv_rows[1]["verdict"] == "better"
     without = [{k: v for k, v in r.items() if k != "scores"} for r in records]  # older records: no AUROC pairs
     assert "The same pairs in AUROC" not in write_report(without, [], tmp_path, ["p"], ["none", "template"], "none", plots=False)["text"]
 

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from ..executors import EXECUTORS, Command, run_commands, threads_per_worker
 from ..files import atomic_write_bytes
-from .stats import counts_by_group, scores_by_tile
+from .stats import summarise_predictions
 
 __all__ = ["Job", "EXECUTORS", "run_jobs", "load_records", "load_failures", "job_command", "record_of_run"]
 
@@ -102,8 +102,8 @@ def record_of_run(job: Job, run_dir: Path) -> dict[str, Any]:
         rec["norm_fallbacks"] = m["norm_fallbacks"]
     if m.get("test_predictions") and Path(m["test_predictions"]).is_file():
         rec["predictions"] = str(m["test_predictions"])
-        rec["groups"] = counts_by_group(m["test_predictions"])
-        if (scores := scores_by_tile(m["test_predictions"])) is not None:  # two classes: AUROC's pairs too
+        rec["groups"], scores = summarise_predictions(m["test_predictions"])
+        if scores is not None:  # two classes: AUROC's pairs too
             rec["scores"] = scores
     elif test.get("per_image"):
         rec["groups"] = {str(r.get("name", r.get("index"))): float(r["dice"]) for r in test["per_image"] if "dice" in r}

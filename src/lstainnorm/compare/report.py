@@ -237,9 +237,10 @@ def write_report(records: Sequence[dict], failures: Sequence[dict], out: Path, p
             parts.append(f"Each method minus `{baseline}`, paired by seed:\n\n" + markdown_table(h, prow) + "\n")
             parts.append("*resolvable with these seeds*: the smallest mean difference whose paired-t interval would exclude 0 "
                          "at the spread these seeds show; *seeds for 1 point*: how many seeds a difference of 0.01 would need.\n")
-            pair_csv += [[p, *r] for r in prow]
+            pair_csv += [[p, metric, *r] for r in prow]
         if metric != "auroc" and (pa := pair_rows(records, p, methods, baseline, "auroc")):
             h, prow = pair_table(pa)
+            pair_csv += [[p, "auroc", *r] for r in prow]
             parts.append(f"The same pairs in AUROC (threshold-free: how well each network ranks the tiles, whatever decision "
                          f"point {metric} is measured at):\n\n" + markdown_table(h, prow) + "\n")
     if failures:
@@ -249,7 +250,7 @@ def write_report(records: Sequence[dict], failures: Sequence[dict], out: Path, p
     text = "\n".join(parts)
     atomic_write_bytes(out / "compare.md", text.encode())
     _csv(out / "summary.csv", ["protocol", "method", metric, "auroc", "seeds", "per_seed", "best_epoch_per_seed", "minutes_per_run"], summary_csv)
-    _csv(out / "pairs.csv", ["protocol", "method", "difference", "t_ci", "bootstrap_ci", "per_seed", "verdict", "resolvable", "seeds_for_1pt"], pair_csv)
+    _csv(out / "pairs.csv", ["protocol", "metric", "method", "difference", "t_ci", "bootstrap_ci", "per_seed", "verdict", "resolvable", "seeds_for_1pt"], pair_csv)
     _csv(out / "runs.csv", ["protocol", "method", "seed", *sorted({k for r in records for k in r.get("metrics", {})}), "best_epoch", "run_dir"],
          [[r["protocol"], r["method"], r["seed"], *(r["metrics"].get(k) for k in sorted({k for x in records for k in x.get("metrics", {})})),
            r.get("best_epoch"), r.get("run_dir")] for r in records])

@@ -24,33 +24,42 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import numpy as np
 
 __all__ = ["paired_t", "group_bootstrap", "verdict", "power_line", "counts_by_group", "counts_of", "balanced_accuracy",
-           "Scores", "auroc", "scores_by_tile", "BOOTSTRAP_SAMPLES", "t_quantile"]
+           "Scores", "auroc", "scores_by_tile", "summarise_predictions", "BOOTSTRAP_SAMPLES", "t_quantile"]
 
 BOOTSTRAP_SAMPLES = 2000
+
+
+def _prediction_rows(predictions: str | Path) -> tuple[list[str], list[dict[str, str]]]:
+    with open(predictions, newline="") as fh:
+        reader = csv.DictReader(fh)
+        classes = [c[2:] for c in reader.fieldnames or [] if c.startswith("p_")]
+        return classes, list(reader)
 
 
 def counts_by_group(predictions: str | Path) -> dict[str, dict[str, list[int]]]:
     """``{group: {class: [right, total]}}`` from a run's ``test_predictions.csv`` (a row without a group
     is its own group): all that the balanced accuracy of any resampling of whole groups needs, small
     enough to keep in a comparison's records (which then need no run folder to be tabled again)."""
-    with open(predictions, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    return counts_of([r["label"] for r in rows], [r["prediction"] for r in rows], [r["group"] or r["path"] for r in rows])
+    return summarise_predictions(predictions)[0]
 
 
 def scores_by_tile(predictions: str | Path) -> dict[str, Any] | None:
     """``{"positive", "label", "score", "group"}`` of a two-class run's ``test_predictions.csv``: each
     tile's probability of the second class (4 decimals) and whether it is that class, for AUROC and its
     group bootstrap (:class:`Scores`); None for more than two classes."""
-    with open(predictions, newline="") as fh:
-        reader = csv.DictReader(fh)
-        classes = [c[2:] for c in reader.fieldnames or [] if c.startswith("p_")]
-        rows = list(reader)
+    return summarise_predictions(predictions)[1]
+
+
+def summarise_predictions(predictions: str | Path) -> tuple[dict[str, dict[str, list[int]]], dict[str, Any] | None]:
+    """:func:`counts_by_group` and :func:`scores_by_tile` of one ``test_predictions.csv``, read once."""
+    classes, rows = _prediction_rows(predictions)
+    groups = [r["group"] or r["path"] for r in rows]
+    counts = counts_of([r["label"] for r in rows], [r["prediction"] for r in rows], groups)
     if len(classes) != 2:
-        return None
+        return counts, None
     pos = classes[1]
-    return {"positive": pos, "label": [int(r["label"] == pos) for r in rows], "score": [round(float(r[f"p_{pos}"]), 4) for r in rows],
-            "group": [r["group"] or r["path"] for r in rows]}
+    return counts, {"positive": pos, "label": [int(r["label"] == pos) for r in rows],
+                    "score": [round(float(r[f"p_{pos}"]), 4) for r in rows], "group": groups}
 
 
 def counts_of(labels: Sequence[Any], predictions: Sequence[Any], groups: Sequence[str]) -> dict[str, dict[str, list[int]]]:
