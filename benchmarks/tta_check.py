@@ -227,7 +227,6 @@ def tables(probs: Path | list[Path], view: str = "dihedral", refs: tuple[str, ..
 
 
 def main() -> None:
-    torch.set_num_threads(1)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--records", type=Path, help="results.jsonl whose runs (run_dir with checkpoints) to evaluate")
     ap.add_argument("--save", type=Path, help="with --records: where the probabilities go (resumable)")
@@ -239,7 +238,9 @@ def main() -> None:
                     help="the overview's and the paired tables' test metric (default bal_acc; auroc: threshold-free)")
     ap.add_argument("--refs", nargs="+", default=list(REFS), help="the methods every row is paired with; the first in the overview "
                     "(default: none template)")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads for scoring runs (default 1: beside a training run)")
     a = ap.parse_args()
+    torch.set_num_threads(a.threads)
     if a.records:
         if not a.save:
             ap.error("--records needs --save DIR")
