@@ -29,13 +29,6 @@ __all__ = ["paired_t", "group_bootstrap", "verdict", "power_line", "counts_by_gr
 BOOTSTRAP_SAMPLES = 2000
 
 
-def _prediction_rows(predictions: str | Path) -> tuple[list[str], list[dict[str, str]]]:
-    with open(predictions, newline="") as fh:
-        reader = csv.DictReader(fh)
-        classes = [c[2:] for c in reader.fieldnames or [] if c.startswith("p_")]
-        return classes, list(reader)
-
-
 def counts_by_group(predictions: str | Path) -> dict[str, dict[str, list[int]]]:
     """``{group: {class: [right, total]}}`` from a run's ``test_predictions.csv`` (a row without a group
     is its own group): all that the balanced accuracy of any resampling of whole groups needs, small
@@ -52,7 +45,10 @@ def scores_by_tile(predictions: str | Path) -> dict[str, Any] | None:
 
 def summarise_predictions(predictions: str | Path) -> tuple[dict[str, dict[str, list[int]]], dict[str, Any] | None]:
     """:func:`counts_by_group` and :func:`scores_by_tile` of one ``test_predictions.csv``, read once."""
-    classes, rows = _prediction_rows(predictions)
+    with open(predictions, newline="") as fh:
+        reader = csv.DictReader(fh)
+        classes = [c[2:] for c in reader.fieldnames or [] if c.startswith("p_")]
+        rows = list(reader)
     groups = [r["group"] or r["path"] for r in rows]
     counts = counts_of([r["label"] for r in rows], [r["prediction"] for r in rows], groups)
     if len(classes) != 2:
