@@ -24,11 +24,18 @@ from lstainnorm.compare.stats import balanced_accuracy, counts_of, group_bootstr
 from lstainnorm.experiments.runner import mean_std
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from suites.mitosis import load_suite_records  # noqa: E402
+from suites.common import read_records  # noqa: E402
+from suites.mitosis import load_suite_records, suite_record  # noqa: E402
 
 
 def _name(r: dict) -> str:
     return f"{r['protocol']}_{r['method']}_s{r['seed']}.csv"
+
+
+def _file_name(raw: dict) -> str:
+    """A raw record's file name: AMi-Br runs by the suite's protocol names (``p1``...), a segmentation
+    run by its own protocol (``split``), which is not AMi-Br's P1."""
+    return _name(raw if "dice" in raw.get("metrics", {}) else suite_record(raw))
 
 
 def _records(folder: Path) -> list[dict]:
@@ -45,10 +52,10 @@ def collect(src: Path, dest: Path) -> None:
     (dest / "histories").mkdir(parents=True, exist_ok=True)
     (dest / "predictions").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(results, dest / "results.jsonl")
-    for r in _records(dest):
+    for r in read_records(dest / "results.jsonl"):
         for src_file, sub in ((Path(r["run_dir"]) / "history.csv", "histories"), (Path(r["run_dir"]) / "test_predictions.csv", "predictions")):
             if src_file.is_file():
-                shutil.copyfile(src_file, dest / sub / _name(r))
+                shutil.copyfile(src_file, dest / sub / _file_name(r))
     failures = results.parent / "failures.jsonl"
     if failures.is_file():
         shutil.copyfile(failures, dest / "failures.jsonl")

@@ -91,3 +91,27 @@ def test_steadiness_curves_of_compare_records(tmp_path):
     # Seed 0 falls 0.3 after its peak at epoch 2, seed 1 never falls: median 0.15, max 0.3.
     assert row[3] == "0.150 / 0.300" and row[5] == "2 / 10" and row[6].rstrip(" |") == "1"
     assert len(steadiness.table({"r": folder}, methods=["template"]).splitlines()) == 2  # header only
+
+
+def test_steadiness_collect_names_files_by_task(tmp_path):
+    """--collect copies each run's history and predictions: an AMi-Br run under the suite's protocol name
+    (split -> p1), a segmentation run under its own (split), and never a checkpoint."""
+    import json
+
+    import steadiness
+
+    src = tmp_path / "out"
+    src.mkdir()
+    recs = [({"bal_acc": 0.7}, "cls"), ({"dice": 0.7}, "seg")]
+    with open(src / "results.jsonl", "w") as fh:
+        for metrics, name in recs:
+            run = src / "runs" / name
+            (run / "checkpoints").mkdir(parents=True)
+            (run / "history.csv").write_text(f"epoch,{name}\n1,0.5\n")
+            (run / "test_predictions.csv").write_text("tile\n")
+            (run / "checkpoints" / "best.ckpt").write_bytes(b"x")
+            fh.write(json.dumps({"protocol": "split", "method": name, "seed": 0, "metrics": metrics, "run_dir": str(run)}) + "\n")
+    steadiness.collect(src, tmp_path / "dest")
+    assert sorted(p.name for p in (tmp_path / "dest" / "histories").iterdir()) == ["p1_cls_s0.csv", "split_seg_s0.csv"]
+    assert (tmp_path / "dest" / "predictions" / "split_seg_s0.csv").is_file()
+    assert not list((tmp_path / "dest").rglob("*.ckpt"))
