@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -192,6 +193,7 @@ def test_a_killed_run_resumes_and_a_failed_run_is_reported_then_retried(three_ce
                   retry_failed=True, progress=False)
     assert len(res["records"]) == 1 and not res["failures"]
     assert res["records"][0]["run_dir"] == str(run) and res["records"][0]["epochs_run"] == 2
+    assert (run / "checkpoints" / "best.ckpt").is_file() and not (run / "checkpoints" / "last.ckpt").exists()
     assert "resumed" in Path(fail["log"]).read_text() or "--resume" in Path(fail["log"]).read_text()
 
 
@@ -318,3 +320,23 @@ def test_normalize_workers_split_a_folder_into_shards_with_the_same_outputs(tmp_
         from lstainnorm.cli import _normalize_shards, build_parser
 
         _normalize_shards(build_parser().parse_args(["normalize", "--template", str(tpl), str(inp), str(tmp_path / "x"), "--workers", "2", "--shard", "1/2"]))
+
+
+@pytest.mark.parametrize("keep_last", [False, True])
+def test_a_recorded_run_keeps_its_best_checkpoint_and_drops_last_unless_asked(tmp_path, monkeypatch, keep_last):
+    """last.ckpt only resumes an unfinished run: once recorded it goes (unless keep_last); best.ckpt stays.
+    A stand-in for `lstainnorm train` writes a finished run folder."""
+    from lstainnorm.compare import engine
+
+    def fake_train(config, job, out, threads):
+        run = job.run_root(out) / "20260101_000000_run"
+        script = (f"import pathlib; r = pathlib.Path({str(run)!r}); (r / 'checkpoints').mkdir(parents=True); "
+                  "[(r / 'checkpoints' / n).write_bytes(b'x') for n in ('best.ckpt', 'last.ckpt')]; "
+                  "(r / 'metrics.json').write_text('{\"test\": {\"overall\": {\"bal_acc\": 0.5}}, \"epochs_run\": 1}')")
+        return [sys.executable, "-c", script]
+
+    monkeypatch.setattr(engine, "job_command", fake_train)
+    records, failures = engine.run_jobs(tmp_path / "cfg.yaml", [Job("p", "none", 0)], tmp_path / "out", progress=None, keep_last=keep_last)
+    assert len(records) == 1 and not failures and records[0]["metrics"] == {"bal_acc": 0.5}
+    ckpts = Path(records[0]["run_dir"]) / "checkpoints"
+    assert (ckpts / "best.ckpt").is_file() and (ckpts / "last.ckpt").is_file() == keep_last

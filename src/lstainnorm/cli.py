@@ -549,6 +549,8 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
                    "submitit: jobs in flight; default 1)", "slurm_partition=gpu, timeout_min=240, gpus_per_node=1")
     p.add_argument("--retry-failed", action="store_true", help="run the jobs that failed before again")
     p.add_argument("--report-only", action="store_true", help="train nothing: the report of the runs recorded so far")
+    p.add_argument("--keep-last", action="store_true", help="keep each finished run's checkpoints/last.ckpt (default: only "
+                   "best.ckpt stays; last.ckpt only resumes an unfinished run)")
     p.add_argument("-o", "--out", type=Path, default=Path("compare_out"), help="folder for runs, records and the report (default compare_out)")
 
 
@@ -557,7 +559,7 @@ def _compare_run(a: argparse.Namespace) -> int:
 
     res = compare(a.config, a.out, methods=a.methods, seeds=a.seeds, protocols=a.protocols, baseline=a.baseline,
                   overrides=a.overrides, workers=a.workers, executor=a.executor, executor_options=a.executor_options,
-                  retry_failed=a.retry_failed, train=not a.report_only)
+                  retry_failed=a.retry_failed, train=not a.report_only, keep_last=a.keep_last)
     print(res["text"])
     print(f"written: {a.out / 'compare.md'}, {a.out / 'report.html'}, summary.csv, pairs.csv, runs.csv")
     if res["failures"]:

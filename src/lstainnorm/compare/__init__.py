@@ -31,11 +31,12 @@ def compare(
     config: str | Path, out: str | Path, methods: Sequence[str] = DEFAULT_METHODS, seeds: Sequence[int] = (0, 1, 2),
     protocols: Sequence[str] = ("split",), baseline: str | None = None, overrides: Sequence[str] = (), workers: int = 1,
     executor: str = "local", executor_options: Sequence[str] = (), retry_failed: bool = False, train: bool = True,
-    plots: bool = True, progress: bool = True,
+    plots: bool = True, progress: bool = True, keep_last: bool = False,
 ) -> dict:
     """Compare ``methods`` on ``config``'s data: every protocol x method x seed trained (unless recorded
     in ``out``), then ``out/compare.md``, CSV tables and ``out/report.html``. ``baseline``: what every
-    method is paired against (default: the first method). ``train=False`` reports the runs so far."""
+    method is paired against (default: the first method). ``train=False`` reports the runs so far.
+    ``keep_last``: keep each finished run's ``last.ckpt`` beside its ``best.ckpt``."""
     from ..config import load_config, resolve_config
     from ..experiments.runner import method_overrides
 
@@ -66,7 +67,7 @@ def compare(
     jobs = [Job(p, m, s, tuple([*overrides, *per_method[m], *ov])) for p, ov in expanded.items() for s in seeds for m in methods]
     if train:
         records, failures = run_jobs(config, jobs, out, workers=workers, executor=executor, executor_options=executor_options,
-                                     retry_failed=retry_failed, progress=print if progress else None)
+                                     retry_failed=retry_failed, progress=print if progress else None, keep_last=keep_last)
     else:
         keys = {j.key for j in jobs}
         records = [r for r in load_records(out) if f"{r['protocol']}|{r['method']}|{r['seed']}" in keys]
