@@ -105,8 +105,8 @@ def segmentation_benchmark(
         f"Config `{config}`{' with ' + ' '.join(overrides) if overrides else ''}; test = held-out hospitals; mean over test images, "
         f"then mean ± std over seeds {list(seeds)}.\n{commits_line(sel) if sel else ''}\n\n{table}\n\nDice per held-out hospital (mean over seeds):\n\n{per}"
     )
-    # Against the method and against the fixed template, where each has runs.
-    for ref in ("lstainnorm", "template"):
+    # Against no normalisation, the method and the fixed template, where each has runs.
+    for ref in ("none", "lstainnorm", "template"):
         paired = _paired(raw, sel, methods, ref) if len(seeds) > 1 else ""
         if paired:
             text += f"\n\nTest Dice, each method minus `{ref}` on the same seed:\n\n" + paired
