@@ -25,22 +25,18 @@ from lstainnorm.experiments.runner import mean_std
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from suites.common import read_records  # noqa: E402
-from suites.mitosis import load_suite_records, suite_record  # noqa: E402
+from suites.mitosis import suite_record  # noqa: E402
 
 
 def _name(r: dict) -> str:
     return f"{r['protocol']}_{r['method']}_s{r['seed']}.csv"
 
 
-def _file_name(raw: dict) -> str:
-    """A raw record's file name: AMi-Br runs by the suite's protocol names (``p1``...), a segmentation
-    run by its own protocol (``split``), which is not AMi-Br's P1."""
-    return _name(raw if "dice" in raw.get("metrics", {}) else suite_record(raw))
-
-
 def _records(folder: Path) -> list[dict]:
-    """A folder's records in the tables' form (``bench.py mitosis`` or ``lstainnorm compare`` records)."""
-    return load_suite_records(folder / "results.jsonl")
+    """A folder's records in the tables' form: AMi-Br runs (``bench.py mitosis`` or ``lstainnorm compare``
+    records) under the suite's protocol names (``p1``...); a segmentation run as recorded, under its own
+    protocol (``split``), which is not AMi-Br's P1."""
+    return [r if "dice" in r.get("metrics", {}) else suite_record(r) for r in read_records(folder / "results.jsonl")]
 
 
 def collect(src: Path, dest: Path) -> None:
@@ -52,10 +48,10 @@ def collect(src: Path, dest: Path) -> None:
     (dest / "histories").mkdir(parents=True, exist_ok=True)
     (dest / "predictions").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(results, dest / "results.jsonl")
-    for r in read_records(dest / "results.jsonl"):
+    for r in _records(dest):
         for src_file, sub in ((Path(r["run_dir"]) / "history.csv", "histories"), (Path(r["run_dir"]) / "test_predictions.csv", "predictions")):
             if src_file.is_file():
-                shutil.copyfile(src_file, dest / sub / _file_name(r))
+                shutil.copyfile(src_file, dest / sub / _name(r))
     failures = results.parent / "failures.jsonl"
     if failures.is_file():
         shutil.copyfile(failures, dest / "failures.jsonl")
@@ -77,8 +73,10 @@ def _curve(folder: Path, r: dict, key: str = "val/bal_acc") -> list[float]:
         return [float(x[key]) for x in csv.DictReader(fh) if x.get(key) not in (None, "")]
 
 
-def table(recipes: dict[str, Path], protocol: str = "p1", curves_only: bool = False, methods: list[str] | None = None) -> str:
-    """Per recipe and method: the test scores as run, then the validation curves. ``curves_only``: the
+def table(recipes: dict[str, Path], protocol: str = "p1", curves_only: bool = False, methods: list[str] | None = None,
+          curve: str = "val/bal_acc") -> str:
+    """Per recipe and method: the test scores as run, then the validation curves (of the history column
+    ``curve``: ``val/dice`` for a segmentation run, whose table is ``curves_only``). ``curves_only``: the
     curves alone (recipes whose runs were scored differently, e.g. with and without test-time views,
     have no comparable "as run" column; ``tta_check.py`` scores them alike)."""
     rows = []
@@ -90,9 +88,9 @@ def table(recipes: dict[str, Path], protocol: str = "p1", curves_only: bool = Fa
             rs = sorted((r for r in recs if r["method"] == m), key=lambda r: r["seed"])
             falls, swings, firsts = [], [], 0
             for r in rs:
-                c = _curve(folder, r)
+                c = _curve(folder, r, curve)
                 if len(c) > 1:
-                    # After the first fifth of training: the largest fall of validation balanced accuracy from one
+                    # After the first fifth of training: the largest fall of the validation curve from one
                     # epoch to the next (a rise is learning; a fall is what makes the chosen epoch a matter of
                     # luck), and the largest move either way.
                     tail = c[max(0, len(c) // 5 - 1):]
@@ -111,7 +109,8 @@ def table(recipes: dict[str, Path], protocol: str = "p1", curves_only: bool = Fa
                          f"{np.median(swings):.3f}" if swings else "-",
                          " / ".join(str(r.get("best_epoch")) for r in rs), firsts])
     test_head = [] if curves_only else ["test bal. acc. (mean ± std)", "the same runs decided by argmax", "per seed", "test AUROC (mean ± std)"]
-    head = ["recipe", "method", "seeds", *test_head, "largest epoch-to-epoch fall of val. bal. acc. (median / max over seeds)",
+    label = {"val/bal_acc": "val. bal. acc.", "val/dice": "val. Dice"}.get(curve, curve)
+    head = ["recipe", "method", "seeds", *test_head, f"largest epoch-to-epoch fall of {label} (median / max over seeds)",
             "largest move either way (median)", "best epoch per seed", "best in first fifth"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(str(v) for v in r) + " |" for r in rows]
     return "\n".join(out)
@@ -168,6 +167,8 @@ def main() -> None:
     ap.add_argument("--protocol", action="append", default=[], help="p1 (default), p2-midog-to-tupac, p2-tupac-to-midog; repeatable")
     ap.add_argument("--curves-only", action="store_true", help="the validation curves alone, no test scores nor pairs")
     ap.add_argument("--method", action="append", default=[], help="only these methods' rows (repeatable; default all)")
+    ap.add_argument("--curve", default="val/bal_acc", help="the history column whose falls are tabled (val/dice for "
+                    "segmentation runs, with --protocol split --curves-only)")
     a = ap.parse_args()
     if a.collect:
         collect(Path(a.collect[0]), Path(a.collect[1]))
@@ -177,7 +178,7 @@ def main() -> None:
         for i, p in enumerate(a.protocol or ["p1"]):
             if len(a.protocol) > 1:
                 print(("\n" if i else "") + f"{p}:\n")
-            print(table(recipes, p, a.curves_only, a.method))
+            print(table(recipes, p, a.curves_only, a.method, a.curve))
             if not a.curves_only:
                 print()
                 print(pairs(recipes, a.reference, p))

@@ -95,7 +95,8 @@ def test_steadiness_curves_of_compare_records(tmp_path):
 
 def test_steadiness_collect_names_files_by_task(tmp_path):
     """--collect copies each run's history and predictions: an AMi-Br run under the suite's protocol name
-    (split -> p1), a segmentation run under its own (split), and never a checkpoint."""
+    (split -> p1), a segmentation run under its own (split), and never a checkpoint; the tables read them
+    back under the same names (a segmentation run's curve: val/dice)."""
     import json
 
     import steadiness
@@ -107,7 +108,8 @@ def test_steadiness_collect_names_files_by_task(tmp_path):
         for metrics, name in recs:
             run = src / "runs" / name
             (run / "checkpoints").mkdir(parents=True)
-            (run / "history.csv").write_text(f"epoch,{name}\n1,0.5\n")
+            curve = "val/dice" if name == "seg" else "val/bal_acc"
+            (run / "history.csv").write_text(f"epoch,{curve}\n1,0.5\n2,0.9\n3,0.7\n4,0.8\n5,0.85\n")
             (run / "test_predictions.csv").write_text("tile\n")
             (run / "checkpoints" / "best.ckpt").write_bytes(b"x")
             fh.write(json.dumps({"protocol": "split", "method": name, "seed": 0, "metrics": metrics, "run_dir": str(run)}) + "\n")
@@ -115,3 +117,7 @@ def test_steadiness_collect_names_files_by_task(tmp_path):
     assert sorted(p.name for p in (tmp_path / "dest" / "histories").iterdir()) == ["p1_cls_s0.csv", "split_seg_s0.csv"]
     assert (tmp_path / "dest" / "predictions" / "split_seg_s0.csv").is_file()
     assert not list((tmp_path / "dest").rglob("*.ckpt"))
+    seg = steadiness.table({"r": tmp_path / "dest"}, "split", curves_only=True, curve="val/dice").splitlines()
+    assert "val. Dice" in seg[0] and seg[2].split(" | ")[3] == "0.200 / 0.200"  # 0.9 -> 0.7 after the first fifth
+    cls = steadiness.table({"r": tmp_path / "dest"}, "p1", curves_only=True).splitlines()
+    assert len(cls) == 3 and cls[2].split(" | ")[1] == "cls"

@@ -32,11 +32,11 @@ from lstainnorm.files import atomic_write_bytes
 from lstainnorm.runs import RUN_DIR_ENV, write_json
 from lstainnorm.tasks.train import train
 from lstainnorm.compare.stats import BOOTSTRAP_SAMPLES, counts_by_group, group_bootstrap, paired_t, verdict
-from suites.common import Job, engine_records, read_records
+from suites.common import Job, engine_records
 from lstainnorm.experiments.runner import commits_line, markdown_table, mean_std, method_overrides, per_seed
 from suites.stress import stress_runs
 
-__all__ = ["mitosis_benchmark", "MITOSIS_METHODS", "COMBO", "choose_combo", "best_on_validation", "STAIN_AWARE", "PROTOCOLS", "slide_bootstrap", "counts_by_group", "protocol_tables", "stain_aware_tables", "both_directions_table", "suite_record", "load_suite_records", "PROTOCOL_SPECS", "paired_rows"]
+__all__ = ["mitosis_benchmark", "MITOSIS_METHODS", "COMBO", "choose_combo", "best_on_validation", "STAIN_AWARE", "PROTOCOLS", "slide_bootstrap", "counts_by_group", "protocol_tables", "stain_aware_tables", "both_directions_table", "suite_record", "PROTOCOL_SPECS", "paired_rows"]
 
 MIDOG = ["midog21-hamamatsu-xr", "midog21-hamamatsu-s360", "midog21-aperio-cs2"]
 TUPAC = ["tupac16"]
@@ -289,11 +289,6 @@ def suite_record(rec: dict) -> dict:
         "minutes": (rec.get("seconds") or float("nan")) / 60, "run_dir": rec.get("run_dir"), "code": rec.get("code"),
         "predictions": rec.get("predictions"),
     }
-
-
-def load_suite_records(path: str | Path) -> list[dict]:
-    """Every record of a results file (either form), as the tables read them."""
-    return [suite_record(r) for r in read_records(Path(path))]
 
 
 def mitosis_benchmark(
